@@ -1,0 +1,91 @@
+"""FastAPI dependencies: the database session and the caller's principal with a required scope."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal, Scope, authenticate
+from app.db import get_database
+from app.errors import Forbidden, RateLimited, Unauthorized
+from app.settings import get_settings
+
+
+def get_session() -> Iterator[Session]:
+    """The request's session, committed on success and rolled back on error.
+
+    Always depend on it as ``Depends(get_session, scope="function")``: with FastAPI's default
+    ("request") scope the commit runs *after* the response has been sent, so a commit that fails
+    (database restarting) would leave the client holding a 2xx for data that was never stored.
+    Function scope commits before the response goes out and turns a failed commit into a 503.
+    """
+    with get_database().session() as session:
+        yield session
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tl_…`")
+
+
+class RateLimiter:
+    """A token bucket per API key, refilled continuously at ``per_minute`` tokens a minute."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def check(self, key_id: int, per_minute: int) -> None:
+        if per_minute <= 0:
+            return
+        now = time.monotonic()
+        rate = per_minute / 60.0
+        with self._lock:
+            tokens, last = self._buckets.get(key_id, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - last) * rate)
+            if tokens < 1.0:
+                self._buckets[key_id] = (tokens, now)
+                retry = max(1, math.ceil((1.0 - tokens) / rate))
+                raise RateLimited(
+                    f"rate limit of {per_minute} requests per minute exceeded",
+                    retry_after=retry,
+                )
+            self._buckets[key_id] = (tokens - 1.0, now)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._buckets.clear()
+
+
+rate_limiter = RateLimiter()
+
+
+def current_principal(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+    session: Session = Depends(get_session, scope="function"),
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("send an API key as `Authorization: Bearer <key>`")
+    principal = authenticate(session, credentials.credentials)
+    if principal is None:
+        raise Unauthorized("the API key is unknown or revoked")
+    rate_limiter.check(principal.key_id, get_settings().rate_limit_per_minute)
+    request.state.principal = principal
+    return principal
+
+
+def require(scope: Scope) -> Callable[..., Principal]:
+    """A dependency that admits only keys holding ``scope`` (admin holds every scope)."""
+
+    def _dependency(principal: Principal = Depends(current_principal)) -> Principal:
+        if scope not in principal.scopes and Scope.admin not in principal.scopes:
+            raise Forbidden(f"this route needs the {scope.value!r} scope")
+        return principal
+
+    _dependency.required_scope = scope  # type: ignore[attr-defined]
+    return _dependency

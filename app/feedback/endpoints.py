@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal, Scope
+from app.dependencies import get_session, require
+from app.feedback import service
+from app.feedback.schemas import FeedbackIn, FeedbackResult
+from app.settings import get_settings
+
+router = APIRouter(prefix="/feedback", tags=["feedback"])
+
+
+@router.post(
+    "",
+    status_code=207,
+    response_model=FeedbackResult,
+    summary="Submit outcomes for traces (late labels)",
+    description="Outcomes for traces not yet ingested are kept and joined when the trace arrives. "
+    "Keyed by (trace, name): a later value replaces an earlier one.",
+    responses={207: {"model": FeedbackResult}, 413: {"description": "Batch too large"}},
+)
+def submit_feedback(
+    body: FeedbackIn,
+    principal: Principal = Depends(require(Scope.ingest)),
+    session: Session = Depends(get_session, scope="function"),
+) -> JSONResponse:
+    result = service.submit(session, principal, body.outcomes, get_settings())
+    return JSONResponse(result.model_dump(mode="json"), status_code=207)

@@ -1,0 +1,119 @@
+"""Late outcomes: stored at once, joined to their trace now or when it arrives."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal
+from app.db import utcnow
+from app.errors import PayloadTooLarge, problem_body
+from app.feedback.schemas import FeedbackItem, FeedbackItemResult, FeedbackResult, FeedbackStatus
+from app.models import Trace
+from app.observability import FEEDBACK_TOTAL
+from app.settings import Settings
+from app.traces.service import upsert_outcomes
+
+_item_adapter: TypeAdapter[FeedbackItem] = TypeAdapter(FeedbackItem)
+
+
+def submit(
+    session: Session, principal: Principal, raw_items: list[Any], settings: Settings
+) -> FeedbackResult:
+    if len(raw_items) > settings.max_batch_items:
+        raise PayloadTooLarge(
+            f"batch has {len(raw_items)} outcomes; the limit is {settings.max_batch_items}"
+        )
+    tenant = principal.tenant
+    results: list[FeedbackItemResult] = []
+    parsed: list[tuple[int, FeedbackItem]] = []
+    for index, raw in enumerate(raw_items):
+        try:
+            parsed.append((index, _item_adapter.validate_python(raw)))
+        except ValidationError as exc:
+            errs = [
+                {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
+                for e in exc.errors(include_url=False, include_input=False)
+            ]
+            results.append(
+                FeedbackItemResult(
+                    index=index,
+                    status=FeedbackStatus.invalid,
+                    error=problem_body(
+                        422,
+                        "invalid-input",
+                        "Invalid input",
+                        "the outcome did not validate",
+                        errors=errs,
+                    ),
+                )
+            )
+
+    by_id = {i.trace_id for _, i in parsed if i.trace_id is not None}
+    by_ext = {i.trace_external_id for _, i in parsed if i.trace_external_id is not None}
+    id_to_ext: dict[int, str] = {}
+    ext_to_id: dict[str, int] = {}
+    if by_id:
+        for tid, ext in session.execute(
+            select(Trace.id, Trace.external_id).where(Trace.tenant == tenant, Trace.id.in_(by_id))
+        ):
+            id_to_ext[tid] = ext
+            ext_to_id[ext] = tid
+    if by_ext:
+        for tid, ext in session.execute(
+            select(Trace.id, Trace.external_id).where(
+                Trace.tenant == tenant, Trace.external_id.in_(by_ext)
+            )
+        ):
+            ext_to_id[ext] = tid
+
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    now = utcnow()
+    for index, item in parsed:
+        if item.trace_id is not None:
+            if item.trace_id not in id_to_ext:
+                results.append(
+                    FeedbackItemResult(
+                        index=index,
+                        status=FeedbackStatus.not_found,
+                        error=problem_body(
+                            404, "not-found", "Not found", f"no trace with id {item.trace_id}"
+                        ),
+                    )
+                )
+                continue
+            ext = id_to_ext[item.trace_id]
+        else:
+            assert item.trace_external_id is not None
+            ext = item.trace_external_id
+        trace_id = ext_to_id.get(ext)
+        # The last item for the same (trace, name) in a batch wins, as with separate requests.
+        rows[(ext, item.name)] = {
+            "tenant": tenant,
+            "trace_external_id": ext,
+            "trace_id": trace_id,
+            "name": item.name,
+            "value": item.value,
+            "source": item.source.value,
+            "created_at": now,
+            "updated_at": now,
+        }
+        results.append(
+            FeedbackItemResult(
+                index=index,
+                status=FeedbackStatus.stored if trace_id else FeedbackStatus.pending_trace,
+                trace_id=trace_id,
+            )
+        )
+    upsert_outcomes(session, list(rows.values()))
+    results.sort(key=lambda r: r.index)
+    counts = {s.value: 0 for s in FeedbackStatus}
+    for r in results:
+        counts[r.status.value] += 1
+    for status, n in counts.items():
+        if n:
+            FEEDBACK_TOTAL.labels(status).inc(n)
+    return FeedbackResult(results=results, counts=counts)

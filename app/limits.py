@@ -1,0 +1,211 @@
+"""Request-body guards applied before any route sees the body: size (413), JSON depth (400),
+values no database can store (NaN/Infinity/overflowing numbers: 400; NUL characters: 422).
+
+They run as ASGI middleware so an oversize body is refused while streaming, not after buffering.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import PROBLEM_JSON, problem_body
+
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """True when brackets nest deeper than ``limit`` outside of strings (a linear scan, so a
+    pathological body cannot blow the parser's recursion)."""
+    depth = 0
+    in_string = False
+    escaped = False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+            continue
+        if byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+# Cheap C-speed prechecks; only a body that trips one pays for the exact (parsing) check below.
+_SUSPECT_NUMBER = re.compile(rb"NaN|Infinity|[eE][+]?0*[0-9]{3,}|[0-9]{300,}")
+_NUL_ESCAPE = b"\\u0000"
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text)
+    return value
+
+
+def _contains_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_contains_nul(v) for v in value)
+    if isinstance(value, dict):
+        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
+    return False
+
+
+def unstorable_json(body: bytes) -> tuple[int, str, str, str] | None:
+    """A problem (status, type, title, detail) when the JSON holds values neither Postgres nor
+    a JSON response can carry: NaN/Infinity (not JSON at all, but Python's parser accepts them),
+    numbers that overflow a double, or NUL characters (Postgres text and JSONB refuse them).
+    None when the body is fine or is not JSON (the route's parser reports that)."""
+    suspect_number = _SUSPECT_NUMBER.search(body) is not None
+    suspect_nul = _NUL_ESCAPE in body
+    if not (suspect_number or suspect_nul):
+        return None
+    try:
+        parsed = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except _NonFinite:
+        return (400, "non-finite-number", "Number out of range",
+                "JSON numbers must be finite: NaN, Infinity and overflowing values are refused")
+    except (ValueError, RecursionError):
+        return None
+    if suspect_nul and _contains_nul(parsed):
+        return (422, "nul-character", "NUL character",
+                "strings must not contain the NUL character (\\u0000)")
+    return None
+
+
+async def _send_problem(send: Send, status: int, type_: str, title: str, detail: str) -> None:
+    payload = json.dumps(problem_body(status, type_, title, detail)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", PROBLEM_JSON.encode()),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.max_depth = max_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # A NUL in a path parameter or query value would reach the database (Postgres refuses it
+        # with an error that is not the client's to see as a 5xx).
+        if "\x00" in scope.get("path", "") or b"%00" in scope.get("query_string", b"").lower():
+            await _send_problem(
+                send, 422, "nul-character", "NUL character",
+                "the URL must not contain the NUL character (%00)",
+            )
+            return
+        if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _send_problem(
+                send, 413, "payload-too-large", "Payload too large",
+                f"request body is {int(declared)} bytes; the limit is {self.max_bytes}",
+            )
+            return
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await _send_problem(
+                    send, 413, "payload-too-large", "Payload too large",
+                    f"request body exceeds the limit of {self.max_bytes} bytes",
+                )
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        content_type = headers.get(b"content-type", b"")
+        if b"json" in content_type and json_depth_exceeds(body, self.max_depth):
+            await _send_problem(
+                send, 400, "json-too-deep", "JSON nested too deeply",
+                f"request JSON nests deeper than {self.max_depth} levels",
+            )
+            return
+        if b"json" in content_type:
+            problem = unstorable_json(body)
+            if problem is not None:
+                await _send_problem(send, *problem)
+                return
+        sent = False
+
+        async def _receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, _receive, send)
+
+
+class SecurityHeadersMiddleware:
+    """Conservative headers on every response; the dashboard needs no third-party origin."""
+
+    HEADERS = [
+        (b"x-content-type-options", b"nosniff"),
+        (b"x-frame-options", b"DENY"),
+        (b"referrer-policy", b"no-referrer"),
+        (
+            b"content-security-policy",
+            b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+            b"script-src 'self'; frame-ancestors 'none'; form-action 'self'",
+        ),
+    ]
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def _send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + self.HEADERS
+            await send(message)
+
+        await self.app(scope, receive, _send)

@@ -1,0 +1,42 @@
+"""create_app(): routers, middleware and error handlers — nothing else."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app.dashboard.routes import install_dashboard
+from app.errors import install_error_handlers
+from app.feedback.endpoints import router as feedback_router
+from app.health.endpoints import router as health_router
+from app.limits import BodyLimitMiddleware, SecurityHeadersMiddleware
+from app.observability import MetricsMiddleware, configure_logging
+from app.policies.endpoints import router as policies_router
+from app.proxy.endpoints import router as proxy_router
+from app.runs.endpoints import router as runs_router
+from app.settings import Settings, get_settings
+from app.snapshots.endpoints import router as snapshots_router
+from app.traces.endpoints import router as traces_router
+
+API_ROUTERS = [traces_router, feedback_router, policies_router, snapshots_router,
+               runs_router, proxy_router]
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    app = FastAPI(
+        title="tracelearn",
+        version="0.1.0",
+        description="Ingest production traces, regenerate and grade groups, train OAPL adapters, "
+        "evaluate, approve and hot-load them into serving.",
+    )
+    install_error_handlers(app)
+    app.include_router(health_router)
+    for router in API_ROUTERS:
+        app.include_router(router, prefix="/v1")
+    install_dashboard(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
+                       max_depth=settings.max_json_depth)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(MetricsMiddleware)
+    return app

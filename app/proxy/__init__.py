@@ -1,0 +1,1 @@
+"""OpenAI-compatible logging proxy: answers from the serving snapshot and records the trace."""

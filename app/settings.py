@@ -1,0 +1,143 @@
+"""The one settings object. Every knob is read from the environment with the ``TRACELEARN_`` prefix
+(or a ``.env`` file); nothing else in the code reads ``os.environ``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, computed_field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRACELEARN_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(
+        default=Path(".tracelearn"),
+        description="Where the embedded database, adapters, the bundled model and logs live.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL. Default: SQLite file `<data_dir>/tracelearn.db`. Production: "
+        "`postgresql+psycopg://user:pass@host/db`.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker. Default: kombu's SQLAlchemy transport on "
+        "`<data_dir>/broker.db` (no server). Production: `redis://host:6379/0`.",
+    )
+    task_always_eager: bool = Field(
+        default=False,
+        description="Run Celery tasks inline in the caller (tests and one-shot CLI runs only).",
+    )
+    environment: Literal["development", "production", "test"] = Field(
+        default="development", description="Deployment flavour; `production` refuses the default "
+        "session secret.",
+    )
+
+    # Ingest limits
+    heldout_fraction: float = Field(
+        default=0.2, ge=0.0, le=1.0,
+        description="Share of traces assigned to the held-out split by a stable hash of "
+        "(tenant, external_id).",
+    )
+    max_batch_items: int = Field(default=1000, ge=1, description="Max traces per ingest request.")
+    max_body_bytes: int = Field(
+        default=5_000_000, ge=1024, description="Max request body size in bytes (413 beyond)."
+    )
+    max_metadata_bytes: int = Field(
+        default=16_384, ge=64, description="Max serialized size of a trace's metadata object."
+    )
+    max_message_chars: int = Field(
+        default=200_000, ge=1, description="Max characters in one message or response."
+    )
+    max_json_depth: int = Field(default=32, ge=2, description="Max nesting depth of request JSON.")
+
+    # Security
+    rate_limit_per_minute: int = Field(
+        default=6000, ge=0, description="Requests per minute per API key (0 disables); 429 beyond."
+    )
+    session_secret: str = Field(
+        default="dev-insecure-change-me",
+        description="Secret that signs dashboard session cookies. Set it in production.",
+    )
+    session_max_age_s: int = Field(default=8 * 3600, ge=60, description="Dashboard session life.")
+    retention_days: int | None = Field(
+        default=None, ge=1, description="Delete traces older than this many days (None: keep)."
+    )
+
+    # Model and serving
+    base_model_dir: Path | None = Field(
+        default=None,
+        description="Base model for new policies. Default: the bundled tiny model, built on first "
+        "use under `<data_dir>/models/tiny`.",
+    )
+    inference_backend: Literal["local", "vllm_http", "vllm_engine"] = Field(
+        default="local", description="Which inference backend rollout and eval workers use."
+    )
+    vllm_url: str = Field(
+        default="http://127.0.0.1:8000", description="Base URL of the vLLM OpenAI server."
+    )
+    vllm_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one vLLM call.")
+
+    # Jobs
+    job_lease_s: int = Field(default=300, ge=5, description="Lease a running job holds.")
+    job_max_attempts: int = Field(
+        default=3, ge=1, description="Attempts before a job is marked failed for good."
+    )
+    reaper_interval_s: int = Field(
+        default=30, ge=1, description="How often the reaper re-queues jobs with expired leases."
+    )
+
+    # Logging
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_json: bool = Field(default=True, description="Structured JSON logs (False: console).")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tracelearn.db').resolve()}"
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.data_dir / 'broker.db').resolve()}"
+
+    @model_validator(mode="after")
+    def _no_default_secret_in_production(self) -> Settings:
+        if self.environment == "production" and self.session_secret == "dev-insecure-change-me":
+            raise ValueError("set TRACELEARN_SESSION_SECRET in production")
+        return self
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+_override: Settings | None = None
+
+
+@lru_cache
+def _from_environment() -> Settings:
+    return Settings()
+
+
+def get_settings() -> Settings:
+    return _override or _from_environment()
+
+
+def set_settings(settings: Settings | None) -> None:
+    """Replace the process-wide settings (tests, `tracelearn up`); None returns to the env."""
+    global _override
+    _override = settings
+    _from_environment.cache_clear()

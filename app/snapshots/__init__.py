@@ -1,0 +1,1 @@
+"""Snapshots: the promotion state machine, evaluation results, approval and rollback."""

@@ -1,0 +1,73 @@
+"""The snapshot state machine: the one function that changes a snapshot's status.
+
+It consults ``SNAPSHOT_TRANSITIONS`` (next to the enum in ``app.models``), refuses anything else
+with ``IllegalTransition`` (409) and writes an audit event for every change: who, when, why,
+before and after. Kept apart from ``service`` so the promotion machinery in ``workers.promotion``
+can use it without importing the HTTP-facing service.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.audit import record
+from app.errors import IllegalTransition
+from app.models import SNAPSHOT_TRANSITIONS, Policy, Snapshot, SnapshotStatus
+
+
+def can_transition(current: SnapshotStatus, target: SnapshotStatus) -> bool:
+    return target in SNAPSHOT_TRANSITIONS[current]
+
+
+def audit_view(snapshot: Snapshot) -> dict[str, Any]:
+    return {
+        "status": snapshot.status.value,
+        "status_reason": snapshot.status_reason,
+        "version": snapshot.version,
+        "served_name": snapshot.served_name,
+    }
+
+
+def transition(
+    session: Session,
+    snapshot: Snapshot,
+    target: SnapshotStatus,
+    *,
+    actor: str,
+    reason: str | None = None,
+    tenant: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Snapshot:
+    """Move ``snapshot`` to ``target`` or raise ``IllegalTransition``; audited either way only on
+    success (a refused transition changes nothing)."""
+    current = snapshot.status
+    if not can_transition(current, target):
+        allowed = sorted(s.value for s in SNAPSHOT_TRANSITIONS[current]) or ["none"]
+        raise IllegalTransition(
+            f"snapshot {snapshot.served_name} is {current.value}; it cannot become "
+            f"{target.value} (allowed: {', '.join(allowed)})",
+            snapshot_id=snapshot.id,
+            current_status=current.value,
+            target=target.value,
+        )
+    before = audit_view(snapshot)
+    snapshot.status = target
+    snapshot.status_reason = reason
+    if tenant is None:
+        policy = session.get(Policy, snapshot.policy_id)
+        tenant = policy.tenant if policy is not None else ""
+    record(
+        session,
+        tenant,
+        actor,
+        f"snapshot.{target.value}",
+        "snapshot",
+        snapshot.id,
+        before=before,
+        after=audit_view(snapshot) | (extra or {}),
+        reason=reason,
+    )
+    session.flush()
+    return snapshot

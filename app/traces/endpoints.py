@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, Query
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal, Scope
+from app.dependencies import get_session, require
+from app.errors import problem_response
+from app.models import Split
+from app.settings import get_settings
+from app.traces import service
+from app.traces.schemas import (
+    BatchResult,
+    DeletedTrace,
+    ItemResult,
+    ItemStatus,
+    TraceBatchIn,
+    TraceIn,
+    TraceOut,
+    TracePage,
+)
+
+router = APIRouter(prefix="/traces", tags=["traces"])
+
+_SINGLE_STATUS = {ItemStatus.created: 201, ItemStatus.duplicate: 200}
+
+
+@router.post(
+    "",
+    summary="Ingest one trace or a batch",
+    description="Idempotent on (tenant, external_id). One trace answers 201 (created), 200 "
+    "(duplicate), 409 (same external_id, other content) or 422. A batch `{\"traces\": [...]}` "
+    "answers 207 with one result per item; valid items are committed even when others fail.",
+    responses={
+        200: {"model": ItemResult, "description": "Duplicate of a stored trace"},
+        201: {"model": ItemResult, "description": "Stored"},
+        207: {"model": BatchResult, "description": "Batch: per-item results"},
+        409: {"description": "Conflicting duplicate"},
+        413: {"description": "Batch too large"},
+        422: {"description": "Invalid trace or unknown policy"},
+    },
+)
+def ingest_traces(
+    body: TraceIn | TraceBatchIn = Body(...),
+    principal: Principal = Depends(require(Scope.ingest)),
+    session: Session = Depends(get_session, scope="function"),
+) -> JSONResponse:
+    settings = get_settings()
+    if isinstance(body, TraceBatchIn):
+        batch = service.ingest(session, principal, body.traces, settings)
+        return JSONResponse(batch.model_dump(mode="json"), status_code=207)
+    raw: dict[str, Any] = body.model_dump(mode="json", exclude_unset=True)
+    result = service.ingest(session, principal, [raw], settings).results[0]
+    if result.status in _SINGLE_STATUS:
+        return JSONResponse(result.model_dump(mode="json"),
+                            status_code=_SINGLE_STATUS[result.status])
+    err = result.error or {}
+    extra = {k: v for k, v in err.items() if k not in ("type", "title", "status", "detail")}
+    return problem_response(
+        int(err.get("status", 422)), str(err.get("type", "")).rsplit("/", 1)[-1],
+        str(err.get("title", "")), str(err.get("detail", "")), **extra,
+    )
+
+
+@router.get("", response_model=TracePage, summary="List traces (cursor pagination)")
+def list_traces(
+    policy: str | None = Query(default=None, max_length=64),
+    split: Split | None = None,
+    has_outcome: bool | None = None,
+    since: datetime | None = Query(default=None, description="created_at ≥ since"),
+    until: datetime | None = Query(default=None, description="created_at < until"),
+    cursor: str | None = Query(default=None, max_length=200),
+    limit: int = Query(default=50, ge=1, le=1000),
+    principal: Principal = Depends(require(Scope.read)),
+    session: Session = Depends(get_session, scope="function"),
+) -> TracePage:
+    return service.list_traces(
+        session, principal.tenant, policy=policy, split=split, has_outcome=has_outcome,
+        since=since, until=until, cursor=cursor, limit=limit,
+    )
+
+
+@router.get("/{trace_id}", response_model=TraceOut)
+def get_trace(
+    trace_id: int,
+    principal: Principal = Depends(require(Scope.read)),
+    session: Session = Depends(get_session, scope="function"),
+) -> TraceOut:
+    return service.get_trace(session, principal.tenant, trace_id)
+
+
+@router.delete("/{trace_id}", response_model=DeletedTrace,
+               summary="Delete a trace and its rollouts (recorded in the audit log)")
+def delete_trace(
+    trace_id: int,
+    reason: str | None = Query(default=None, max_length=500),
+    principal: Principal = Depends(require(Scope.admin)),
+    session: Session = Depends(get_session, scope="function"),
+) -> DeletedTrace:
+    return service.delete_trace(session, principal, trace_id, reason)

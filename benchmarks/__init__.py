@@ -1,0 +1,1 @@
+"""Reproducible benchmark scripts; each writes JSON (+ PNG) under ``benchmarks/results/``."""

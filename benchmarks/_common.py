@@ -1,0 +1,77 @@
+"""Small helpers shared by the benchmark scripts: results folder, JSON output, timing stats."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_dir(out: str | Path | None = None) -> Path:
+    path = Path(out) if out is not None else RESULTS_DIR
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on (ratios are the point; absolutes need this context)."""
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (float("nan"),) * 3
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": [round(x, 2) for x in load],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, q in [0, 100]."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    if len(xs) == 1:
+        return float(xs[0])
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return float(xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(float(x))
+
+
+def print_ratios(name: str, ratios: dict[str, Any]) -> None:
+    """Every benchmark ends by printing its headline ratios, last."""
+    print(f"== {name}")
+    for k, v in ratios.items():
+        print(f"{k} = {v}")
+
+
+def agg_backend() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")

@@ -1,0 +1,385 @@
+"""Wall-clock time to ≥45% held-out correctness on the synthetic clinical task: our batch OAPL
+workflow against TRL's ``GRPOTrainer`` online loop — same tiny model, same LoRA, same learning
+rate, same G, same completion budget, same task, same machine, one run.
+
+    python -m benchmarks.time_to_target [--budget 480] [--target 0.45]
+
+- **Batch OAPL (ours)**: rounds of: sample G completions for P train prompts from the current
+  snapshot (``LocalBackend``, adapter merged as in serving) → grade (contract grader) → K OAPL
+  steps with ``workers.learner.trainer.train`` starting from the previous adapter (written
+  atomically, as the product does) → next snapshot. This is the product's rollout → train →
+  promote cycle without the human gate.
+- **TRL GRPO (online)**: ``trl.GRPOTrainer`` on the same train prompts (conversational dataset,
+  the tokenizer's chat template), the contract grader as reward function, ``peft_config`` with the
+  same LoRA, ``beta=0`` (no reference model), TRL's defaults otherwise.
+
+Both are evaluated with the same function — greedy decoding on ``--heldout`` held-out prompts,
+correctness = contract-parsable and right — after every round (ours) or every P·G/B steps (TRL:
+the same number of rollouts between evaluations). The clock counts training work only: it stops
+while evaluating, and model loading before the first step is excluded for both. Each arm stops at
+the target or at ``--budget`` seconds of training time. ``time_to_45pct_speedup_vs_trl`` = TRL's
+time ÷ ours; when only ours reaches the target it is a lower bound (TRL's budget ÷ ours), when
+neither does it is null and the best reached values are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import agg_backend, machine, print_ratios, results_dir, write_json
+
+
+@dataclass(frozen=True)
+class TimeToTargetConfig:
+    size: str = "tiny"
+    target: float = 0.45
+    budget_s: float = 480.0
+    """Training seconds per arm (evaluation time excluded)."""
+    train_prompts: int = 512
+    heldout: int = 100
+    group_size: int = 8
+    max_new_tokens: int = 80
+    lr: float = 2e-3
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    # ours
+    prompts_per_round: int = 64
+    steps_per_round: int = 2
+    beta2: float = 0.1
+    micro_batch_size: int = 128
+    # TRL
+    trl_batch: int = 64
+    """Completions per TRL step (per_device_train_batch_size: 8 prompts × G)."""
+    seed: int = 0
+    bootstrap_overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def _grade_fn() -> Callable[[Any, str, Any], tuple[float, bool]]:
+    from workers.graders.contract import ContractGrader
+
+    grader = ContractGrader()
+
+    def grade(messages: Any, text: str, outcome: Any) -> tuple[float, bool]:
+        r = grader.grade(messages, text, outcome)
+        return r.reward, r.parse_ok
+
+    return grade
+
+
+def _prompts(seed: int, n: int, split: str) -> list[Any]:
+    from workers.clinical import task
+    from workers.learner.data import PromptItem
+
+    return [
+        PromptItem(e.external_id, e.messages, {"name": task.OUTCOME_NAME, "value": e.outcome})
+        for e in task.generate(seed, n, split)
+    ]
+
+
+def heldout_correctness(model: Any, tok: Any, prompts: Sequence[Any], max_tokens: int) -> dict[str, float]:
+    """Greedy decoding; correct = parsable contract line with the right answer."""
+    from workers.inference.base import SamplingParams
+    from workers.inference.local import LocalBackend
+
+    was_training = model.training
+    backend = LocalBackend.from_model(model, tok)
+    outs = backend.generate([p.messages for p in prompts], 1, SamplingParams(max_tokens, 0.0, seed=0))
+    grade = _grade_fn()
+    rewards = [grade(p.messages, o[0].text, p.outcome) for p, o in zip(prompts, outs, strict=True)]
+    if was_training:
+        model.train()
+    return {
+        "correct": sum(r == 1.0 for r, _ in rewards) / len(rewards),
+        "parse_rate": sum(ok for _, ok in rewards) / len(rewards),
+    }
+
+
+# ------------------------------------------------------------------ ours: batch OAPL rounds
+
+
+def run_ours(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequence[Any],
+             start_eval: dict[str, float]) -> dict[str, Any]:
+    from workers.inference.base import AdapterRef, SamplingParams
+    from workers.inference.local import LocalBackend
+    from workers.learner.data import make_rollout_groups
+    from workers.learner.trainer import TrainerConfig, train
+
+    train_prompts = _prompts(cfg.seed, cfg.train_prompts, "train")
+    grade = _grade_fn()
+    tcfg = TrainerConfig(
+        algorithm="oapl", steps=cfg.steps_per_round, lr=cfg.lr, lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha, beta2=cfg.beta2, micro_batch_size=cfg.micro_batch_size,
+        seed=cfg.seed,
+    )
+    work = Path(tempfile.mkdtemp(prefix="tl-bench-ttt-"))
+    curve: list[dict[str, float]] = []
+    reached_at: float | None = None
+    last = dict(start_eval)
+    try:
+        backend = LocalBackend(model_dir)
+        clock = 0.0
+        adapter: AdapterRef | None = None
+        r = 0
+        while clock < cfg.budget_s:
+            t0 = time.perf_counter()
+            start = (r * cfg.prompts_per_round) % len(train_prompts)
+            batch = [train_prompts[(start + i) % len(train_prompts)]
+                     for i in range(cfg.prompts_per_round)]
+            groups = make_rollout_groups(
+                backend, batch, cfg.group_size,
+                SamplingParams(cfg.max_new_tokens, 1.0, seed=cfg.seed * 1000 + r), grade, adapter,
+                group_prefix=f"r{r}:",
+            )
+            out = work / f"clinical-v{r + 1}"
+            try:
+                res = train(groups, model_dir, out, tcfg, tokenizer=tok,
+                            parent=adapter.path if adapter else None)
+            except ValueError:  # every group had zero reward variance: nothing to learn
+                res = None
+            clock += time.perf_counter() - t0
+            r += 1
+            if res is None:  # the snapshot did not change: its correctness carries over
+                curve.append({"round": r, "train_seconds": round(clock, 2), **last,
+                              "skipped": 1.0})
+                continue
+            ev = heldout_correctness(res.model, tok, heldout, cfg.max_new_tokens)
+            last = ev
+            rewards = [c.reward for g in groups for c in g.completions]
+            curve.append({"round": r, "train_seconds": round(clock, 2), **ev,
+                          "train_reward": sum(rewards) / len(rewards)})
+            print(f"[ours] round {r}: {clock:.0f}s correct {ev['correct']:.2f} "
+                  f"parse {ev['parse_rate']:.2f}", flush=True)
+            adapter = AdapterRef(out.name, str(out))
+            if ev["correct"] >= cfg.target:
+                reached_at = clock
+                break
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return _arm_summary(curve, reached_at, cfg)
+
+
+# ------------------------------------------------------------------ TRL GRPOTrainer online loop
+
+
+def run_trl(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequence[Any]) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from workers.learner.trainer import DEFAULT_TARGETS
+
+    grade = _grade_fn()
+    train_prompts = _prompts(cfg.seed, cfg.train_prompts, "train")
+    ds = Dataset.from_list(
+        [{"prompt": p.messages, "outcome": bool(p.outcome["value"])} for p in train_prompts]
+    )
+
+    def contract_reward(prompts: list[Any], completions: list[Any], outcome: list[bool],
+                        **_: Any) -> list[float]:
+        out = []
+        for c, o in zip(completions, outcome, strict=True):
+            text = c[-1]["content"] if isinstance(c, list) else str(c)
+            out.append(grade([], text, {"name": "pfs_gt_180d", "value": o})[0])
+        return out
+
+    eval_every = max(1, (cfg.prompts_per_round * cfg.group_size) // cfg.trl_batch)
+    curve: list[dict[str, float]] = []
+    state = {"start": 0.0, "paused": 0.0, "reached": None}
+
+    def train_seconds() -> float:
+        return time.perf_counter() - state["start"] - state["paused"]
+
+    class EvalAndStop(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
+            state["start"] = time.perf_counter()
+
+        def on_step_end(self, args: Any, st: Any, control: Any, model: Any = None,
+                        **kw: Any) -> Any:
+            clock = train_seconds()
+            if st.global_step % eval_every == 0 or clock >= cfg.budget_s:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    ev = heldout_correctness(model, tok, heldout, cfg.max_new_tokens)
+                state["paused"] += time.perf_counter() - t0
+                curve.append({"step": st.global_step, "train_seconds": round(clock, 2), **ev})
+                print(f"[trl] step {st.global_step}: {clock:.0f}s correct {ev['correct']:.2f} "
+                      f"parse {ev['parse_rate']:.2f}", flush=True)
+                if ev["correct"] >= cfg.target:
+                    state["reached"] = clock
+                    control.should_training_stop = True
+            if clock >= cfg.budget_s:
+                control.should_training_stop = True
+            return control
+
+    with tempfile.TemporaryDirectory(prefix="tl-bench-trl-") as tmp:
+        args = GRPOConfig(
+            output_dir=tmp,
+            per_device_train_batch_size=cfg.trl_batch,
+            num_generations=cfg.group_size,
+            max_completion_length=cfg.max_new_tokens,
+            learning_rate=cfg.lr,
+            lr_scheduler_type="constant",
+            beta=0.0,
+            temperature=1.0,
+            max_steps=100_000,
+            logging_steps=10_000,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=cfg.seed,
+            disable_tqdm=True,
+            max_grad_norm=1.0,
+            gradient_checkpointing=False,  # TRL's default is on; ours does not recompute either
+        )
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        trainer = GRPOTrainer(model=model, reward_funcs=contract_reward, args=args,
+                              train_dataset=ds, processing_class=tok, peft_config=lora,
+                              callbacks=[EvalAndStop()])
+        trainer.train()
+    return _arm_summary(curve, state["reached"], cfg)
+
+
+def _arm_summary(curve: list[dict[str, float]], reached_at: float | None,
+                 cfg: TimeToTargetConfig) -> dict[str, Any]:
+    evals = [c for c in curve if "correct" in c]
+    best = max(evals, key=lambda c: c["correct"]) if evals else None
+    return {
+        "reached": reached_at is not None,
+        "seconds_to_target": round(reached_at, 2) if reached_at is not None else None,
+        "best_correct": best["correct"] if best else None,
+        "seconds_to_best": best["train_seconds"] if best else None,
+        "train_seconds_used": curve[-1]["train_seconds"] if curve else 0.0,
+        "curve": curve,
+    }
+
+
+# ------------------------------------------------------------------ the whole benchmark
+
+
+def speedup(ours: dict[str, Any], trl: dict[str, Any], budget: float) -> tuple[float | None, str]:
+    if ours["reached"] and trl["reached"]:
+        return trl["seconds_to_target"] / ours["seconds_to_target"], "measured"
+    # A bound uses the training time the other arm actually spent without reaching the target.
+    if ours["reached"]:
+        spent = max(float(trl["train_seconds_used"] or 0.0), 1e-9)
+        return spent / ours["seconds_to_target"], "lower bound (TRL did not reach the target)"
+    if trl["reached"]:
+        spent = max(float(ours["train_seconds_used"] or 0.0), 1e-9)
+        return trl["seconds_to_target"] / spent, "upper bound (ours did not reach the target)"
+    return None, "neither reached the target within the budget"
+
+
+def run(cfg: TimeToTargetConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.learner.bootstrap import BootstrapConfig, bootstrap_model
+
+    started_on = machine()
+    out = results_dir(out_dir)
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    model_dir = bootstrap_model(
+        config=BootstrapConfig(size=cfg.size, **dict(cfg.bootstrap_overrides))
+    )
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    heldout = _prompts(cfg.seed, cfg.heldout, "heldout")
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    base_eval = heldout_correctness(base, tok, heldout, cfg.max_new_tokens)
+    del base
+    ours = run_ours(model_dir, tok, cfg, heldout, base_eval)
+    trl = run_trl(model_dir, tok, cfg, heldout)
+    value, kind = speedup(ours, trl, cfg.budget_s)
+    import trl as trl_pkg
+
+    result: dict[str, Any] = {
+        "benchmark": "time_to_target",
+        "config": asdict(cfg),
+        "machine": started_on,
+        "torch_threads": torch.get_num_threads(),
+        "trl_version": trl_pkg.__version__,
+        "baseline_heldout": base_eval,
+        "ours": ours,
+        "trl": trl,
+        "speedup_kind": kind,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "ratios": {
+            "time_to_45pct_speedup_vs_trl": round(value, 3) if value is not None else None,
+            "ours_seconds_to_target": ours["seconds_to_target"],
+            "trl_seconds_to_target": trl["seconds_to_target"],
+            "ours_best_correct": ours["best_correct"],
+            "trl_best_correct": trl["best_correct"],
+        },
+        "targets": {
+            "time_to_45pct_speedup_vs_trl": {
+                "target": ">= 3",
+                "met": (value is not None and value >= 3 and kind != "upper bound "
+                        "(ours did not reach the target)"),
+            }
+        },
+    }
+    write_json(out / "time_to_target.json", result)
+    plot(result, out / "time_to_target.png")
+    return result
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    agg_backend()
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    base = result["baseline_heldout"]["correct"]
+    for name, arm, style in (("batch OAPL (ours)", result["ours"], "o-"),
+                             ("TRL GRPOTrainer (online)", result["trl"], "s-")):
+        pts = [(0.0, base)] + [(c["train_seconds"], c["correct"]) for c in arm["curve"]
+                               if "correct" in c]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, ms=3)
+    ax.axhline(result["config"]["target"], color="tab:red", ls="--", lw=1, label="target")
+    ax.set_xlabel("training wall-clock seconds (evaluation excluded)")
+    ax.set_ylabel("held-out correctness (greedy)")
+    sp = result["ratios"]["time_to_45pct_speedup_vs_trl"]
+    ax.set_title(f"time to target: speed-up {sp} ({result['speedup_kind']})", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    d = TimeToTargetConfig()
+    p.add_argument("--size", default=d.size)
+    p.add_argument("--target", type=float, default=d.target)
+    p.add_argument("--budget", type=float, default=d.budget_s)
+    p.add_argument("--heldout", type=int, default=d.heldout)
+    p.add_argument("--prompts-per-round", type=int, default=d.prompts_per_round)
+    p.add_argument("--steps-per-round", type=int, default=d.steps_per_round)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    cfg = TimeToTargetConfig(size=a.size, target=a.target, budget_s=a.budget, heldout=a.heldout,
+                             prompts_per_round=a.prompts_per_round,
+                             steps_per_round=a.steps_per_round, lr=a.lr)
+    result = run(cfg, a.out)
+    for name in ("ours", "trl"):
+        arm = result[name]
+        print(f"{name}: reached={arm['reached']} seconds_to_target={arm['seconds_to_target']} "
+              f"best={arm['best_correct']} at {arm['seconds_to_best']}s")
+    print(f"speed-up: {result['speedup_kind']}")
+    print_ratios("time_to_target", result["ratios"])
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`tracelearn demo` end to end on the embedded default (SQLite, in-process everything), shrunk
+to a few traces and a very small model so it fits the default suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.db import set_database
+from app.settings import Settings, set_settings
+from tests.promotion.seeding import build_model
+from workers.learner.bootstrap import default_cache_dir
+from workers.promotion.engine import reset_engines
+from workers.rollouts.backends import reset_backends
+
+
+@pytest.fixture
+def demo_settings(tmp_path: Path):
+    model = build_model(default_cache_dir())
+    settings = Settings(data_dir=tmp_path / "data", base_model_dir=model, environment="test",
+                        task_always_eager=True, log_level="WARNING")
+    yield settings
+    set_database(None)
+    set_settings(None)
+    reset_engines()
+    reset_backends()
+
+
+@pytest.mark.slow  # ~60 s on an idle 2-core box: sampling dominates even at this size
+def test_demo_posts_regenerates_trains_evaluates_and_gates_a_candidate(demo_settings):
+    from workers.demo import run_demo
+
+    stages: list[str] = []
+    result = run_demo(demo_settings, lambda stage, done, total: stages.append(stage),
+                      n_traces=30, group_size=4, max_tokens=48, eval_k=1)
+    assert result.error is None, result.error
+    assert result.traces_posted == 30 and result.heldout > 0
+    assert result.groups > 0 and result.run_id is not None
+    assert result.served_name == "clinical-demo-v1"
+    # The gate decides; either way the decision and the numbers are recorded.
+    assert result.status in ("awaiting_approval", "rejected")
+    assert set(result.before) >= {"correct", "parse_rate", "mean_reward", "pass@1"}
+    assert set(result.after) == set(result.before)
+    assert "mcnemar" in result.p_values
+    for stage in ("model", "ingest", "regenerate", "grade", "train", "evaluate", "done"):
+        assert stage in stages
+    assert result.dashboard_url.endswith(f"/dashboard/snapshots/{result.snapshot_id}")

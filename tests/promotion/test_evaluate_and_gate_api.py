@@ -1,0 +1,72 @@
+"""POST /v1/snapshots/{id}/evaluate: a real eval on held-out traces, stored, then gated."""
+
+from __future__ import annotations
+
+from app.models import SnapshotStatus
+from workers.clinical import task
+
+LENIENT = {"min_eval_n": 1, "min_parse_rate": 0.0, "min_abs_gain": -1.0, "min_rel_gain": -10.0,
+           "max_secondary_regression": 5.0}
+
+
+def _ingest(client, headers, policy, n=20):
+    items = task.ingest_items(3, n, "train", policy=policy)
+    r = client.post("/v1/traces", json={"traces": items}, headers=headers)
+    assert r.status_code in (200, 201, 207), r.text
+    return r.json()
+
+
+def _evaluate(client, headers, sid):
+    return client.post(f"/v1/snapshots/{sid}/evaluate",
+                       json={"k": 2, "max_tokens": 16, "breakdown_key": "case.biomarker"},
+                       headers=headers)
+
+
+def test_candidate_below_min_eval_n_is_rejected_with_the_reason(
+    client, admin_headers, policy_name, candidate
+):
+    _ingest(client, admin_headers, policy_name, n=12)
+    sid = candidate(SnapshotStatus.candidate)
+    r = _evaluate(client, admin_headers, sid)
+    assert r.status_code == 200, r.text
+    ev = r.json()
+    assert ev["gate_passed"] is False
+    assert any("eval n" in reason for reason in ev["gate_reasons"])
+    snap = client.get(f"/v1/snapshots/{sid}", headers=admin_headers).json()
+    assert snap["status"] == "rejected" and "eval n" in snap["status_reason"]
+
+
+def test_passing_candidate_awaits_approval_with_stored_metrics(
+    client, admin_headers, policy_name, candidate
+):
+    _ingest(client, admin_headers, policy_name)
+    r = client.patch(f"/v1/policies/{policy_name}", json={"gate": LENIENT},
+                     headers=admin_headers)
+    assert r.status_code == 200, r.text
+    sid = candidate(SnapshotStatus.candidate)
+    ev = _evaluate(client, admin_headers, sid).json()
+    assert ev["gate_passed"] is True, ev["gate_reasons"]
+    assert ev["n"] >= 1 and ev["dataset"] == "heldout"
+    for name in ("correct", "parse_rate", "mean_reward", "pass@1"):
+        m = ev["metrics"][name]
+        assert m["ci_low"] <= m["value"] <= m["ci_high"]
+        assert name in ev["comparison"]["champion"]
+    assert "p_value" in ev["comparison"]["mcnemar"]
+    assert ev["breakdown"]["key"] == "case.biomarker"
+    snap = client.get(f"/v1/snapshots/{sid}", headers=admin_headers).json()
+    assert snap["status"] == "awaiting_approval"
+    stored = client.get(f"/v1/snapshots/{sid}/evaluations", headers=admin_headers).json()
+    assert [e["id"] for e in stored] == [ev["id"]]
+    actions = [e["action"] for e in client.get(
+        "/v1/audit-events", params={"entity_id": str(sid), "entity_type": "snapshot"},
+        headers=admin_headers).json()["items"]]
+    assert actions == ["snapshot.awaiting_approval", "snapshot.evaluated"]
+
+
+def test_evaluating_without_held_out_traces_is_a_clear_4xx(
+    client, admin_headers, candidate
+):
+    sid = candidate(SnapshotStatus.candidate)
+    r = _evaluate(client, admin_headers, sid)
+    assert r.status_code == 409, r.text
+    assert "held-out" in r.json()["detail"]

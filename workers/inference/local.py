@@ -1,0 +1,187 @@
+"""Local inference with transformers (+ peft adapters): batched sampling with a KV cache.
+
+The sampling loop is written out instead of calling ``model.generate`` so that the reported
+per-token log-probs are exactly log softmax(logits / T) of the distribution each token was drawn
+from — the behaviour log-probs OAPL uses as log π_ref.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from workers.inference.base import AdapterRef, Completion, SamplingParams, UnknownAdapterError
+from workers.inference.chat import encode_prompt
+
+
+class LocalBackend:
+    """``InferenceBackend`` on local transformers.
+
+    ``base_path``: HF model directory (e.g. from ``tracelearn model bootstrap``). Adapters are
+    verified (sha256 against their manifest), merged into a copy of the base and cached by name
+    (``max_cached_adapters`` most recent); names are immutable, so a cached name is never stale.
+    """
+
+    def __init__(
+        self,
+        base_path: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_batch_size: int = 256,
+        max_cached_adapters: int = 4,
+    ) -> None:
+        self.base_path = str(base_path)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size
+        self.max_cached_adapters = max_cached_adapters
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_path)
+        self.base = self._load_base()
+        self._adapters: OrderedDict[str, PreTrainedModel] = OrderedDict()
+        self._adapter_paths: dict[str, str] = {}
+
+    def _load_base(self) -> PreTrainedModel:
+        model = AutoModelForCausalLM.from_pretrained(self.base_path, dtype=self.dtype)
+        model.to(self.device)  # type: ignore[arg-type]  # transformers stub quirk
+        return model.eval()
+
+    @classmethod
+    def from_model(cls, model: PreTrainedModel, tokenizer: Any, **kw: Any) -> LocalBackend:
+        """Wrap an in-memory model (tests, benchmarks); adapters are then not available."""
+        self = cls.__new__(cls)
+        self.base_path = "<in-memory>"
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.max_batch_size = kw.get("max_batch_size", 256)
+        self.max_cached_adapters = 0
+        self.tokenizer = tokenizer
+        self.base = model.eval()
+        self._adapters = OrderedDict()
+        self._adapter_paths = {}
+        return self
+
+    def model_for(self, adapter: AdapterRef | None) -> PreTrainedModel:
+        if adapter is None:
+            return self.base
+        if adapter.name in self._adapters:
+            if self._adapter_paths[adapter.name] != adapter.path:
+                raise UnknownAdapterError(
+                    f"adapter name {adapter.name!r} already loaded from another path"
+                )
+            self._adapters.move_to_end(adapter.name)
+            return self._adapters[adapter.name]
+        if self.base_path == "<in-memory>":
+            raise UnknownAdapterError("in-memory backend cannot load adapters")
+        from peft import PeftModel
+
+        from workers.learner.adapters import load_verified
+
+        if not Path(adapter.path).is_dir():
+            raise UnknownAdapterError(f"adapter {adapter.name!r}: no directory {adapter.path}")
+        load_verified(adapter.path)
+        # Merging into a private copy makes sampling as fast as the base model.
+        peft_model = PeftModel.from_pretrained(self._load_base(), adapter.path)
+        merged = peft_model.merge_and_unload().eval()
+        self._adapters[adapter.name] = merged
+        self._adapter_paths[adapter.name] = adapter.path
+        while len(self._adapters) > self.max_cached_adapters:
+            evicted, _ = self._adapters.popitem(last=False)
+            del self._adapter_paths[evicted]
+        return merged
+
+    def generate(
+        self,
+        prompts: list[list[dict[str, str]]],
+        n: int,
+        params: SamplingParams,
+        adapter: AdapterRef | None = None,
+    ) -> list[list[Completion]]:
+        model = self.model_for(adapter)
+        prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        flat = [ids for ids in prompt_ids for _ in range(n)]
+        gen = torch.Generator(device="cpu")
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()
+        results: list[Completion] = []
+        for start in range(0, len(flat), self.max_batch_size):
+            chunk = flat[start : start + self.max_batch_size]
+            results.extend(self._sample(model, chunk, params, gen))
+        return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    @torch.no_grad()
+    def _sample(
+        self,
+        model: PreTrainedModel,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        gen: torch.Generator,
+    ) -> list[Completion]:
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
+        b = len(prompts)
+        width = max(len(p) for p in prompts)
+        # Left padding keeps every sequence's next token in the last column.
+        input_ids = torch.full((b, width), pad, dtype=torch.long)
+        attn = torch.zeros((b, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p)
+            attn[i, width - len(p) :] = 1
+        input_ids, attn = input_ids.to(self.device), attn.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1, :]
+        next_pos = pos[:, -1:] + 1
+
+        tokens = torch.zeros((b, params.max_tokens), dtype=torch.long)
+        logps = torch.zeros((b, params.max_tokens), dtype=torch.float32)
+        lengths = torch.full((b,), params.max_tokens, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool)
+        for t in range(params.max_tokens):
+            logits = logits.float()
+            if params.temperature == 0:
+                logp = torch.log_softmax(logits, dim=-1)
+                tok = logp.argmax(dim=-1)
+            else:
+                logp = torch.log_softmax(logits / params.temperature, dim=-1)
+                probs = logp.exp().cpu()
+                tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(self.device)
+            tokens[:, t] = tok.cpu()
+            logps[:, t] = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).cpu()
+            newly = (tok.cpu() == eos) & ~done
+            lengths[newly] = t + 1
+            done |= newly
+            if bool(done.all()) or t == params.max_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=self.device)], 1)
+            out = model(
+                input_ids=tok.unsqueeze(-1),
+                attention_mask=attn,
+                position_ids=next_pos,
+                past_key_values=past,
+                use_cache=True,
+            )
+            past, logits = out.past_key_values, out.logits[:, -1, :]
+            next_pos = next_pos + 1
+
+        completions = []
+        for i in range(b):
+            k = int(lengths[i])
+            ids = tokens[i, :k].tolist()
+            stopped = bool(done[i])
+            text_ids = ids[:-1] if stopped else ids
+            completions.append(
+                Completion(
+                    text=str(self.tokenizer.decode(text_ids, skip_special_tokens=True)),
+                    token_ids=ids,
+                    logprobs=logps[i, :k].tolist(),
+                    finish_reason="stop" if stopped else "length",
+                )
+            )
+        return completions

@@ -1,0 +1,163 @@
+"""Typer sub-apps for the learner: ``model_app`` (bootstrap) and ``train_app`` (offline training).
+
+Mounted by ``app/cli.py`` as ``tracelearn model …`` and ``tracelearn train-offline …``; also runnable
+directly, which is how ``torchrun`` starts data-parallel training::
+
+    python -m workers.learner.commands train --groups g.jsonl --base DIR --out DIR
+    torchrun --nproc_per_node 2 -m workers.learner.commands train --groups g.jsonl ...
+
+No FastAPI or Celery imports here: the learner must run on a bare training box.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+model_app = typer.Typer(help="The bundled tiny model.", no_args_is_help=True)
+train_app = typer.Typer(help="Train an adapter offline from graded rollout groups.")
+console = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+@model_app.command("bootstrap")
+def bootstrap(
+    out: Annotated[Path, typer.Option(help="Directory to write the HF model + tokenizer to.")],
+    size: Annotated[str, typer.Option(help="test | tiny | small")] = "tiny",
+    seed: Annotated[int, typer.Option()] = 0,
+    sft_steps: Annotated[int | None, typer.Option(help="Override the SFT step count.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Build cache (content-hashed).")] = None,
+) -> None:
+    """Build the bundled model deterministically (or copy it from the cache) into OUT."""
+    from workers.learner.bootstrap import BootstrapConfig, bootstrap_info, bootstrap_model
+
+    kw: dict[str, Any] = {"size": size, "seed": seed}
+    if sft_steps is not None:
+        kw["sft_steps"] = sft_steps
+    try:
+        cfg = BootstrapConfig(**kw)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    with _progress() as prog:
+        task = prog.add_task("SFT warm-start", total=cfg.sft_steps, info="")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            prog.update(task, completed=step, info=f"loss {loss:.3f}")
+
+        path = bootstrap_model(out, cfg, cache_dir=cache_dir, progress=on_step)
+    info = bootstrap_info(path)
+    console.print(
+        f"model at {path}: {info['n_params']:,} params, vocab {info['vocab_size']}, "
+        f"built in {info['seconds_total']} s"
+    )
+
+
+@train_app.callback(invoke_without_command=True)
+def train_offline(
+    groups: Annotated[Path, typer.Option(help="JSONL of graded rollout groups.")],
+    base: Annotated[Path, typer.Option(help="Base model directory.")],
+    out: Annotated[Path, typer.Option(help="Adapter directory to create (must not exist).")],
+    parent: Annotated[Path | None, typer.Option(help="Adapter to continue from.")] = None,
+    algorithm: Annotated[str, typer.Option(help="oapl | grpo")] = "oapl",
+    steps: Annotated[int, typer.Option()] = 1,
+    lr: Annotated[float, typer.Option()] = 2e-3,
+    beta1: Annotated[float, typer.Option()] = 1.0,
+    beta2: Annotated[float, typer.Option()] = 0.02,
+    lora_rank: Annotated[int, typer.Option()] = 8,
+    lora_alpha: Annotated[float, typer.Option()] = 16.0,
+    micro_batch_size: Annotated[int, typer.Option()] = 64,
+    seed: Annotated[int, typer.Option()] = 0,
+    config: Annotated[
+        Path | None, typer.Option(help="JSON file of TrainerConfig fields (overrides flags).")
+    ] = None,
+    history_out: Annotated[
+        Path | None, typer.Option(help="Write the per-step history as JSON here.")
+    ] = None,
+) -> None:
+    """Train one adapter from a JSONL file of graded groups (runs under torchrun too)."""
+    import torch.distributed as dist
+
+    from workers.learner.data import load_groups_jsonl
+    from workers.learner.trainer import TrainerConfig, TrainerConfigError, init_distributed_from_env
+    from workers.learner.trainer import train as run_training
+
+    fields: dict[str, Any] = {
+        "algorithm": algorithm,
+        "steps": steps,
+        "lr": lr,
+        "beta1": beta1,
+        "beta2": beta2,
+        "lora_rank": lora_rank,
+        "lora_alpha": lora_alpha,
+        "micro_batch_size": micro_batch_size,
+        "seed": seed,
+    }
+    try:
+        if config is not None:
+            fields |= json.loads(config.read_text())
+        cfg = TrainerConfig.from_dict(fields)
+    except (TrainerConfigError, json.JSONDecodeError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    try:
+        rollout_groups = load_groups_jsonl(groups)
+    except (OSError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    distributed = init_distributed_from_env()
+    rank = dist.get_rank() if distributed else 0
+    try:
+        with _progress() as prog:
+            task = prog.add_task(
+                f"{cfg.algorithm.upper()}", total=cfg.steps, info="", visible=rank == 0
+            )
+
+            def on_step(step: int, total: int, m: dict[str, float]) -> None:
+                prog.update(
+                    task,
+                    completed=step,
+                    info=f"loss {m.get('loss', float('nan')):.4f} "
+                    f"reward {m.get('train_reward', float('nan')):.3f}",
+                )
+
+            result = run_training(rollout_groups, base, out, cfg, parent=parent, progress=on_step)
+    except (TrainerConfigError, ValueError, FileExistsError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    if rank == 0:
+        if history_out is not None:
+            history_out.write_text(json.dumps(result.history, indent=2))
+        if result.status != "succeeded":
+            console.print(f"[red]run failed:[/red] {result.failure_reason}")
+            raise typer.Exit(1)
+        console.print(
+            f"adapter {result.adapter_path} ({result.metrics['groups_used']} groups, "
+            f"{result.metrics['groups_dropped_zero_variance']} dropped, "
+            f"final loss {result.metrics['final_loss']:.4f})"
+        )
+
+
+cli = typer.Typer(no_args_is_help=True)
+cli.add_typer(model_app, name="model")
+cli.add_typer(train_app, name="train")
+
+if __name__ == "__main__":
+    cli()

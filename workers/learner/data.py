@@ -1,0 +1,229 @@
+"""Rollout groups → padded training batches.
+
+``RolloutGroup`` / ``GradedCompletion`` are plain dataclasses so the DB-backed pipeline can build
+them from rows (Rollout: token ids, text, behaviour log-prob sum, reward, parse_ok). Advantages are
+computed here, per group, from rewards alone; after that every sequence is independent, so batches
+can be cut anywhere (micro-batches, data-parallel ranks) without changing the loss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from workers.inference.base import AdapterRef, InferenceBackend, SamplingParams
+from workers.inference.chat import encode_prompt
+from workers.learner.losses import grpo_advantages, oapl_advantages
+
+
+@dataclass
+class GradedCompletion:
+    token_ids: list[int]
+    """Completion token ids as sampled (stop token included when it was sampled)."""
+    text: str
+    behaviour_logprob_sum: float
+    """Σ of the sampler's per-token log-probs: log π_ref(y|x) for OAPL."""
+    reward: float
+    parse_ok: bool
+    behaviour_logprobs: list[float] | None = None
+    """Per-token behaviour log-probs; GRPO's token-level ratio uses them when present."""
+
+
+@dataclass
+class RolloutGroup:
+    group_id: str
+    prompt_messages: list[dict[str, str]]
+    completions: list[GradedCompletion]
+    reference: str | None = None
+    """Name of the snapshot that generated the group (the lagged reference policy)."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [c.reward for c in self.completions]
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """A prompt with the outcome its grader needs (e.g. a train trace and its late outcome)."""
+
+    prompt_id: str
+    messages: list[dict[str, str]]
+    outcome: dict[str, Any] | None
+
+
+def filter_zero_variance(
+    groups: Iterable[RolloutGroup], eps: float = 1e-9
+) -> tuple[list[RolloutGroup], int]:
+    """Drop groups whose rewards are all equal (no learning signal); return (kept, n_dropped)."""
+    kept, dropped = [], 0
+    for g in groups:
+        r = g.rewards
+        if len(r) == 0 or max(r) - min(r) <= eps:
+            dropped += 1
+        else:
+            kept.append(g)
+    return kept, dropped
+
+
+@dataclass(frozen=True)
+class SequenceRecord:
+    group_index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    behaviour_logprobs: list[float] | None
+    behaviour_logprob_sum: float
+    reward: float
+    advantage: float
+
+
+def flatten_groups(
+    groups: Sequence[RolloutGroup], tokenizer: Any, algorithm: str, beta1: float = 1.0
+) -> list[SequenceRecord]:
+    """One record per completion with its group advantage (OAPL: r − V̂; GRPO: normalised)."""
+    records = []
+    for gi, g in enumerate(groups):
+        prompt_ids = encode_prompt(tokenizer, g.prompt_messages)
+        rewards = torch.tensor(g.rewards, dtype=torch.float64)
+        if algorithm == "oapl":
+            adv = oapl_advantages(rewards, beta1)
+        elif algorithm == "grpo":
+            adv = grpo_advantages(rewards)
+        else:
+            raise ValueError(f"unknown algorithm {algorithm!r}")
+        for c, a in zip(g.completions, adv.tolist(), strict=True):
+            if not c.token_ids:
+                continue
+            records.append(
+                SequenceRecord(
+                    gi,
+                    prompt_ids,
+                    list(c.token_ids),
+                    list(c.behaviour_logprobs) if c.behaviour_logprobs is not None else None,
+                    float(c.behaviour_logprob_sum),
+                    float(c.reward),
+                    float(a),
+                )
+            )
+    return records
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor  # (B, W) prompt+completion, right-padded
+    attention_mask: Tensor  # (B, W)
+    target_mask: Tensor  # (B, W-1) 1 where input_ids[:, t+1] is a completion token
+    behaviour_token_logp: Tensor  # (B, W-1) aligned with target_mask (0 elsewhere)
+    has_token_logp: Tensor  # (B,) bool: per-token behaviour log-probs were available
+    ref_logp: Tensor  # (B,) behaviour log-prob sums (log π_ref)
+    advantages: Tensor  # (B,)
+    rewards: Tensor  # (B,)
+    index: Tensor  # (B,) position of each row in the flattened record list
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def collate(records: Sequence[SequenceRecord], pad_id: int, indices: Sequence[int]) -> Batch:
+    b = len(records)
+    width = max(len(r.prompt_ids) + len(r.completion_ids) for r in records)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, width), dtype=torch.long)
+    target = torch.zeros((b, width - 1), dtype=torch.float32)
+    beh = torch.zeros((b, width - 1), dtype=torch.float32)
+    has_tok = torch.zeros(b, dtype=torch.bool)
+    for i, r in enumerate(records):
+        p, c = len(r.prompt_ids), len(r.completion_ids)
+        input_ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
+        attn[i, : p + c] = 1
+        # logits at position t predict token t+1: completion tokens are predicted at p-1 … p+c-2
+        target[i, p - 1 : p + c - 1] = 1.0
+        if r.behaviour_logprobs is not None and len(r.behaviour_logprobs) == c:
+            beh[i, p - 1 : p + c - 1] = torch.tensor(r.behaviour_logprobs)
+            has_tok[i] = True
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=attn,
+        target_mask=target,
+        behaviour_token_logp=beh,
+        has_token_logp=has_tok,
+        ref_logp=torch.tensor([r.behaviour_logprob_sum for r in records], dtype=torch.float32),
+        advantages=torch.tensor([r.advantage for r in records], dtype=torch.float32),
+        rewards=torch.tensor([r.reward for r in records], dtype=torch.float32),
+        index=torch.tensor(list(indices), dtype=torch.long),
+    )
+
+
+def micro_batches(records: Sequence[SequenceRecord], size: int, pad_id: int) -> list[Batch]:
+    """Consecutive micro-batches of at most ``size`` sequences, in record order."""
+    out = []
+    for start in range(0, len(records), size):
+        idx = list(range(start, min(start + size, len(records))))
+        out.append(collate([records[i] for i in idx], pad_id, idx))
+    return out
+
+
+# --- generating and grading groups (used by sync-interval refreshes and the benchmark) ---------
+
+Grade = Callable[[list[dict[str, str]], str, dict[str, Any] | None], tuple[float, bool]]
+
+
+def make_rollout_groups(
+    backend: InferenceBackend,
+    prompts: Sequence[PromptItem],
+    group_size: int,
+    params: SamplingParams,
+    grade: Grade,
+    adapter: AdapterRef | None = None,
+    group_prefix: str = "",
+) -> list[RolloutGroup]:
+    """Sample ``group_size`` completions per prompt with the given snapshot and grade them."""
+    outs = backend.generate([p.messages for p in prompts], group_size, params, adapter)
+    groups = []
+    ref_name = adapter.name if adapter is not None else "base"
+    for p, comps in zip(prompts, outs, strict=True):
+        graded = []
+        for c in comps:
+            reward, ok = grade(p.messages, c.text, p.outcome)
+            graded.append(
+                GradedCompletion(
+                    token_ids=c.token_ids,
+                    text=c.text,
+                    behaviour_logprob_sum=c.logprob_sum,
+                    reward=reward,
+                    parse_ok=ok,
+                    behaviour_logprobs=c.logprobs,
+                )
+            )
+        groups.append(
+            RolloutGroup(f"{group_prefix}{p.prompt_id}@{ref_name}", p.messages, graded, ref_name)
+        )
+    return groups
+
+
+def dump_groups_jsonl(groups: Iterable[RolloutGroup], path: str | Path) -> None:
+    with open(path, "w") as f:
+        for g in groups:
+            f.write(json.dumps(asdict(g)) + "\n")
+
+
+def load_groups_jsonl(path: str | Path) -> list[RolloutGroup]:
+    """Read groups written by ``dump_groups_jsonl`` (one JSON object per line)."""
+    groups = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+                comps = [GradedCompletion(**c) for c in d.pop("completions")]
+                groups.append(RolloutGroup(completions=comps, **d))
+            except (TypeError, KeyError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}:{lineno}: not a rollout group: {exc}") from exc
+    return groups

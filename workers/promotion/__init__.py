@@ -1,0 +1,1 @@
+"""Promotion: the gate, hot-loading into the serving engine, rollback."""

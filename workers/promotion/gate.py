@@ -1,0 +1,153 @@
+"""The promotion gate: does a candidate's evaluation justify asking a human to approve it?
+
+``decide`` is pure: metric dictionaries and the policy's gate thresholds in, a decision with every
+failed reason out. The thresholds are the policy's ``gate`` (see ``app.policies.schemas.GateSpec``).
+``apply_gate`` records the decision: candidate → evaluated → awaiting_approval or rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.models import Evaluation, Policy, Snapshot, SnapshotStatus
+from app.snapshots.state import transition
+
+GATED_METRICS = ("correct", "mean_reward", "parse_rate")
+# Thresholds are inclusive; the tolerance keeps 0.90 − 0.85 ≤ 0.05 true in floating point.
+EPS = 1e-9
+DEFAULTS: dict[str, Any] = {
+    "primary_metric": "correct",
+    "min_abs_gain": 0.0,
+    "min_rel_gain": 0.0,
+    "min_parse_rate": 0.5,
+    "max_secondary_regression": 0.05,
+    "min_eval_n": 20,
+}
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    """Why it failed (empty when it passed)."""
+    checks: dict[str, Any] = field(default_factory=dict)
+    """The numbers each check compared, for the dashboard and the audit log."""
+
+
+def _value(metrics: Mapping[str, Any], name: str) -> float:
+    """A metric's point value from either ``{"value": v, ...}`` or a bare number."""
+    raw = metrics.get(name)
+    if isinstance(raw, Mapping):
+        raw = raw.get("value")
+    if raw is None:
+        raise KeyError(f"metric {name!r} is missing from the evaluation")
+    return float(raw)
+
+
+def relative_gain(candidate: float, champion: float) -> float:
+    """(candidate − champion) / |champion|; a gain from exactly zero counts as infinite."""
+    gain = candidate - champion
+    if champion == 0:
+        return 0.0 if gain == 0 else (float("inf") if gain > 0 else float("-inf"))
+    return gain / abs(champion)
+
+
+def decide(
+    gate: Mapping[str, Any],
+    candidate: Mapping[str, Any],
+    champion: Mapping[str, Any],
+    n: int,
+) -> GateDecision:
+    """Apply every threshold; the candidate passes only if none fails."""
+    g = DEFAULTS | dict(gate)
+    primary = str(g["primary_metric"])
+    reasons: list[str] = []
+    checks: dict[str, Any] = {"n": n, "primary_metric": primary}
+
+    if n < int(g["min_eval_n"]):
+        reasons.append(f"eval n {n} is below the minimum {g['min_eval_n']}")
+
+    parse = _value(candidate, "parse_rate")
+    checks["parse_rate"] = parse
+    if parse < float(g["min_parse_rate"]) - EPS:
+        reasons.append(f"parse rate {parse:.3f} is below the minimum {g['min_parse_rate']:.3f}")
+
+    cand_p, champ_p = _value(candidate, primary), _value(champion, primary)
+    gain = cand_p - champ_p
+    rel = relative_gain(cand_p, champ_p)
+    checks.update(
+        candidate_primary=cand_p,
+        champion_primary=champ_p,
+        abs_gain=gain,
+        # JSON (and so the audit log) has no infinity; a gain from zero is reported as null.
+        rel_gain=rel if math.isfinite(rel) else None,
+    )
+    if gain < float(g["min_abs_gain"]) - EPS:
+        reasons.append(
+            f"{primary} gain {gain:+.3f} ({champ_p:.3f} → {cand_p:.3f}) is below the minimum "
+            f"{float(g['min_abs_gain']):+.3f}"
+        )
+    if rel < float(g["min_rel_gain"]) - EPS:
+        reasons.append(
+            f"{primary} relative gain {rel:+.1%} is below the minimum "
+            f"{float(g['min_rel_gain']):+.1%}"
+        )
+
+    limit = float(g["max_secondary_regression"])
+    regressions: dict[str, float] = {}
+    for name in GATED_METRICS:
+        if name == primary:
+            continue
+        drop = _value(champion, name) - _value(candidate, name)
+        regressions[name] = drop
+        if drop > limit + EPS:
+            reasons.append(f"{name} regressed by {drop:.3f}, more than the allowed {limit:.3f}")
+    checks["secondary_regressions"] = regressions
+    return GateDecision(passed=not reasons, reasons=reasons, checks=checks)
+
+
+def apply_gate(
+    session: Session, snapshot: Snapshot, evaluation: Evaluation, *, actor: str
+) -> GateDecision:
+    """Gate a freshly evaluated candidate and move it on; the evaluation row keeps the verdict."""
+    policy = session.get(Policy, snapshot.policy_id)
+    assert policy is not None
+    champion = evaluation.comparison.get("champion", {})
+    decision = decide(policy.gate or {}, evaluation.metrics, champion, evaluation.n)
+    evaluation.gate_passed = decision.passed
+    evaluation.gate_reasons = decision.reasons
+    if snapshot.status is SnapshotStatus.candidate:
+        transition(
+            session,
+            snapshot,
+            SnapshotStatus.evaluated,
+            actor=actor,
+            reason=f"evaluation {evaluation.id} on {evaluation.dataset} (n={evaluation.n})",
+            tenant=policy.tenant,
+        )
+    if decision.passed:
+        transition(
+            session,
+            snapshot,
+            SnapshotStatus.awaiting_approval,
+            actor=actor,
+            reason="passed the gate",
+            tenant=policy.tenant,
+            extra={"gate": decision.checks},
+        )
+    else:
+        transition(
+            session,
+            snapshot,
+            SnapshotStatus.rejected,
+            actor=actor,
+            reason="gate: " + "; ".join(decision.reasons),
+            tenant=policy.tenant,
+            extra={"gate": decision.checks},
+        )
+    return decision
