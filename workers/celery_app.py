@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init
-from kombu import Queue
+from kombu import Queue, pools
 
 from app.settings import Settings, get_settings
 
@@ -86,8 +86,12 @@ def get_celery() -> Celery:
     with _lock:
         if fingerprint != _configured_for:
             if _configured_for is not None:
-                app.pool.force_close_all()
+                # kombu keeps connection and producer pools in process-wide registries keyed by
+                # broker URL; closing only ours would leave a closed pool there for the next time
+                # the same URL comes back. ``pools.reset`` closes and forgets them all.
+                pools.reset()
                 app._pool = None
+                app.amqp._producer_pool = None
             app.conf.update(celery_config(settings))
             _configured_for = fingerprint
         # Registering the tasks on first use lets eager mode find them by name.

@@ -25,7 +25,7 @@ def start_run(
     name: str,
     body: RunCreate | None = None,
     principal: Principal = Depends(require(Scope.admin)),
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
 ) -> RunOut:
     return service.start_run(session, principal, name, body or RunCreate())
 
@@ -34,7 +34,7 @@ def start_run(
 def get_run(
     run_id: int,
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
 ) -> RunOut:
     return service.get_run(session, principal, run_id)
 
@@ -44,6 +44,6 @@ def list_runs(
     policy: str | None = Query(default=None, description="Only this policy's runs."),
     limit: int = Query(default=50, ge=1, le=500),
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session),
+    session: Session = Depends(get_session, scope="function"),
 ) -> RunPage:
     return RunPage(items=service.list_runs(session, principal, policy, limit))

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import skip_or_fail
+
 ROOT = Path(__file__).resolve().parents[2]
 # The very small bootstrap model the learner tests use (~10 s to build on 2 cores).
 TINY = (("n_demos", 600), ("sft_steps", 80), ("batch_size", 16), ("lr", 1e-2))
@@ -70,7 +72,8 @@ def test_learner_benchmark_reports_cost_ratio_and_rss(tmp_path: Path, model_cach
 
 @pytest.mark.timeout(1500)  # TRL's import and trainer set-up are slow on a loaded 2-core box
 def test_time_to_target_benchmark_runs_both_arms(tmp_path: Path, model_cache: Path) -> None:
-    pytest.importorskip("trl")
+    if importlib.util.find_spec("trl") is None:
+        skip_or_fail("trl is not installed (pip install -e '.[bench]')")
     from benchmarks.time_to_target import TimeToTargetConfig, run
 
     cfg = TimeToTargetConfig(size="test", budget_s=3, train_prompts=8, heldout=4, group_size=2,

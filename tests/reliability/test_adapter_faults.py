@@ -23,6 +23,7 @@ from sqlalchemy import select
 
 from app.db import utcnow
 from app.models import Job, JobKind, JobStatus
+from tests.conftest import skip_or_fail
 from workers.learner.adapters import (
     MANIFEST,
     WEIGHTS,
@@ -243,7 +244,7 @@ def tiny_disk() -> Iterator[Path]:
                           capture_output=True)
     if done.returncode != 0:
         shutil.rmtree(mount, ignore_errors=True)
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+        skip_or_fail(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
         yield mount
     finally:

@@ -25,7 +25,7 @@ from app.models import Outcome, OutcomeSource, Policy, Split, Trace
 from app.policies.schemas import GraderSpec, PolicyCreate, SamplingSpec, TrainingSpec
 from app.policies.service import create_policy
 from app.settings import Settings, set_settings
-from tests.conftest import free_port, make_settings
+from tests.conftest import free_port, make_settings, skip_or_fail
 from workers.clinical import task
 from workers.commands import beat_argv, settings_env, worker_argv
 from workers.rollouts.backends import reset_backends, set_backend_override
@@ -343,7 +343,7 @@ def vllm(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """One real vLLM OpenAI server per test session (CPU build), serving ``model_dir``."""
     python = vllm_python()
     if python is None:
-        pytest.skip("vllm is not importable (pip install 'tracelearn[vllm]', or point "
+        skip_or_fail("vllm is not importable (pip install 'tracelearn[vllm]', or point "
                     "TRACELEARN_TEST_VLLM_PYTHON at a Python that has it)")
     served = tmp_path_factory.mktemp("vllm") / "model"
     shutil.copytree(model_dir, served)

@@ -82,6 +82,12 @@ def test_beat_fires_a_training_run_on_a_short_crontab(
         logs = f"beat:\n{beat.text()[-3000:]}\nworker:\n{worker.text()[-3000:]}"
         raise AssertionError(logs) from exc
     assert run.trigger == "schedule" and run.status == RunStatus.queued
-    with session_scope() as s:
-        job = s.scalars(select(Job).where(Job.key == f"train:run={run.id}")).one()
-    assert job.kind == JobKind.train and job.dispatched_at is not None
+
+    def train_job() -> Job | None:
+        # The run row commits first; the worker stamps dispatched_at just after sending.
+        with session_scope() as s:
+            job = s.scalars(select(Job).where(Job.key == f"train:run={run.id}")).one()
+            return job if job.dispatched_at is not None else None
+
+    job = wait_until(train_job, timeout=30, every=0.2)
+    assert job.kind == JobKind.train

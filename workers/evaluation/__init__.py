@@ -1,0 +1,1 @@
+"""Evaluation of a candidate on held-out traces: metrics, pass@k, bootstrap CIs, the paired test."""
