@@ -29,6 +29,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from app.settings import Settings, get_settings
 
@@ -253,6 +254,18 @@ def _bar() -> Progress:
                     console=console)
 
 
+def _stage_reporter(bar: Progress) -> StageProgress:
+    """A ``progress(stage, done, total)`` that keeps one bar per stage."""
+    tasks: dict[str, Any] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+
+    return report
+
+
 def _exec(argv: list[str]) -> None:
     settings = get_settings()
     os.execvpe(argv[0], argv, os.environ | settings_env(settings))
@@ -309,14 +322,8 @@ def regenerate_cmd(
     """Regenerate and grade the policy's pending traces from its serving snapshot."""
     if wait:
         with _bar() as bar:
-            tasks: dict[str, Any] = {}
-
-            def report(stage: str, done: int, total: int) -> None:
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done, total=total)
-
-            result = run_policy_pipeline(policy, progress=report, train=False, max_traces=limit)
+            result = run_policy_pipeline(policy, progress=_stage_reporter(bar), train=False,
+                                         max_traces=limit)
         console.print(f"{result.groups_created} groups: {result.groups_graded} graded, "
                       f"{result.groups_failed} failed")
         return
@@ -409,3 +416,42 @@ def tick_cmd(policy: Annotated[str, typer.Option(help="Policy name.")]) -> None:
         console.print(f"[red]no policy named {policy!r}")
         raise typer.Exit(2)
     typer.echo(json.dumps(tick_policy(pid).as_dict(), indent=2))
+
+
+@pipeline_app.command("demo")
+def demo_cmd(
+    url: Annotated[str | None, typer.Option(
+        help="A running `tracelearn up` to post to (same directory, so the same database). "
+             "Default: start the API in this process.")] = None,
+    key: Annotated[str | None, typer.Option(
+        help="Admin key for --url (default: a new key for tenant 'demo').")] = None,
+    traces: Annotated[int, typer.Option(min=10, help="Synthetic clinical traces to post.")] = 300,
+    group_size: Annotated[int, typer.Option(min=2, help="Completions per train trace (G).")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=8, help="Completion length cap.")] = 80,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic traces.")] = 0,
+) -> None:
+    """The whole loop on the embedded default: post synthetic clinical traces over HTTP,
+    regenerate, grade, one OAPL update, evaluate against the champion, gate. Leaves the
+    candidate awaiting approval (or rejected, with the reason) on the dashboard."""
+    from workers.demo import run_demo
+
+    with _bar() as bar:
+        result = run_demo(get_settings(), _stage_reporter(bar), url=url, key=key,
+                          n_traces=traces, group_size=group_size, max_tokens=max_tokens,
+                          seed=seed)
+    if result.error:
+        console.print(f"[red]demo stopped:[/red] {result.error}")
+        raise typer.Exit(1)
+    table = Table("held-out metric", "champion (before)", "candidate (after)", "paired p")
+    for metric, after in result.after.items():
+        before = result.before.get(metric)
+        p = result.p_values.get(metric)
+        table.add_row(metric, "—" if before is None else f"{before:.3f}", f"{after:.3f}",
+                      "—" if p is None else f"{p:.3g}")
+    console.print(table)
+    console.print(f"policy {result.policy}: {result.traces_posted} traces posted "
+                  f"({result.heldout} held out), {result.groups} groups graded, "
+                  f"training run {result.run_id}")
+    console.print(f"candidate {result.served_name}: [bold]{result.status}[/bold]"
+                  + (f" ({result.status_reason})" if result.status_reason else ""))
+    console.print(f"review it at {result.dashboard_url}")

@@ -27,7 +27,6 @@ def demo_settings(tmp_path: Path):
     reset_backends()
 
 
-@pytest.mark.slow  # ~60 s on an idle 2-core box: sampling dominates even at this size
 def test_demo_posts_regenerates_trains_evaluates_and_gates_a_candidate(demo_settings):
     from workers.demo import run_demo
 
@@ -46,3 +45,32 @@ def test_demo_posts_regenerates_trains_evaluates_and_gates_a_candidate(demo_sett
     for stage in ("model", "ingest", "regenerate", "grade", "train", "evaluate", "done"):
         assert stage in stages
     assert result.dashboard_url.endswith(f"/dashboard/snapshots/{result.snapshot_id}")
+
+
+def test_demo_command_prints_before_and_after_and_where_to_review(demo_settings):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    set_settings(demo_settings)
+    result = CliRunner().invoke(cli, ["demo", "--traces", "30", "--group-size", "4",
+                                      "--max-tokens", "48"])
+    out = result.output
+    assert result.exit_code == 0, out
+    for stage in ("ingest", "regenerate", "grade", "train", "evaluate"):
+        assert stage in out
+    assert "champion (before)" in out and "candidate (after)" in out and "parse_rate" in out
+    assert "candidate clinical-demo-v1:" in out
+    assert "awaiting_approval" in out or "rejected" in out
+    assert "/dashboard/snapshots/" in out
+
+
+def test_demo_command_refuses_too_few_traces_before_doing_anything(demo_settings):
+    from typer.testing import CliRunner
+
+    from app.cli import cli
+
+    set_settings(demo_settings)
+    result = CliRunner().invoke(cli, ["demo", "--traces", "3"])
+    assert result.exit_code == 2
+    assert not (demo_settings.data_dir / "tracelearn.db").exists()
