@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, computed_field, model_validator
+from pydantic import Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     # Logging
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR.")
     log_json: bool = Field(default=True, description="Structured JSON logs (False: console).")
+
+    @field_validator("data_dir", "base_model_dir")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Paths end up in rows (a policy's base model, a snapshot's adapter) and in child
+        # processes' environments, which need not share our working directory.
+        return None if value is None else value.expanduser().resolve()
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -11,9 +11,11 @@ Results are cached by a content hash of (config, code version, task corpus versi
 ``cache_dir`` (default ``$TRACELEARN_MODEL_CACHE`` or ``~/.cache/tracelearn/models``), so the
 second call with the same arguments returns in milliseconds.
 
-Sizes (parameters include the tied embedding) and build time on a 2-core CPU:
+Sizes (parameters include the tied embedding) and build time on this 2-core CPU (each build
+records its own ``seconds_total`` in the model's ``bootstrap.json``):
     test   ~  60 k params, vocab 384,  ~10 s   (unit tests)
-    tiny   ~ 0.9 M params, vocab 768,  see BOOTSTRAP_TIMES in the model's bootstrap.json
+    tiny   481 k params, vocab 768, 400 SFT steps × 32 demos of ~135 tokens: 472 s measured
+           with a CI run sharing the two cores (110% CPU), so about 4-5 minutes on an idle box
     small  ~ 4.6 M params, vocab 1024 (more capacity, slower benchmark)
 """
 
