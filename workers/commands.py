@@ -447,7 +447,7 @@ def demo_cmd(
         before = result.before.get(metric)
         p = result.p_values.get(metric)
         table.add_row(metric, "—" if before is None else f"{before:.3f}", f"{after:.3f}",
-                      "—" if p is None else f"{p:.3g}")
+                      "—" if p is None else "<0.001" if p < 1e-3 else f"{p:.3g}")
     console.print(table)
     console.print(f"policy {result.policy}: {result.traces_posted} traces posted "
                   f"({result.heldout} held out), {result.groups} groups graded, "

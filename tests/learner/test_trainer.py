@@ -195,6 +195,43 @@ def test_collapse_guard_stops_the_run_and_marks_it_failed(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("lengths", "stopped_at", "reason"),
+    [
+        ([30.0, 28.0, 10.0, 30.0], 2, "fell from 30.0 to 10.0"),
+        ([30.0, 50.0, 58.0, 64.0], 3, "ran into the 64-token cap"),
+        ([30.0, 45.0, 55.0, 60.0, 58.0, 59.0], None, None),
+    ],
+    ids=["length-drop", "runaway-to-cap", "growth-is-fine"],
+)
+def test_collapse_guard_on_length_stops_drops_and_runaways_but_not_growth(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    backend: LocalBackend,
+    make_groups: Callable[..., list[RolloutGroup]],
+    lengths: list[float],
+    stopped_at: int | None,
+    reason: str | None,
+) -> None:
+    it = iter(lengths)
+
+    def heldout(adapter: AdapterRef | None) -> dict[str, float]:
+        return {"parse_rate": 0.9, "mean_length": next(it)}
+
+    cfg = TrainerConfig(steps=len(lengths) - 1, eval_every=1, max_new_tokens=64,
+                        guard_length_ratio=0.4)
+    result = train(make_groups(n_prompts=4, group_size=4, seed=5), tiny_model_dir, None, cfg,
+                   tokenizer=backend.tokenizer, heldout_eval=heldout)
+    if stopped_at is None:
+        assert result.status == "succeeded", result.failure_reason
+        assert result.metrics["steps_done"] == len(lengths) - 1
+    else:
+        assert result.status == "failed"
+        assert result.failure_reason is not None
+        assert f"step {stopped_at}" in result.failure_reason and reason in result.failure_reason
+        assert result.metrics["steps_done"] == stopped_at
+
+
 def test_sync_interval_regenerates_groups_with_the_current_policy(
     tiny_model_dir: Path, backend: LocalBackend
 ) -> None:

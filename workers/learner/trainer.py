@@ -101,8 +101,9 @@ class TrainerConfig:
     guard_parse_drop: float = 0.3
     """Collapse: held-out parse rate fell this far (absolute) below its best so far."""
     guard_length_ratio: float = 0.4
-    """Collapse: mean completion length fell below this fraction of the initial one, or above its
-    inverse."""
+    """Collapse: mean held-out completion length fell below this fraction of the initial one, or
+    ran into the ``max_new_tokens`` cap (≥ 95% of it: answers no longer terminate). Growth below
+    the cap is not collapse: a policy that learns to reason writes longer answers."""
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -356,12 +357,11 @@ def train(
         if length is not None:
             if initial_length is None:
                 initial_length = length
-            elif not (
-                cfg.guard_length_ratio
-                <= length / max(initial_length, 1e-9)
-                <= 1 / cfg.guard_length_ratio
-            ):
-                return f"held-out completion length went from {initial_length:.1f} to {length:.1f}"
+            elif length < cfg.guard_length_ratio * initial_length:
+                return f"held-out completion length fell from {initial_length:.1f} to {length:.1f}"
+            elif length >= 0.95 * cfg.max_new_tokens:
+                return (f"held-out completions ran into the {cfg.max_new_tokens}-token cap "
+                        f"(mean length {length:.1f}, was {initial_length:.1f})")
         return None
 
     def keep(new_groups: Sequence[RolloutGroup]) -> list[RolloutGroup]:
