@@ -262,6 +262,14 @@ def summarise_table_one(t1_raw: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def fmt_rate(p: float, n: int) -> str:
+    """A proportion over n 0/1 scores with its percentile-bootstrap 95% CI (the scores are fully
+    determined by p and n, so the interval is the one the raw scores would give)."""
+    k = round(p * n)
+    lo, hi = bootstrap_ci([1.0] * k + [0.0] * (n - k), n_resamples=2000, alpha=0.05, seed=0)
+    return f"{100 * p:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
 def fmt_ci(s: dict[str, Any]) -> str:
     return f"{100 * s['mean']:.1f}% [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"
 
@@ -297,19 +305,28 @@ def write_reports(result: dict[str, Any], out: Path) -> None:
                 f"| {name} | {algo.upper()} | {fmt_ci(s['correct'])} | "
                 f"{fmt_ci(s['parse_rate'])} | {s['groups_used']} / {s['groups_dropped']} |"
             )
+    n_lag = int(result["setup"].get("lag_heldout", 100))
     lines += [
         "",
-        "## Table 2 — 100-step OAPL with sync interval L",
+        f"## Table 2 — {result['setup'].get('lag_steps', 100)}-step OAPL with sync interval L",
         "",
-        "| L | status | final held-out correct | final parse rate | mean train reward |",
-        "|---|---|---|---|---|",
+        f"Held-out: {n_lag} prompts × 1 sample (T=1), seed 0, every "
+        f"{result['setup'].get('lag_eval_every', 10)} steps; the 95% CIs bootstrap the per-prompt "
+        "0/1 scores. A failed run stopped at its collapse guard; its last evaluation is shown.",
+        "",
+        "| L | status | final held-out correct | final parse rate | best held-out correct "
+        "(step) | mean train reward | stopped because |",
+        "|---|---|---|---|---|---|---|",
     ]
     for interval, run in t2.items():
         evs = [h for h in run["history"] if "heldout_correct" in h]
         rewards = [h["train_reward"] for h in run["history"] if "train_reward" in h]
+        best = max(evs, key=lambda h: h["heldout_correct"])
         lines.append(
-            f"| {interval} | {run['status']} | {100 * evs[-1]['heldout_correct']:.1f}% | "
-            f"{100 * evs[-1]['heldout_parse_rate']:.1f}% | {np.mean(rewards):.3f} |"
+            f"| {interval} | {run['status']} | {fmt_rate(evs[-1]['heldout_correct'], n_lag)} | "
+            f"{fmt_rate(evs[-1]['heldout_parse_rate'], n_lag)} | "
+            f"{fmt_rate(best['heldout_correct'], n_lag)} ({int(best['step'])}) | "
+            f"{np.mean(rewards):.3f} | {run.get('failure_reason') or '—'} |"
         )
     lines += ["", "Held-out curves: `lag_curves.png`; table 1: `one_update.png`.", ""]
     (out / "quality.md").write_text("\n".join(lines))
@@ -380,6 +397,8 @@ def main() -> None:
     ap.add_argument("--lag-eval-every", type=int, default=10)
     ap.add_argument("--quick", action="store_true", help="rows 1-2 only, short lag runs")
     ap.add_argument("--skip-lag", action="store_true")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite quality.md and the plots from the existing quality.json")
     ap.add_argument("--reuse-table1", action="store_true",
                     help="take table 1 from the existing quality.json (same setup) and run "
                          "only the lag table")
@@ -387,6 +406,9 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=None)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.report_only:
+        write_reports(json.loads((args.out / "quality.json").read_text()), args.out)
+        return
     t_start = time.perf_counter()
     log_path = args.out / "quality.log"
     log_file = log_path.open("w")
@@ -458,6 +480,9 @@ def main() -> None:
             "oapl": OAPL,
             "grpo": GRPO,
             "lag": LAG,
+            "lag_steps": 20 if args.quick else args.lag_steps,
+            "lag_heldout": args.lag_heldout,
+            "lag_eval_every": 5 if args.quick else args.lag_eval_every,
             "quick": args.quick,
         },
         "table1": {"summary": summary},
