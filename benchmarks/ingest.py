@@ -164,8 +164,11 @@ class Profiler:
         self.raw = out.with_suffix(".raw")
 
     def __enter__(self) -> Profiler:
-        if self.enabled:
-            spy = Path(sys.executable).parent / "py-spy"
+        spy = Path(sys.executable).parent / "py-spy"
+        if self.enabled and not spy.exists():
+            print(f"no py-spy at {spy} (pip install -e '.[bench]'): measuring without the "
+                  "server profile", flush=True)
+        elif self.enabled:
             self.proc = subprocess.Popen(
                 [str(spy), "record", "--pid", str(self.pid), "--format", "raw", "--rate", "250",
                  "--subprocesses", "--output", str(self.raw)],
