@@ -328,7 +328,11 @@ def write_reports(result: dict[str, Any], out: Path) -> None:
             f"{fmt_rate(best['heldout_correct'], n_lag)} ({int(best['step'])}) | "
             f"{np.mean(rewards):.3f} | {run.get('failure_reason') or '—'} |"
         )
-    lines += ["", "Held-out curves: `lag_curves.png`; table 1: `one_update.png`.", ""]
+    lines += ["", "Held-out curves: `lag_curves.png`; table 1: `one_update.png`.", "",
+              "![one update](one_update.png)", "", "![lag curves](lag_curves.png)", ""]
+    findings = Path(__file__).parent / "quality_findings.md"
+    if findings.is_file():
+        lines += [findings.read_text(), ""]
     (out / "quality.md").write_text("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(9, 4))
