@@ -12,7 +12,6 @@ import base64
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -27,19 +26,6 @@ from ._support import PrivateRedis, ThreadedServer
 from .conftest import fault_settings, use_settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(180)]
-
-@pytest.fixture(autouse=True)
-def _fresh_producer_pool() -> Iterator[None]:
-    """workers.celery_app.get_celery() closes the old connection pool when the broker URL
-    changes but keeps Celery's cached producer pool, which still points at it ("Acquire on closed
-    pool"). Production never switches brokers in-process; tests that do must drop the cache.
-    (Reported to the workers owner; remove once get_celery resets ``amqp._producer_pool``.)"""
-    from workers.celery_app import app
-
-    app.amqp._producer_pool = None
-    yield
-    app.amqp._producer_pool = None
-
 
 def queued_job_ids(r: redis.Redis, queue: str) -> list[int]:
     """Job ids in the Celery messages waiting on ``queue`` (kombu's Redis transport: a list)."""
