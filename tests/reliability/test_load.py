@@ -7,10 +7,7 @@ The default suite runs a short version (10 s); the slow run the 60 s one the iss
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,10 +20,8 @@ import psycopg
 import pytest
 
 from app.settings import Settings
+from tests.conftest import api_process
 
-from ._support import free_port
-
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -40,33 +35,11 @@ def api_url(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     """`tracelearn api` in its own process, so the clients' threads do not share its GIL;
     started once for the module (it takes seconds to import)."""
     tmp_path = tmp_path_factory.mktemp("load-api")
-    port = free_port()
-    env = {**os.environ, "TRACELEARN_DATABASE_URL": pg_url,
-           "TRACELEARN_DATA_DIR": str(tmp_path / "data"), "TRACELEARN_LOG_LEVEL": "WARNING",
-           "TRACELEARN_RATE_LIMIT_PER_MINUTE": "0", "TRACELEARN_MAX_BODY_BYTES": "8000000"}
-    log = (tmp_path / "api.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "API did not start"
-            time.sleep(0.1)
+    env = {"TRACELEARN_DATABASE_URL": pg_url, "TRACELEARN_DATA_DIR": str(tmp_path / "data"),
+           "TRACELEARN_LOG_LEVEL": "WARNING", "TRACELEARN_RATE_LIMIT_PER_MINUTE": "0",
+           "TRACELEARN_MAX_BODY_BYTES": "8000000"}
+    with api_process(env, tmp_path / "api.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def trace(ext: str, policy: str) -> dict[str, object]:

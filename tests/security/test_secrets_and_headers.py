@@ -3,9 +3,6 @@ response carries."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,11 +18,10 @@ from app.auth.service import revoke_key
 from app.db import Database
 from app.models import ApiKey
 from app.settings import Settings
+from tests.conftest import api_process as start_api
 
 from ._helpers import trace_body
 from .routes import operations
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -33,51 +29,18 @@ def db_url(pg_url: str) -> str:
     return pg_url
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def api_process(settings: Settings, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`tracelearn api` as production runs it, at DEBUG, its output captured to a file."""
-    port = _free_port()
     log_path = tmp_path / "api.log"
     env = {
-        **os.environ,
         "TRACELEARN_DATABASE_URL": settings.resolved_database_url,
         "TRACELEARN_DATA_DIR": str(tmp_path / "data"),
         "TRACELEARN_LOG_LEVEL": "DEBUG",
         "TRACELEARN_RATE_LIMIT_PER_MINUTE": "30",
     }
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "API did not start"
-            time.sleep(0.1)
+    with start_api(env, log_path) as url:
         yield url, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_keys_and_trace_contents_never_reach_the_logs(
