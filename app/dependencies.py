@@ -6,6 +6,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -20,7 +21,7 @@ from app.settings import get_settings
 def get_session() -> Iterator[Session]:
     """The request's session, committed on success and rolled back on error.
 
-    Always depend on it as ``Depends(get_session, scope="function")``: with FastAPI's default
+    Routes take it as ``SessionDep`` (``Depends(get_session, scope="function")``): with FastAPI's default
     ("request") scope the commit runs *after* the response has been sent, so a commit that fails
     (database restarting) would leave the client holding a 2xx for data that was never stored.
     Function scope commits before the response goes out and turns a failed commit into a 503.
@@ -28,6 +29,9 @@ def get_session() -> Iterator[Session]:
     with get_database().session() as session:
         yield session
 
+
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+"""The one way a route asks for a database session."""
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tl_…`")
 

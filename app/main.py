@@ -1,21 +1,23 @@
-"""create_app(): routers, middleware and error handlers — nothing else."""
+"""create_app(): routers, middleware, error handlers and the job sender — nothing else."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
 from app.dashboard.routes import install_dashboard
-from app.errors import install_error_handlers
 from app.feedback.endpoints import router as feedback_router
 from app.health.endpoints import router as health_router
+from app.jobs.service import register_sender
 from app.limits import BodyLimitMiddleware, SecurityHeadersMiddleware
 from app.observability import MetricsMiddleware, configure_logging
 from app.policies.endpoints import router as policies_router
+from app.problems import install_error_handlers
 from app.proxy.endpoints import router as proxy_router
 from app.runs.endpoints import router as runs_router
 from app.settings import Settings, get_settings
 from app.snapshots.endpoints import router as snapshots_router
 from app.traces.endpoints import router as traces_router
+from workers.celery_app import send_job
 
 API_ROUTERS = [traces_router, feedback_router, policies_router, snapshots_router,
                runs_router, proxy_router]
@@ -24,6 +26,8 @@ API_ROUTERS = [traces_router, feedback_router, policies_router, snapshots_router
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
+    # Jobs enqueued by requests (runs, evaluations, promotions) reach the broker this way.
+    register_sender(send_job)
     app = FastAPI(
         title="tracelearn",
         version="0.1.0",

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
         description="Base model for new policies. Default: the bundled tiny model, built on first "
         "use under `<data_dir>/models/tiny`.",
     )
+    model_cache: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "tracelearn" / "models",
+        description="Content-hashed cache of bundled-model builds, shared by every data dir "
+        "(env TRACELEARN_MODEL_CACHE).",
+    )
     inference_backend: Literal["local", "vllm_http", "vllm_engine"] = Field(
         default="local", description="Which inference backend rollout and eval workers use."
     )

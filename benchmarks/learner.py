@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from app.settings import get_settings
 from benchmarks._common import agg_backend, machine, print_ratios, results_dir, write_json
 
 
@@ -68,7 +69,8 @@ class LearnerBenchConfig:
 def model_dir_for(cfg: LearnerBenchConfig) -> Path:
     from workers.learner.bootstrap import BootstrapConfig, bootstrap_model
 
-    return bootstrap_model(config=BootstrapConfig(size=cfg.size, **dict(cfg.bootstrap_overrides)))
+    return bootstrap_model(config=BootstrapConfig(size=cfg.size, **dict(cfg.bootstrap_overrides)),
+                           cache_dir=get_settings().model_cache)
 
 
 def trainer_config(cfg: LearnerBenchConfig, steps: int) -> Any:

@@ -75,6 +75,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     from app import migrate
     from app.auth.service import Principal, Scope
     from app.db import Database, session_scope, set_database
+    from app.engines import set_backend_override
     from app.models import Job, Outcome, OutcomeSource, RolloutGroup, Split, Trace
     from app.policies.schemas import PolicyCreate, SamplingSpec, TrainingSpec
     from app.policies.service import create_policy
@@ -82,7 +83,6 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     from workers.clinical import task
     from workers.inference.base import SamplingParams
     from workers.rollouts import service as rollouts
-    from workers.rollouts.backends import set_backend_override
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     work = Path(tempfile.mkdtemp(prefix="bench-rollouts-"))

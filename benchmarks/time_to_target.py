@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from app.settings import get_settings
 from benchmarks._common import agg_backend, machine, print_ratios, results_dir, write_json
 
 
@@ -299,7 +300,8 @@ def run(cfg: TimeToTargetConfig, out_dir: str | Path | None = None) -> dict[str,
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     model_dir = bootstrap_model(
-        config=BootstrapConfig(size=cfg.size, **dict(cfg.bootstrap_overrides))
+        config=BootstrapConfig(size=cfg.size, **dict(cfg.bootstrap_overrides)),
+        cache_dir=get_settings().model_cache,
     )
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     heldout = _prompts(cfg.seed, cfg.heldout, "heldout")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from app.settings import get_settings
 from benchmarks.quality import MAX_TOKENS, evaluate, grade, items
 from workers.inference.base import SamplingParams
 from workers.inference.local import LocalBackend
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     t_start = time.perf_counter()
-    model_dir = bootstrap_model(config=BootstrapConfig(size="tiny"))
+    model_dir = bootstrap_model(config=BootstrapConfig(size="tiny"), cache_dir=get_settings().model_cache)
     backend = LocalBackend(model_dir)
     val = items(VALIDATION_SEED, args.val, "heldout")
     pool = make_rollout_groups(backend, items(0, args.prompts, "train"), args.group_size,

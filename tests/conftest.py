@@ -32,6 +32,14 @@ from app.settings import Settings, set_settings
 # failure: a skipped vLLM or browser test there would hide exactly what CI exists to prove.
 IN_CI = bool(os.environ.get("CI"))
 
+# Fixtures shared across the tree (the model, adapters, engines, workers, dashboard sign-in).
+pytest_plugins = [
+    "tests.support.pipeline",
+    "tests.support.promotion",
+    "tests.support.learner",
+    "tests.support.dashboard",
+]
+
 
 def skip_or_fail(reason: str) -> NoReturn:
     """``pytest.skip`` on a developer machine, ``pytest.fail`` in CI."""

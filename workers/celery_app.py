@@ -1,8 +1,9 @@
-"""The one Celery app: queues, routing, delivery semantics. Tasks live in ``workers.tasks``.
+"""The one Celery app: queues, routing, delivery semantics. Tasks live in ``workers.tasks``;
+``send_job`` here is the sender the domain's outbox dispatches through.
 
 Queues: ``rollout`` (regenerate groups), ``grade``, ``train`` (one task at a time: run its worker
 with ``--pool=solo -c 1``), ``eval``, ``promote``, and ``maintenance`` (beat ticks, the reaper).
-Postgres is the job truth (``workers.jobs``), so delivery only has to be at-least-once: results
+Postgres is the job truth (``app.jobs``), so delivery only has to be at-least-once: results
 are not stored in Celery, and ``acks_late`` is set per task, only where a re-delivery is harmless.
 
 ``celery -A workers.celery_app worker …`` finds ``app`` here; the broker comes from the settings
@@ -18,6 +19,8 @@ from celery import Celery
 from celery.signals import worker_init
 from kombu import Queue, pools
 
+from app.jobs.service import register_sender
+from app.models import JobKind
 from app.settings import Settings, get_settings
 
 QUEUES = ("rollout", "grade", "train", "eval", "promote", "maintenance")
@@ -30,6 +33,16 @@ TASK_QUEUES = {
     "tracelearn.policy_tick": "maintenance",
     "tracelearn.reap": "maintenance",
 }
+
+
+JOB_TASKS = {
+    JobKind.rollout: "tracelearn.rollout",
+    JobKind.grade: "tracelearn.grade",
+    JobKind.train: "tracelearn.train",
+    JobKind.eval: "tracelearn.evaluate",
+    JobKind.promote: "tracelearn.promote",
+}
+"""The task that runs each job kind (its queue: ``TASK_QUEUES``)."""
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -62,7 +75,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": False,
         "timezone": "UTC",
         "enable_utc": True,
-        "beat_scheduler": "workers.schedules:DatabaseScheduler",
+        "beat_scheduler": "workers.beat:DatabaseScheduler",
         "beat_max_loop_interval": 5,
     }
 
@@ -94,15 +107,28 @@ def get_celery() -> Celery:
                 app.amqp._producer_pool = None
             app.conf.update(celery_config(settings))
             _configured_for = fingerprint
-        # Registering the tasks on first use lets eager mode find them by name.
-        import workers.tasks  # noqa: F401
     return app
+
+
+def send_job(kind: JobKind, job_id: int, countdown: float | None = None) -> None:
+    """The domain's job sender: "go look at job N" on the queue of its kind. Sent by name, so
+    the API needs none of the task modules; in eager mode (embedded tests, the demo) the task runs
+    here, after Celery imports the task modules it includes."""
+    celery = get_celery()
+    name = JOB_TASKS[kind]
+    if celery.conf.task_always_eager:
+        celery.loader.import_default_modules()
+        celery.tasks[name].apply(args=[job_id])
+    else:
+        celery.send_task(name, args=[job_id], countdown=countdown)
+
+
+# Every process that loads the Celery shell (workers, beat, the API, the CLI) dispatches through it.
+register_sender(send_job)
 
 
 @worker_init.connect
 def _preload(**_: Any) -> None:
     # torch + transformers take seconds to import; pay that before the worker reports ready,
     # not inside the first task (where it would also eat into the job's lease).
-    import workers.inference.local
-    import workers.rollouts.service
-    import workers.training.service  # noqa: F401
+    import workers.inference.local  # noqa: F401

@@ -8,6 +8,7 @@ services as the API (``app.snapshots.service``), so the dashboard and the API ca
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -31,8 +32,8 @@ from app.dashboard.session import (
     new_session,
     read_session,
 )
-from app.dependencies import get_session
-from app.errors import DomainError, Forbidden
+from app.dependencies import SessionDep
+from app.errors import Conflict, DomainError, Forbidden, InvalidInput
 from app.models import ApiKey
 from app.settings import get_settings
 from app.snapshots import service as snapshots
@@ -61,7 +62,7 @@ class DashboardUser:
 
 
 def current_user(
-    request: Request, session: Session = Depends(get_session, scope="function")
+    request: Request, session: SessionDep
 ) -> DashboardUser:
     settings = get_settings()
     data = read_session(settings.session_secret, request.cookies.get(COOKIE))
@@ -109,6 +110,15 @@ def _back(path: str, *, msg: str | None = None, error: str | None = None) -> Red
     return RedirectResponse(url, status_code=303)
 
 
+def _act(page: str, action: Callable[[], str]) -> RedirectResponse:
+    """Run a dashboard action and go back to ``page`` with its message, or with the reason a
+    domain error gave."""
+    try:
+        return _back(page, msg=action())
+    except DomainError as exc:
+        return _back(page, error=exc.detail)
+
+
 def _secure(request: Request) -> bool:
     return request.url.scheme == "https" or get_settings().environment == "production"
 
@@ -128,11 +138,11 @@ def login_page(request: Request) -> Response:
 
 @router.post("/login")
 def login(
+    session: SessionDep,
     request: Request,
     api_key: str = Form(default=""),
     csrf_token: str = Form(default=""),
     next: str = Form(default=PREFIX),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
     settings = get_settings()
     if not check_login_token(settings.session_secret, request.cookies.get(LOGIN_CSRF_COOKIE),
@@ -164,9 +174,9 @@ def logout() -> Response:
 
 @router.get("", response_class=HTMLResponse)
 def overview(
+    session: SessionDep,
     request: Request,
     user: DashboardUser = Depends(current_user),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
     rows = service.policy_rows(session, user.principal.tenant)
     return _render(request, "overview.html", user, rows=rows)
@@ -174,10 +184,10 @@ def overview(
 
 @router.get("/policies/{name}", response_class=HTMLResponse)
 def policy_page(
+    session: SessionDep,
     request: Request,
     name: str,
     user: DashboardUser = Depends(current_user),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
     row, snaps = service.policy_row(session, user.principal.tenant, name)
     events = snapshots.list_audit_events(session, user.principal.tenant, limit=15).items
@@ -188,10 +198,10 @@ def policy_page(
 
 @router.get("/snapshots/{snapshot_id}", response_class=HTMLResponse)
 def snapshot_page(
+    session: SessionDep,
     request: Request,
     snapshot_id: int,
     user: DashboardUser = Depends(current_user),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
     page = service.snapshot_page(session, user.principal.tenant, snapshot_id)
     events = snapshots.list_audit_events(
@@ -216,9 +226,9 @@ def _audit_page(request: Request, user: DashboardUser, session: Session) -> Any:
 
 @router.get("/audit", response_class=HTMLResponse)
 def audit_page(
+    session: SessionDep,
     request: Request,
     user: DashboardUser = Depends(current_user),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
     page, filters = _audit_page(request, user, session)
     return _render(request, "audit.html", user, page=page, filters=filters,
@@ -227,9 +237,9 @@ def audit_page(
 
 @router.get("/audit/rows", response_class=HTMLResponse)
 def audit_rows(
+    session: SessionDep,
     request: Request,
     user: DashboardUser = Depends(current_user),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
     """The audit table body alone: what the HTMX filter form swaps in."""
     page, filters = _audit_page(request, user, session)
@@ -242,67 +252,66 @@ def audit_rows(
 
 @router.post("/snapshots/{snapshot_id}/approve")
 def approve(
+    session: SessionDep,
     snapshot_id: int,
     comment: str = Form(default=""),
     user: DashboardUser = Depends(csrf_user),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
-    try:
+    def action() -> str:
         result = snapshots.approve(session, user.principal, snapshot_id,
                                    ApproveIn(comment=comment.strip() or None), get_settings())
-    except DomainError as exc:
-        return _back(f"/snapshots/{snapshot_id}", error=exc.detail)
-    if not result.ok:
-        return _back(f"/snapshots/{snapshot_id}", error=f"Promotion failed: {result.reason}")
-    return _back(f"/snapshots/{snapshot_id}", msg="Approved and now serving.")
+        if not result.ok:
+            raise Conflict(f"Promotion failed: {result.reason}")
+        return "Approved and now serving."
+
+    return _act(f"/snapshots/{snapshot_id}", action)
 
 
 @router.post("/snapshots/{snapshot_id}/reject")
 def reject(
+    session: SessionDep,
     snapshot_id: int,
     comment: str = Form(default=""),
     user: DashboardUser = Depends(csrf_user),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
-    if not comment.strip():
-        return _back(f"/snapshots/{snapshot_id}", error="A rejection needs a comment.")
-    try:
+    def action() -> str:
+        if not comment.strip():
+            raise InvalidInput("A rejection needs a comment.")
         snapshots.reject(session, user.principal, snapshot_id, RejectIn(comment=comment.strip()))
-    except DomainError as exc:
-        return _back(f"/snapshots/{snapshot_id}", error=exc.detail)
-    return _back(f"/snapshots/{snapshot_id}", msg="Rejected.")
+        return "Rejected."
+
+    return _act(f"/snapshots/{snapshot_id}", action)
 
 
 @router.post("/snapshots/{snapshot_id}/evaluate")
 def evaluate(
+    session: SessionDep,
     snapshot_id: int,
     breakdown_key: str = Form(default=""),
     user: DashboardUser = Depends(csrf_user),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
-    try:
+    def action() -> str:
         snapshots.evaluate(session, user.principal, snapshot_id,
-                           EvaluateIn(breakdown_key=breakdown_key.strip() or None),
-                           get_settings())
-    except DomainError as exc:
-        return _back(f"/snapshots/{snapshot_id}", error=exc.detail)
-    return _back(f"/snapshots/{snapshot_id}", msg="Evaluated.")
+                           EvaluateIn(breakdown_key=breakdown_key.strip() or None), get_settings())
+        return "Evaluated."
+
+    return _act(f"/snapshots/{snapshot_id}", action)
 
 
 @router.post("/policies/{name}/rollback")
 def rollback(
+    session: SessionDep,
     name: str,
     reason: str = Form(default=""),
     user: DashboardUser = Depends(csrf_user),
-    session: Session = Depends(get_session, scope="function"),
 ) -> Response:
-    try:
+    def action() -> str:
         result = snapshots.rollback_policy(session, user.principal, name,
                                            RollbackIn(reason=reason.strip() or None),
                                            get_settings())
-    except DomainError as exc:
-        return _back(f"/policies/{name}", error=exc.detail)
-    return _back(f"/policies/{name}", msg=f"Rolled back; snapshot {result.snapshot_id} serves.")
+        return f"Rolled back; snapshot {result.snapshot_id} serves."
+
+    return _act(f"/policies/{name}", action)
 
 
 # --- wiring ----------------------------------------------------------------------------------

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope
-from app.dependencies import get_session, require
+from app.dependencies import SessionDep, require
 from app.feedback import service
 from app.feedback.schemas import FeedbackIn, FeedbackResult
 from app.settings import get_settings
@@ -23,9 +22,9 @@ router = APIRouter(prefix="/feedback", tags=["feedback"])
     responses={207: {"model": FeedbackResult}, 413: {"description": "Batch too large"}},
 )
 def submit_feedback(
+    session: SessionDep,
     body: FeedbackIn,
     principal: Principal = Depends(require(Scope.ingest)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> JSONResponse:
     result = service.submit(session, principal, body.outcomes, get_settings())
     return JSONResponse(result.model_dump(mode="json"), status_code=207)

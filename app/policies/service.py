@@ -14,8 +14,10 @@ from app.audit import record
 from app.auth.service import Principal
 from app.errors import Conflict, NotFound
 from app.models import Policy, Snapshot, SnapshotStatus
-from app.policies.schemas import PolicyCreate, PolicyOut, PolicyUpdate
+from app.policies.schemas import PolicyCreate, PolicyOut, PolicyUpdate, SamplingSpec
 from app.settings import get_settings
+from workers.graders import Grader, get_grader
+from workers.inference.base import SamplingParams
 
 
 def served_name(policy_name: str, version: int) -> str:
@@ -25,6 +27,33 @@ def served_name(policy_name: str, version: int) -> str:
 def default_base_model() -> str:
     settings = get_settings()
     return str(settings.base_model_dir or (settings.models_dir / "tiny"))
+
+
+def sampling_params(
+    policy: Policy,
+    *,
+    seed: int | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+) -> SamplingParams:
+    """How the policy samples — rollouts, evaluation, the proxy and the trainer's scoring all ask
+    here. Never top-p/top-k: the stored log-probs must be those of the full distribution that
+    was sampled (they are log π_ref). ``max_tokens``/``temperature`` override per call."""
+    spec = SamplingSpec.model_validate(policy.sampling_params or {})
+    return SamplingParams(
+        max_tokens=int(max_tokens or spec.max_tokens),
+        temperature=float(spec.temperature if temperature is None else temperature),
+        seed=seed,
+    )
+
+
+def grader(policy: Policy) -> Grader:
+    """The policy's grader, built from its spec (contract by default). A judge caches its
+    verdicts under the data directory."""
+    spec = dict(policy.grader_spec or {"kind": "contract"})
+    if spec.get("kind") == "judge":
+        spec.setdefault("cache_dir", str(get_settings().data_dir / "judge_cache"))
+    return get_grader(spec)
 
 
 def create_policy(session: Session, principal: Principal, data: PolicyCreate) -> Policy:

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Header, Response
 from fastapi.responses import StreamingResponse
-from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope
-from app.dependencies import get_session, require
+from app.dependencies import SessionDep, require
 from app.proxy import service
 from app.proxy.schemas import ChatCompletionIn, ChatCompletionOut
 from app.settings import get_settings
@@ -20,6 +19,7 @@ router = APIRouter(tags=["proxy"])
                      "description": "JSON, or server-sent events when `stream` is true."}},
 )
 def chat_completions(
+    session: SessionDep,
     body: ChatCompletionIn,
     response: Response,
     x_tracelearn_external_id: str | None = Header(
@@ -27,7 +27,6 @@ def chat_completions(
         description="Use this as the completion id and trace external_id (idempotent retries).",
     ),
     principal: Principal = Depends(require(Scope.ingest)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> ChatCompletionOut | StreamingResponse:
     settings = get_settings()
     if body.stream:

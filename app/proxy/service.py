@@ -20,20 +20,20 @@ from sqlalchemy.orm import Session
 
 from app.auth.service import Principal
 from app.db import get_database
+from app.engines import engine_for
 from app.errors import ServiceUnavailable
-from app.policies.service import get_policy
+from app.policies.service import get_policy, sampling_params
 from app.proxy.schemas import ChatCompletionIn, ChatCompletionOut, Choice, ChoiceMessage, Usage
 from app.settings import Settings
+from app.snapshots.promotion import PromotionError, verify_adapter
 from app.traces import service as traces
 from workers.inference.base import SamplingParams, UnknownAdapterError
-from workers.promotion.engine import (
+from workers.inference.serving import (
     EngineCompletion,
     EngineError,
     EngineUnavailable,
     ServingEngine,
-    engine_for,
 )
-from workers.promotion.promote import PromotionError, verify_adapter
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,8 @@ def resolve(
     serving = policy.serving_snapshot
     if serving is None:
         raise ServiceUnavailable(f"policy {policy.name!r} has no serving snapshot")
-    sampling = policy.sampling_params or {}
-    params = SamplingParams(
-        max_tokens=int(body.max_completion_tokens or body.max_tokens
-                       or sampling.get("max_tokens", 96)),
-        temperature=float(body.temperature if body.temperature is not None
-                          else sampling.get("temperature", 1.0)),
-        seed=body.seed,
-    )
+    params = sampling_params(policy, seed=body.seed, temperature=body.temperature,
+                             max_tokens=body.max_completion_tokens or body.max_tokens)
     return Route(
         policy=policy.name,
         served_name=serving.served_name,

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, status
-from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope
-from app.dependencies import get_session, require
+from app.dependencies import SessionDep, require
 from app.runs import service
 from app.runs.schemas import RunCreate, RunOut, RunPage
 
@@ -22,28 +21,28 @@ router = APIRouter(tags=["training runs"])
                422: {"description": "Invalid trainer config"}},
 )
 def start_run(
+    session: SessionDep,
     name: str,
     body: RunCreate | None = None,
     principal: Principal = Depends(require(Scope.admin)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> RunOut:
     return service.start_run(session, principal, name, body or RunCreate())
 
 
 @router.get("/training-runs/{run_id}", response_model=RunOut, summary="A run's status")
 def get_run(
+    session: SessionDep,
     run_id: int,
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> RunOut:
     return service.get_run(session, principal, run_id)
 
 
 @router.get("/training-runs", response_model=RunPage, summary="Recent runs, newest first")
 def list_runs(
+    session: SessionDep,
     policy: str | None = Query(default=None, description="Only this policy's runs."),
     limit: int = Query(default=50, ge=1, le=500),
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> RunPage:
     return RunPage(items=service.list_runs(session, principal, policy, limit))

@@ -1,6 +1,6 @@
 """Training runs through the API: start one by hand, read status, progress, metrics and errors.
 
-The work itself lives in ``workers.training.service``; this module only scopes it to the
+The work itself lives in ``app.runs.training``; this module only scopes it to the
 caller's tenant and shapes the answers.
 """
 
@@ -11,10 +11,10 @@ from sqlalchemy.orm import Session
 
 from app.auth.service import Principal
 from app.errors import NotFound
-from app.models import Job, Policy, Snapshot, TrainingRun, training_run_groups
+from app.models import Policy, Snapshot, TrainingRun, training_run_groups
 from app.policies.service import get_policy
+from app.runs import training
 from app.runs.schemas import RunCreate, RunOut
-from workers.training import service as training
 
 
 def start_run(session: Session, principal: Principal, policy_name: str, body: RunCreate) -> RunOut:
@@ -63,7 +63,7 @@ def _served(session: Session, snapshot_id: int | None) -> str | None:
 
 
 def to_out(session: Session, run: TrainingRun, policy: Policy) -> RunOut:
-    job = session.scalars(select(Job).where(Job.key == f"train:run={run.id}")).first()
+    job = training.train_job(session, run.id)
     groups = session.scalar(
         select(func.count()).where(training_run_groups.c.training_run_id == run.id)
     )

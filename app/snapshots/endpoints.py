@@ -6,10 +6,11 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope
-from app.dependencies import get_session, require
+from app.dependencies import SessionDep, require
 from app.models import Policy, Snapshot
 from app.settings import get_settings
 from app.snapshots import service
+from app.snapshots.promotion import PromotionResult
 from app.snapshots.schemas import (
     ApproveIn,
     AuditPage,
@@ -20,7 +21,6 @@ from app.snapshots.schemas import (
     RollbackIn,
     SnapshotOut,
 )
-from workers.promotion.promote import PromotionResult
 
 router = APIRouter(tags=["snapshots"])
 
@@ -43,27 +43,27 @@ def _promotion_out(session: Session, result: PromotionResult) -> PromotionOut:
 
 @router.get("/policies/{name}/snapshots", response_model=list[SnapshotOut])
 def list_snapshots(
+    session: SessionDep,
     name: str,
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> list[SnapshotOut]:
     return [service.to_out(s) for s in service.list_snapshots(session, principal.tenant, name)]
 
 
 @router.get("/snapshots/{snapshot_id}", response_model=SnapshotOut)
 def get_snapshot(
+    session: SessionDep,
     snapshot_id: int,
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> SnapshotOut:
     return service.to_out(service.get_snapshot(session, principal.tenant, snapshot_id))
 
 
 @router.get("/snapshots/{snapshot_id}/evaluations", response_model=list[EvaluationOut])
 def list_evaluations(
+    session: SessionDep,
     snapshot_id: int,
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> list[EvaluationOut]:
     rows = service.list_evaluations(session, principal.tenant, snapshot_id)
     return [service.evaluation_out(r) for r in rows]
@@ -71,10 +71,10 @@ def list_evaluations(
 
 @router.post("/snapshots/{snapshot_id}/evaluate", response_model=EvaluationOut)
 def evaluate(
+    session: SessionDep,
     snapshot_id: int,
     body: EvaluateIn | None = None,
     principal: Principal = Depends(require(Scope.admin)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> EvaluationOut:
     row = service.evaluate(session, principal, snapshot_id, body or EvaluateIn(), get_settings())
     return service.evaluation_out(row)
@@ -82,10 +82,10 @@ def evaluate(
 
 @router.post("/snapshots/{snapshot_id}/approve", response_model=PromotionOut)
 def approve(
+    session: SessionDep,
     snapshot_id: int,
     body: ApproveIn | None = None,
     principal: Principal = Depends(require(Scope.admin)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> PromotionOut:
     result = service.approve(session, principal, snapshot_id, body or ApproveIn(), get_settings())
     return _promotion_out(session, result)
@@ -93,20 +93,20 @@ def approve(
 
 @router.post("/snapshots/{snapshot_id}/reject", response_model=SnapshotOut)
 def reject(
+    session: SessionDep,
     snapshot_id: int,
     body: RejectIn,
     principal: Principal = Depends(require(Scope.admin)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> SnapshotOut:
     return service.to_out(service.reject(session, principal, snapshot_id, body))
 
 
 @router.post("/policies/{name}/rollback", response_model=PromotionOut)
 def rollback(
+    session: SessionDep,
     name: str,
     body: RollbackIn | None = None,
     principal: Principal = Depends(require(Scope.admin)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> PromotionOut:
     result = service.rollback_policy(session, principal, name, body or RollbackIn(), get_settings())
     return _promotion_out(session, result)
@@ -114,6 +114,7 @@ def rollback(
 
 @router.get("/audit-events", response_model=AuditPage)
 def list_audit_events(
+    session: SessionDep,
     action: str | None = Query(default=None, max_length=64,
                                description="Exact action, or a prefix ending in `*`."),
     entity_type: str | None = Query(default=None, max_length=64),
@@ -124,7 +125,6 @@ def list_audit_events(
     cursor: int | None = None,
     limit: int = Query(default=50, ge=1, le=500),
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> AuditPage:
     return service.list_audit_events(
         session, principal.tenant, action=action, entity_type=entity_type, entity_id=entity_id,

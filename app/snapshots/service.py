@@ -12,10 +12,13 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal
+from app.engines import engine_for
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import AuditEvent, Evaluation, Policy, Snapshot, SnapshotStatus
 from app.policies.service import get_policy
 from app.settings import Settings
+from app.snapshots.evaluation import EvalOptions, EvaluationError, evaluate_snapshot
+from app.snapshots.promotion import PromotionResult, promote, rollback
 from app.snapshots.schemas import (
     ApproveIn,
     AuditEventOut,
@@ -28,8 +31,7 @@ from app.snapshots.schemas import (
 )
 from app.snapshots.state import transition
 from workers.inference.base import InferenceBackend
-from workers.promotion.engine import ServingEngine, engine_for
-from workers.promotion.promote import PromotionResult, promote, rollback
+from workers.inference.serving import ServingEngine
 
 __all__ = [
     "approve",
@@ -112,9 +114,6 @@ def evaluate(
             snapshot_id=snapshot.id,
             current_status=snapshot.status.value,
         )
-    # Imported here: the eval job pulls in the inference stack, which plain reads never need.
-    from workers.evaluation.evaluate import EvalOptions, EvaluationError, evaluate_snapshot
-
     options = EvalOptions(
         k=body.k,
         max_items=body.max_items,

@@ -2,8 +2,8 @@
 
 It consults ``SNAPSHOT_TRANSITIONS`` (next to the enum in ``app.models``), refuses anything else
 with ``IllegalTransition`` (409) and writes an audit event for every change: who, when, why,
-before and after. Kept apart from ``service`` so the promotion machinery in ``workers.promotion``
-can use it without importing the HTTP-facing service.
+before and after. Kept apart from ``service`` so the gate and promotion (``gate.py``,
+``promotion.py``) use it without importing the service that sits on top of them.
 """
 
 from __future__ import annotations

@@ -5,12 +5,11 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope
-from app.dependencies import get_session, require
-from app.errors import problem_response
+from app.dependencies import SessionDep, require
 from app.models import Split
+from app.problems import problem_json
 from app.settings import get_settings
 from app.traces import service
 from app.traces.schemas import (
@@ -45,9 +44,9 @@ _SINGLE_STATUS = {ItemStatus.created: 201, ItemStatus.duplicate: 200}
     },
 )
 def ingest_traces(
+    session: SessionDep,
     body: TraceIn | TraceBatchIn = Body(...),
     principal: Principal = Depends(require(Scope.ingest)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> JSONResponse:
     settings = get_settings()
     if isinstance(body, TraceBatchIn):
@@ -58,16 +57,13 @@ def ingest_traces(
     if result.status in _SINGLE_STATUS:
         return JSONResponse(result.model_dump(mode="json"),
                             status_code=_SINGLE_STATUS[result.status])
-    err = result.error or {}
-    extra = {k: v for k, v in err.items() if k not in ("type", "title", "status", "detail")}
-    return problem_response(
-        int(err.get("status", 422)), str(err.get("type", "")).rsplit("/", 1)[-1],
-        str(err.get("title", "")), str(err.get("detail", "")), **extra,
-    )
+    assert result.error is not None  # every status without a body of its own carries one
+    return problem_json(result.error)
 
 
 @router.get("", response_model=TracePage, summary="List traces (cursor pagination)")
 def list_traces(
+    session: SessionDep,
     policy: str | None = Query(default=None, max_length=64),
     split: Split | None = None,
     has_outcome: bool | None = None,
@@ -76,7 +72,6 @@ def list_traces(
     cursor: str | None = Query(default=None, max_length=200),
     limit: int = Query(default=50, ge=1, le=1000),
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> TracePage:
     return service.list_traces(
         session, principal.tenant, policy=policy, split=split, has_outcome=has_outcome,
@@ -86,9 +81,9 @@ def list_traces(
 
 @router.get("/{trace_id}", response_model=TraceOut)
 def get_trace(
+    session: SessionDep,
     trace_id: int,
     principal: Principal = Depends(require(Scope.read)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> TraceOut:
     return service.get_trace(session, principal.tenant, trace_id)
 
@@ -96,9 +91,9 @@ def get_trace(
 @router.delete("/{trace_id}", response_model=DeletedTrace,
                summary="Delete a trace and its rollouts (recorded in the audit log)")
 def delete_trace(
+    session: SessionDep,
     trace_id: int,
     reason: str | None = Query(default=None, max_length=500),
     principal: Principal = Depends(require(Scope.admin)),
-    session: Session = Depends(get_session, scope="function"),
 ) -> DeletedTrace:
     return service.delete_trace(session, principal, trace_id, reason)

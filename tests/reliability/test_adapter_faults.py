@@ -116,7 +116,7 @@ def test_sigkill_mid_write_never_leaves_a_partial_adapter_visible(tmp_path: Path
 WORKER = textwrap.dedent('''
     import sys, time
     from pathlib import Path
-    from workers.jobs.service import run_job
+    from app.jobs.service import run_job
     from workers.learner.adapters import write_adapter
 
     job_id, out = int(sys.argv[1]), Path(sys.argv[2])
@@ -141,8 +141,8 @@ WORKER = textwrap.dedent('''
 def test_training_worker_killed_mid_run_is_reaped_and_retried_without_partial_adapters(
     fresh_database: str, private_redis: PrivateRedis, tmp_path: Path, restore_settings: None
 ) -> None:
+    from app.jobs.service import enqueue, reap, run_job
     from workers.celery_app import app
-    from workers.jobs.service import enqueue, reap, run_job
 
     private_redis.start()
     app.amqp._producer_pool = None  # see test_redis_down: get_celery keeps a stale pool

@@ -41,8 +41,8 @@ def queued_job_ids(r: redis.Redis, queue: str) -> list[int]:
 def test_ingest_survives_redis_down_and_the_outbox_dispatches_once_it_is_back(
     private_redis: PrivateRedis, fresh_database: str, tmp_path: Path, restore_settings: None
 ) -> None:
-    from workers.jobs.service import dispatch_pending, reap
-    from workers.rollouts.service import plan_regeneration
+    from app.jobs.service import dispatch_pending, reap
+    from app.rollouts.service import plan_regeneration
 
     settings = fault_settings(
         fresh_database, tmp_path / "data", broker_url=private_redis.url, task_always_eager=False
@@ -106,7 +106,7 @@ def test_ingest_survives_redis_down_and_the_outbox_dispatches_once_it_is_back(
 def test_redis_dying_between_commit_and_send_leaves_the_job_in_the_outbox(
     private_redis: PrivateRedis, fresh_database: str, tmp_path: Path, restore_settings: None
 ) -> None:
-    from workers.jobs.service import enqueue, reap
+    from app.jobs.service import enqueue, reap
 
     settings = fault_settings(
         fresh_database, tmp_path / "data", broker_url=private_redis.url, task_always_eager=False

@@ -9,7 +9,11 @@ from workers.graders.base import (
     register_grader,
 )
 from workers.graders.contract import ContractGrader, parse_answer
+from workers.graders.judge import JudgeGrader
+from workers.graders.match import MatchGrader
 
+# Every built-in kind is known once the package is imported; match and judge register their
+# kinds (match, exact, regex, json_field, judge) as their modules load.
 register_grader("contract", ContractGrader)
 
 __all__ = [
@@ -17,6 +21,8 @@ __all__ = [
     "GradeResult",
     "Grader",
     "GraderSpecError",
+    "JudgeGrader",
+    "MatchGrader",
     "MissingOutcomeError",
     "get_grader",
     "parse_answer",

@@ -84,9 +84,8 @@ class JudgeGrader:
         )
         self.version = f"{JUDGE_VERSION};model={model};cfg={_sha(fingerprint)[:12]}"
         if cache_dir is None:
-            from app.settings import get_settings
-
-            cache_dir = str(get_settings().data_dir / "judge_cache")
+            # The service passes its data directory; a bare engine caches under the temp dir.
+            cache_dir = str(Path(tempfile.gettempdir()) / "tracelearn-judge-cache")
         self.cache_dir = Path(cache_dir) / _sha(self.version)[:16]
 
     # --- prompt --------------------------------------------------------------------------------

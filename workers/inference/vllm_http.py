@@ -62,11 +62,6 @@ class VllmHttpBackend:
         self._lock = threading.Lock()
         self._client = httpx.Client(timeout=timeout_s)
 
-    @classmethod
-    def from_settings(cls, settings: Any, tokenizer_path: str | Path | None = None) -> VllmHttpBackend:
-        path = tokenizer_path or settings.base_model_dir or (settings.models_dir / "tiny")
-        return cls(settings.vllm_url, path, timeout_s=settings.vllm_timeout_s)
-
     # --- plumbing ------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:

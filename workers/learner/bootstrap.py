@@ -99,8 +99,9 @@ class BootstrapConfig:
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("TRACELEARN_MODEL_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "tracelearn" / "models"
+    """Where builds are cached when the caller names no directory (the service passes its
+    ``model_cache`` setting)."""
+    return Path.home() / ".cache" / "tracelearn" / "models"
 
 
 def demonstrations(cfg: BootstrapConfig) -> list[tuple[list[dict[str, str]], str]]:

@@ -1,6 +1,6 @@
 """Typer sub-apps for the learner: ``model_app`` (bootstrap) and ``train_app`` (offline training).
 
-Mounted by ``app/cli.py`` as ``tracelearn model …`` and ``tracelearn train-offline …``; also runnable
+Mounted by ``app/cli/__init__.py`` as ``tracelearn model …`` and ``tracelearn train-offline …``; also runnable
 directly, which is how ``torchrun`` starts data-parallel training::
 
     python -m workers.learner.commands train --groups g.jsonl --base DIR --out DIR

@@ -1,0 +1,44 @@
+"""The `tracelearn` command line: one module per command group, each a thin shell over a service.
+
+    db       schema migrations            keys      API keys
+    api/up   serving                      demo      the whole loop on synthetic traces
+    worker/beat/reaper/regenerate/train/tick       the pipeline (``pipeline``)
+    model/train-offline                            the learner on its own (``workers.learner``)
+"""
+
+from __future__ import annotations
+
+import typer
+
+from app.cli.db import db_cli
+from app.cli.demo import demo_app
+from app.cli.keys import keys_cli
+from app.cli.pipeline import pipeline_app
+from app.cli.serve import serve_app
+from app.jobs.service import register_sender
+from workers.celery_app import send_job
+from workers.learner.commands import model_app, train_app
+
+cli = typer.Typer(help="tracelearn: better LoRA adapters from production traces.",
+                  no_args_is_help=True)
+cli.add_typer(db_cli, name="db")
+cli.add_typer(keys_cli, name="keys")
+cli.add_typer(model_app, name="model")
+cli.add_typer(train_app, name="train-offline")
+cli.add_typer(pipeline_app)
+cli.add_typer(serve_app)
+cli.add_typer(demo_app)
+
+
+@cli.callback()
+def _start() -> None:
+    # Jobs the CLI enqueues reach the broker through the Celery shell's sender.
+    register_sender(send_job)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

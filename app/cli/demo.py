@@ -1,0 +1,52 @@
+"""``tracelearn demo``: the whole loop on synthetic clinical traces (``app.demo.service``)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from app.cli.progress import console, progress_bar, stage_reporter
+from app.cli.serve import local_api
+from app.demo.service import run_demo
+from app.settings import get_settings
+
+demo_app = typer.Typer()
+
+
+@demo_app.command("demo")
+def demo_cmd(
+    url: Annotated[str | None, typer.Option(
+        help="A running `tracelearn up` to post to (same directory, so the same database). "
+             "Default: start the API in this process.")] = None,
+    key: Annotated[str | None, typer.Option(
+        help="Admin key for --url (default: a new key for tenant 'demo').")] = None,
+    traces: Annotated[int, typer.Option(min=10, help="Synthetic clinical traces to post.")] = 300,
+    group_size: Annotated[int, typer.Option(min=2, help="Completions per train trace (G).")] = 8,
+    max_tokens: Annotated[int, typer.Option(min=8, help="Completion length cap.")] = 80,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic traces.")] = 0,
+) -> None:
+    """The whole loop on the embedded default: post synthetic clinical traces over HTTP,
+    regenerate, grade, one OAPL update, evaluate against the champion, gate. Leaves the
+    candidate awaiting approval (or rejected, with the reason) on the dashboard."""
+    with progress_bar() as bar:
+        result = run_demo(get_settings(), stage_reporter(bar), url=url, serve=local_api, key=key,
+                          n_traces=traces, group_size=group_size, max_tokens=max_tokens,
+                          seed=seed)
+    if result.error:
+        console.print(f"[red]demo stopped:[/red] {result.error}")
+        raise typer.Exit(1)
+    table = Table("held-out metric", "champion (before)", "candidate (after)", "paired p")
+    for metric, after in result.after.items():
+        before = result.before.get(metric)
+        p = result.p_values.get(metric)
+        table.add_row(metric, "—" if before is None else f"{before:.3f}", f"{after:.3f}",
+                      "—" if p is None else "<0.001" if p < 1e-3 else f"{p:.3g}")
+    console.print(table)
+    console.print(f"policy {result.policy}: {result.traces_posted} traces posted "
+                  f"({result.heldout} held out), {result.groups} groups graded, "
+                  f"training run {result.run_id}")
+    console.print(f"candidate {result.served_name}: [bold]{result.status}[/bold]"
+                  + (f" ({result.status_reason})" if result.status_reason else ""))
+    console.print(f"review it at {result.dashboard_url}")

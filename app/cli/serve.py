@@ -1,0 +1,100 @@
+"""Serving commands: ``tracelearn api`` (production), ``tracelearn up`` (everything on the
+embedded default in one process tree) and ``tracelearn settings``."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+import uvicorn
+
+from app.cli.processes import EmbeddedWorkers, start_embedded_workers
+from app.cli.progress import console, single_bar
+from app.install import prepare
+from app.main import create_app
+from app.settings import Settings, get_settings
+
+serve_app = typer.Typer()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def local_api(settings: Settings) -> Iterator[str]:
+    """The API on a free loopback port in a background thread; yields its base URL."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the API server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def run_embedded(settings: Settings, host: str, port: int) -> None:
+    """`tracelearn up`: SQLite file, a broker that needs no server, the bundled tiny model, the
+    workers and beat as child processes, API and dashboard on localhost."""
+    with single_bar("building the bundled tiny model (first run only)") as update:
+        model_dir = prepare(settings, update)
+    handle: EmbeddedWorkers | None = start_embedded_workers(settings)
+    url = f"http://{host}:{port}"
+    console.print(f"""
+[bold green]tracelearn is up[/bold green]
+  data      {settings.data_dir.resolve()}  (SQLite + no-server broker)
+  model     {model_dir}
+  API docs  {url}/docs
+  dashboard {url}/dashboard
+  metrics   {url}/metrics
+
+Create a key (in another shell, same directory):
+  tracelearn keys create --tenant demo --scopes ingest,read,admin
+Then post traces:
+  curl -s -X POST {url}/v1/policies -H "Authorization: Bearer $KEY" \\
+       -H 'content-type: application/json' -d '{{"name": "clinical"}}'
+  tracelearn demo --url {url} --key $KEY     # synthetic clinical traces, end to end
+""")
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+                    access_log=False)
+    finally:
+        if handle is not None:
+            handle.stop()
+
+
+@serve_app.command("api")
+def api(host: str = "127.0.0.1", port: int = 8080, workers: int = 1) -> None:
+    """Serve the HTTP API and dashboard (production: behind a proxy, several workers)."""
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="warning", access_log=False)
+
+
+@serve_app.command("up")
+def up(host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Run everything on the embedded default: migrations, bundled model, workers, API and
+    dashboard in one process tree."""
+    run_embedded(get_settings(), host, port)
+
+
+@serve_app.command("settings")
+def show_settings() -> None:
+    """Print the effective settings (secrets masked)."""
+    data = get_settings().model_dump(mode="json")
+    data["session_secret"] = "***"
+    typer.echo(json.dumps(data, indent=2))

@@ -1,0 +1,98 @@
+"""Training runs: the API to start and watch them, lineage, and the candidate snapshot."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.engines import reset
+from app.models import Job, JobKind, Snapshot, SnapshotStatus, TrainingRun, training_run_groups
+from app.runs.pipeline import run_policy_pipeline
+from app.settings import Settings
+from tests.conftest import bearer
+from tests.support.pipeline import policy_row, seed_policy, vary_rewards
+from workers.learner.adapters import load_verified, sha256_file
+
+# Random-init model + "does the completion contain an 'e'" → mixed rewards (-1 / 0) per group.
+VARIED_GRADER = {"kind": "regex", "outcome": "pfs_gt_180d", "pattern": "(e)"}
+
+
+def test_training_run_lifecycle_through_the_api(
+    settings: Settings, client: TestClient, model_dir: Path, make_key: Callable[..., str]
+) -> None:
+    reset()
+    name, _ = seed_policy(settings, model_dir, n_traces=4, group_size=4, max_tokens=24,
+                          grader=VARIED_GRADER, training={"min_groups": 1, "lr": 1e-3})
+    tenant = policy_row(name).tenant
+    admin, reader = bearer(make_key(tenant, "admin")), bearer(make_key(tenant, "read"))
+    url = f"/v1/policies/{name}/training-runs"
+
+    r = client.post(url, headers=admin)
+    assert r.status_code == 409 and "no graded groups" in r.json()["detail"]
+    assert client.post(url, headers=reader).status_code == 403
+
+    pipeline = run_policy_pipeline(name, train=False)
+    assert pipeline.groups_graded == 4
+    vary_rewards(name)
+
+    bad = client.post(url, json={"config": {"lrr": 1}}, headers=admin)
+    assert bad.status_code == 422 and "lrr" in bad.json()["detail"]
+
+    r = client.post(url, json={"config": {"steps": 1}}, headers=admin)
+    assert r.status_code == 202, r.text
+    run_id = r.json()["id"]
+    assert r.json()["status"] == "queued" and r.json()["parent_snapshot"] == f"{name}-v0"
+
+    # Eager execution (test settings): the train job ran when the request committed.
+    run = client.get(f"/v1/training-runs/{run_id}", headers=reader).json()
+    assert run["status"] == "succeeded", run
+    assert run["progress"] == 1.0 and run["output_snapshot"] == f"{name}-v1"
+    assert run["job_status"] == "succeeded" and run["groups_used"] >= 1
+    assert run["metrics"]["summary"]["steps_done"] == 1
+
+    listed = client.get("/v1/training-runs", params={"policy": name}, headers=reader).json()
+    assert [x["id"] for x in listed["items"]] == [run_id]
+    other = bearer(make_key(f"{tenant}-other", "read,admin"))
+    assert client.get(f"/v1/training-runs/{run_id}", headers=other).status_code == 404
+    assert client.post(url, headers=other).status_code == 404
+
+    with session_scope() as s:
+        row = s.get(TrainingRun, run_id)
+        assert row is not None
+        snap = s.get(Snapshot, row.output_snapshot_id)
+        assert snap is not None
+        assert snap.status == SnapshotStatus.candidate and snap.version == 1
+        assert snap.parent_id == policy_row(name).serving_snapshot_id
+        assert snap.adapter_sha256 == sha256_file(Path(snap.adapter_path) / "adapter_model.safetensors")
+        assert load_verified(snap.adapter_path)["group_ids_digest"] == row.group_ids_digest
+        lineage = list(s.scalars(select(training_run_groups.c.group_id)
+                                 .where(training_run_groups.c.training_run_id == run_id)))
+        assert len(lineage) == run["groups_used"] and len(row.trace_ids) == len(lineage)
+        assert s.scalar(select(Job.id).where(Job.kind == JobKind.eval,
+                                             Job.key == f"eval:snapshot={snap.id}")) is not None
+
+    # Every group was used: nothing left "since the last run".
+    again = client.post(url, headers=admin)
+    assert again.status_code == 409
+
+
+def test_demo_pipeline_regenerates_grades_and_trains_one_update(
+    sqlite_settings: Settings, model_dir: Path
+) -> None:
+    name, _ = seed_policy(sqlite_settings, model_dir, n_traces=3, group_size=4, max_tokens=16,
+                          grader=VARIED_GRADER, training={"min_groups": 1})
+    seen: list[tuple[str, int, int]] = []
+    generated = run_policy_pipeline(name, progress=lambda *a: seen.append(a), train=False)
+    assert generated.groups_created == 3 and generated.groups_graded == 3
+    assert seen[0] == ("regenerate", 0, 3) and seen[-1] == ("grade", 3, 3)
+    vary_rewards(name)
+    seen.clear()
+    trained = run_policy_pipeline(name, progress=lambda *a: seen.append(a))
+    assert trained.groups_created == 0  # nothing pending any more
+    assert trained.run_status == "succeeded", trained.error
+    assert trained.served_name == f"{name}-v1"
+    assert seen[-1] == ("train", 1, 1)

@@ -1,0 +1,297 @@
+"""Trainer behaviour: config validation, one OAPL update, lineage, guard, log-prob agreement."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.learner import prompt_items, reached_overall
+from workers.inference.base import AdapterRef, SamplingParams
+from workers.inference.local import LocalBackend
+from workers.learner.adapters import AdapterIntegrityError, load_verified
+from workers.learner.data import (
+    GradedCompletion,
+    RolloutGroup,
+    flatten_groups,
+    micro_batches,
+)
+from workers.learner.trainer import (
+    RegenerationSource,
+    TrainerConfig,
+    TrainerConfigError,
+    sequence_logprobs,
+    train,
+)
+
+# Per-token tolerance between the sampler's behaviour log-probs (KV-cached, left-padded, batched)
+# and the trainer's (one full forward, right-padded): fp32 summation-order noise only.
+TOKEN_LOGPROB_TOL = 1e-4
+SEQUENCE_LOGPROB_TOL = 1e-3
+
+
+def test_invalid_config_lists_every_problem() -> None:
+    with pytest.raises(TrainerConfigError) as err:
+        TrainerConfig(lr=0.0, lora_rank=0, algorithm="ppo")  # type: ignore[arg-type]
+    msg = str(err.value)
+    assert "lr must be" in msg and "lora_rank" in msg and "algorithm" in msg
+
+
+def test_unknown_config_keys_are_rejected() -> None:
+    with pytest.raises(TrainerConfigError, match="unknown trainer config keys"):
+        TrainerConfig.from_dict({"lr": 1e-3, "learning_rate": 1e-3})
+    assert TrainerConfig.from_dict({"target_modules": ["q_proj"]}).target_modules == ("q_proj",)
+
+
+def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path) -> None:
+    missing_model = tmp_path / "no-such-model"  # loading it would raise OSError, not this
+    with pytest.raises(TrainerConfigError, match="no rollout groups"):
+        train([], missing_model, None, TrainerConfig())
+    with pytest.raises(TrainerConfigError, match="RegenerationSource"):
+        train([], missing_model, None, TrainerConfig(sync_interval=2, groups_per_step=1))
+    with pytest.raises(TrainerConfigError, match="heldout_eval"):
+        train([], missing_model, None, TrainerConfig(eval_every=1))
+
+
+def weighted_mean_reward(model: torch.nn.Module, groups: list[RolloutGroup], tok) -> float:  # type: ignore[no-untyped-def]
+    """Σ_i softmax_i(log πθ − log π_ref)·r_i per group: the policy's expected reward restricted to
+    the group's completions (self-normalised importance weights), averaged over groups."""
+    records = flatten_groups(groups, tok, "oapl")
+    with torch.no_grad():
+        logp = torch.cat([sequence_logprobs(model, mb)[0] for mb in micro_batches(records, 64, 0)])
+    ref = torch.tensor([r.behaviour_logprob_sum for r in records])
+    rewards = torch.tensor([r.reward for r in records])
+    gid = torch.tensor([r.group_index for r in records])
+    total = 0.0
+    for g in gid.unique():
+        m = gid == g
+        w = torch.softmax((logp[m] - ref[m]).double(), 0)
+        total += float((w * rewards[m]).sum())
+    return total / len(gid.unique())
+
+
+def test_one_oapl_update_raises_mean_reward_on_its_training_groups(
+    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[RolloutGroup]]
+) -> None:
+    groups = make_groups(n_prompts=8, group_size=8, seed=1)
+    before = sum(sum(g.rewards) for g in groups) / sum(len(g.completions) for g in groups)
+    cfg = TrainerConfig(steps=1, lr=5e-3, beta2=0.05, seed=0)
+    result = train(groups, tiny_model_dir, None, cfg, tokenizer=backend.tokenizer)
+    assert result.status == "succeeded"
+    assert result.metrics["groups_used"] > 0
+    after = weighted_mean_reward(result.model, groups, backend.tokenizer)
+    assert after > before + 0.3  # measured: 0.06 → 0.75
+
+
+def test_zero_variance_groups_are_dropped_and_counted(
+    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[RolloutGroup]]
+) -> None:
+    groups = make_groups(n_prompts=4, group_size=4, seed=2)
+    flat = RolloutGroup(
+        "flat",
+        groups[0].prompt_messages,
+        [
+            GradedCompletion(c.token_ids, c.text, c.behaviour_logprob_sum, 0.5, True)
+            for c in groups[0].completions
+        ],
+    )
+    varied = [g for g in groups if len(set(g.rewards)) > 1]
+    result = train(
+        [*varied, flat], tiny_model_dir, None, TrainerConfig(steps=1), tokenizer=backend.tokenizer
+    )
+    assert result.metrics["groups_dropped_zero_variance"] == 1
+    assert result.metrics["groups_used"] == len(varied)
+    with pytest.raises(ValueError, match="zero reward variance"):
+        train([flat], tiny_model_dir, None, TrainerConfig(steps=1), tokenizer=backend.tokenizer)
+
+
+def test_adapter_is_written_with_lineage_and_continues_from_parent(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    backend: LocalBackend,
+    make_groups: Callable[..., list[RolloutGroup]],
+) -> None:
+    groups = make_groups(n_prompts=4, group_size=4, seed=3)
+    cfg = TrainerConfig(steps=2, lr=1e-2)
+    first = train(groups, tiny_model_dir, tmp_path / "v1", cfg, tokenizer=backend.tokenizer)
+    m1 = load_verified(tmp_path / "v1")
+    assert m1["parent"] is None and m1["n_groups"] == first.metrics["groups_used"]
+    assert m1["config"]["lr"] == 1e-2 and len(m1["base_model_digest"]) == 64
+    second = train(
+        groups,
+        tiny_model_dir,
+        tmp_path / "v2",
+        cfg,
+        parent=tmp_path / "v1",
+        tokenizer=backend.tokenizer,
+    )
+    m2 = load_verified(tmp_path / "v2")
+    assert m2["parent"]["weights_sha256"] == m1["weights_sha256"]
+    assert m2["weights_sha256"] != m1["weights_sha256"]
+    assert second.status == "succeeded"
+    # the parent's LoRA weights were the starting point: its log-probs are unchanged at step 0
+    with pytest.raises(FileExistsError):
+        train(groups, tiny_model_dir, tmp_path / "v2", cfg, tokenizer=backend.tokenizer)
+
+
+def test_tampered_parent_or_serving_adapter_is_refused(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    backend: LocalBackend,
+    make_groups: Callable[..., list[RolloutGroup]],
+) -> None:
+    groups = make_groups(n_prompts=4, group_size=4, seed=4)
+    train(groups, tiny_model_dir, tmp_path / "v1", TrainerConfig(), tokenizer=backend.tokenizer)
+    weights = tmp_path / "v1" / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterIntegrityError):
+        train(
+            groups,
+            tiny_model_dir,
+            tmp_path / "v2",
+            TrainerConfig(),
+            parent=tmp_path / "v1",
+            tokenizer=backend.tokenizer,
+        )
+    with pytest.raises(AdapterIntegrityError):
+        backend.generate(
+            [groups[0].prompt_messages],
+            1,
+            SamplingParams(8),
+            AdapterRef("tampered", str(tmp_path / "v1")),
+        )
+
+
+def test_collapse_guard_stops_the_run_and_marks_it_failed(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    backend: LocalBackend,
+    make_groups: Callable[..., list[RolloutGroup]],
+) -> None:
+    parse_rates = iter([0.8, 0.9, 0.2, 0.9])
+
+    def heldout(adapter: AdapterRef | None) -> dict[str, float]:
+        return {"parse_rate": next(parse_rates), "mean_length": 30.0}
+
+    groups = make_groups(n_prompts=4, group_size=4, seed=5)
+    cfg = TrainerConfig(steps=5, eval_every=1, guard_parse_drop=0.3)
+    result = train(
+        groups,
+        tiny_model_dir,
+        tmp_path / "out",
+        cfg,
+        tokenizer=backend.tokenizer,
+        heldout_eval=heldout,
+    )
+    assert result.status == "failed"
+    assert result.failure_reason is not None and "step 2" in result.failure_reason
+    assert result.metrics["steps_done"] == 2
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("lengths", "stopped_at", "reason"),
+    [
+        ([30.0, 28.0, 10.0, 30.0], 2, "fell from 30.0 to 10.0"),
+        ([30.0, 50.0, 58.0, 64.0], 3, "ran into the 64-token cap"),
+        ([30.0, 45.0, 55.0, 60.0, 58.0, 59.0], None, None),
+    ],
+    ids=["length-drop", "runaway-to-cap", "growth-is-fine"],
+)
+def test_collapse_guard_on_length_stops_drops_and_runaways_but_not_growth(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    backend: LocalBackend,
+    make_groups: Callable[..., list[RolloutGroup]],
+    lengths: list[float],
+    stopped_at: int | None,
+    reason: str | None,
+) -> None:
+    it = iter(lengths)
+
+    def heldout(adapter: AdapterRef | None) -> dict[str, float]:
+        return {"parse_rate": 0.9, "mean_length": next(it)}
+
+    cfg = TrainerConfig(steps=len(lengths) - 1, eval_every=1, max_new_tokens=64,
+                        guard_length_ratio=0.4)
+    result = train(make_groups(n_prompts=4, group_size=4, seed=5), tiny_model_dir, None, cfg,
+                   tokenizer=backend.tokenizer, heldout_eval=heldout)
+    if stopped_at is None:
+        assert result.status == "succeeded", result.failure_reason
+        assert result.metrics["steps_done"] == len(lengths) - 1
+    else:
+        assert result.status == "failed"
+        assert result.failure_reason is not None
+        assert f"step {stopped_at}" in result.failure_reason and reason in result.failure_reason
+        assert result.metrics["steps_done"] == stopped_at
+
+
+def test_sync_interval_regenerates_groups_with_the_current_policy(
+    tiny_model_dir: Path, backend: LocalBackend
+) -> None:
+    source = RegenerationSource(backend, prompt_items(6, 6), reached_overall)
+    cfg = TrainerConfig(
+        steps=4,
+        sync_interval=2,
+        groups_per_step=2,
+        group_size=4,
+        max_new_tokens=40,
+        lr=1e-2,
+        filter_zero_variance=False,
+    )
+    result = train([], tiny_model_dir, None, cfg, tokenizer=backend.tokenizer, regenerate=source)
+    synced = [int(h["step"]) for h in result.history if h.get("synced")]
+    assert synced == [1, 3]
+    assert result.metrics["groups_used"] == 8
+
+
+def test_sampler_and_trainer_logprobs_agree(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    backend: LocalBackend,
+    make_groups: Callable[..., list[RolloutGroup]],
+) -> None:
+    groups = make_groups(n_prompts=5, group_size=3, seed=7)
+    # move the LoRA away from zero so the adapter path (merged in the sampler, unmerged in the
+    # trainer) is exercised too
+    trained = train(
+        groups,
+        tiny_model_dir,
+        tmp_path / "a",
+        TrainerConfig(steps=2, lr=5e-2),
+        tokenizer=backend.tokenizer,
+    )
+    for adapter, model in [
+        (None, backend.base),
+        (AdapterRef("agree-a", str(tmp_path / "a")), trained.model),
+    ]:
+        sampled = backend.generate(
+            [g.prompt_messages for g in groups], 3, SamplingParams(48, seed=11), adapter
+        )
+        regraded = [
+            RolloutGroup(
+                f"g{i}",
+                g.prompt_messages,
+                [
+                    GradedCompletion(c.token_ids, c.text, c.logprob_sum, 0.0, False, c.logprobs)
+                    for c in comps
+                ],
+            )
+            for i, (g, comps) in enumerate(zip(groups, sampled, strict=True))
+        ]
+        records = flatten_groups(regraded, backend.tokenizer, "oapl")
+        worst_tok, worst_seq = 0.0, 0.0
+        with torch.no_grad():
+            for mb in micro_batches(records, 4, backend.tokenizer.pad_token_id):
+                seq, tok = sequence_logprobs(model, mb)
+                mask = mb.target_mask.bool()
+                worst_tok = max(worst_tok, float((tok - mb.behaviour_token_logp)[mask].abs().max()))
+                worst_seq = max(worst_seq, float((seq - mb.ref_logp).abs().max()))
+        assert math.isfinite(worst_tok)
+        assert worst_tok < TOKEN_LOGPROB_TOL, (adapter, worst_tok)
+        assert worst_seq < SEQUENCE_LOGPROB_TOL, (adapter, worst_seq)

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from app.settings import Settings
+
+README = Path(__file__).resolve().parents[3] / "README.md"
+
+
+def test_every_setting_is_documented_in_the_readme():
+    text = README.read_text()
+    for name, field in Settings.model_fields.items():
+        assert field.description, f"setting {name} has no description"
+        assert f"`TRACELEARN_{name.upper()}`" in text, f"README lacks TRACELEARN_{name.upper()}"
+
+
+def test_readme_opens_with_the_two_commands():
+    blocks = README.read_text().split("```bash\n")[1:3]
+    assert "tracelearn up" in blocks[0]
+    assert "bash .ci/run" in blocks[1]

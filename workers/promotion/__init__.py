@@ -1,1 +1,0 @@
-"""Promotion: the gate, hot-loading into the serving engine, rollback."""
