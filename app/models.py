@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -200,7 +201,18 @@ class Trace(Base):
     external_id: Mapped[str] = mapped_column(String(256))
     policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id", ondelete="CASCADE"))
     messages: Mapped[list[Any]] = mapped_column()
+    # The response's text; the full message (tool calls, refusal) when it was sent as one.
     response: Mapped[str] = mapped_column(Text)
+    response_message: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # tools, tool_choice, parallel_tool_calls, sampling_params: only the keys the client sent.
+    request: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    tags: Mapped[list[Any] | None] = mapped_column(JSONType, nullable=True)
+    user_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    session_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    trainable: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    untrainable_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     snapshot_id: Mapped[int | None] = mapped_column(
         ForeignKey("snapshots.id", ondelete="SET NULL"), nullable=True
