@@ -536,6 +536,12 @@ def get_trace(session: Session, tenant: str, trace_id: int) -> TraceOut:
     return to_out(row[0], row[1])
 
 
+def find(session: Session, tenant: str, external_id: str) -> Trace | None:
+    return session.scalar(
+        select(Trace).where(Trace.tenant == tenant, Trace.external_id == external_id)
+    )
+
+
 def encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(f"id:{last_id}".encode()).decode().rstrip("=")
 
