@@ -12,6 +12,7 @@ from app.limits import BodyLimitMiddleware, SecurityHeadersMiddleware
 from app.observability import MetricsMiddleware, configure_logging
 from app.policies.endpoints import router as policies_router
 from app.proxy.endpoints import router as proxy_router
+from app.receivers.langfuse.endpoints import router as langfuse_router
 from app.runs.endpoints import router as runs_router
 from app.settings import Settings, get_settings
 from app.snapshots.endpoints import router as snapshots_router
@@ -34,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     for router in API_ROUTERS:
         app.include_router(router, prefix="/v1")
+    app.include_router(langfuse_router)
     install_dashboard(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        max_depth=settings.max_json_depth)

@@ -411,3 +411,25 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = _ts(default=utcnow)
     updated_at: Mapped[datetime] = _ts(default=utcnow, onupdate=utcnow)
+
+
+class LangfuseObservation(Base):
+    """A Langfuse trace or generation as it arrives in pieces (create, then updates, possibly in
+    different batches): staged here until a generation has its input and output and becomes a
+    trace."""
+
+    __tablename__ = "langfuse_observations"
+    __table_args__ = (UniqueConstraint("tenant", "kind", "lf_id"),
+                      Index("ix_langfuse_observations_trace", "tenant", "lf_trace_id"))
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # "trace" | "generation"
+    lf_id: Mapped[str] = mapped_column(String(256))
+    lf_trace_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    body: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    trace_id: Mapped[int | None] = mapped_column(
+        ForeignKey("traces.id", ondelete="SET NULL"), nullable=True
+    )
+    created_at: Mapped[datetime] = _ts(default=utcnow)
+    updated_at: Mapped[datetime] = _ts(default=utcnow, onupdate=utcnow)
