@@ -13,6 +13,7 @@ from app.observability import MetricsMiddleware, configure_logging
 from app.policies.endpoints import router as policies_router
 from app.problems import install_error_handlers
 from app.proxy.endpoints import router as proxy_router
+from app.receivers.langfuse.endpoints import router as langfuse_router
 from app.runs.endpoints import router as runs_router
 from app.settings import Settings, get_settings
 from app.snapshots.endpoints import router as snapshots_router
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     for router in API_ROUTERS:
         app.include_router(router, prefix="/v1")
+    app.include_router(langfuse_router)
     install_dashboard(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        max_depth=settings.max_json_depth)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    true,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -200,7 +201,18 @@ class Trace(Base):
     external_id: Mapped[str] = mapped_column(String(256))
     policy_id: Mapped[int] = mapped_column(ForeignKey("policies.id", ondelete="CASCADE"))
     messages: Mapped[list[Any]] = mapped_column()
+    # The response's text; the full message (tool calls, refusal) when it was sent as one.
     response: Mapped[str] = mapped_column(Text)
+    response_message: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # tools, tool_choice, parallel_tool_calls, sampling_params: only the keys the client sent.
+    request: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    finish_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    tags: Mapped[list[Any] | None] = mapped_column(JSONType, nullable=True)
+    user_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    session_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    trainable: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    untrainable_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     snapshot_id: Mapped[int | None] = mapped_column(
         ForeignKey("snapshots.id", ondelete="SET NULL"), nullable=True
@@ -397,5 +409,27 @@ class Job(Base):
     # Outbox: None until the message was handed to the broker; the dispatcher retries the rest.
     dispatched_at: Mapped[datetime | None] = _ts(nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = _ts(default=utcnow)
+    updated_at: Mapped[datetime] = _ts(default=utcnow, onupdate=utcnow)
+
+
+class LangfuseObservation(Base):
+    """A Langfuse trace or generation as it arrives in pieces (create, then updates, possibly in
+    different batches): staged here until a generation has its input and output and becomes a
+    trace."""
+
+    __tablename__ = "langfuse_observations"
+    __table_args__ = (UniqueConstraint("tenant", "kind", "lf_id"),
+                      Index("ix_langfuse_observations_trace", "tenant", "lf_trace_id"))
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # "trace" | "generation"
+    lf_id: Mapped[str] = mapped_column(String(256))
+    lf_trace_id: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    body: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    trace_id: Mapped[int | None] = mapped_column(
+        ForeignKey("traces.id", ondelete="SET NULL"), nullable=True
+    )
     created_at: Mapped[datetime] = _ts(default=utcnow)
     updated_at: Mapped[datetime] = _ts(default=utcnow, onupdate=utcnow)

@@ -3,30 +3,52 @@ through the serving engine, and the exchange is ingested as a trace that records
 served it — how a customer gets traces in without writing any code.
 
 The completion id doubles as the trace's ``external_id``, so outcomes can be posted later to
-``/v1/feedback`` with the id the client already holds.
+``/v1/feedback`` with the id the client already holds. A client-chosen id
+(``X-Tracelearn-External-Id``) works as an idempotency key: a retry with the same request gets
+the stored answer back (streamed too); the same id with another request is a 409.
+
+What the engine does not do, the proxy does around it, so both modes agree: stop strings cut the
+text (``finish_reason: stop``), a cut at ``max_tokens`` drops a dangling partial UTF-8 character
+and says ``length``. A stream is generated whole and then sent in chunks, so its finish reason
+and usage are known before the last chunk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+from prometheus_client import Counter
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.auth.service import Principal
 from app.db import get_database
 from app.engines import engine_for
-from app.errors import ServiceUnavailable
-from app.policies.service import get_policy, sampling_params
-from app.proxy.schemas import ChatCompletionIn, ChatCompletionOut, Choice, ChoiceMessage, Usage
+from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from app.models import Trace
+from app.observability import REGISTRY
+from app.policies.service import get_policy, list_policies, sampling_params
+from app.proxy.schemas import (
+    ChatCompletionIn,
+    ChatCompletionOut,
+    Choice,
+    ChoiceMessage,
+    ModelList,
+    ModelOut,
+    Usage,
+)
 from app.settings import Settings
 from app.snapshots.promotion import PromotionError, verify_adapter
 from app.traces import service as traces
+from app.traces.schemas import RefusalPart, TextPart
 from workers.inference.base import SamplingParams, UnknownAdapterError
 from workers.inference.serving import (
     EngineCompletion,
@@ -36,6 +58,92 @@ from workers.inference.serving import (
 )
 
 log = logging.getLogger(__name__)
+
+STREAMS_ABORTED = Counter(
+    "tracelearn_proxy_streams_aborted_total",
+    "Streamed completions the client disconnected from before the end (recorded, untrainable).",
+    registry=REGISTRY,
+)
+FINGERPRINT_KEY = "proxy_request_sha256"
+_MAX_STOP = 4
+
+
+# ---------------------------------------------------------------- models
+
+
+def _model_out(policy: Any) -> ModelOut:
+    serving = policy.serving_snapshot
+    return ModelOut(
+        id=policy.name,
+        created=int(policy.created_at.timestamp()),
+        owned_by=policy.tenant,
+        serving_snapshot=serving.served_name if serving else None,
+    )
+
+
+def models(session: Session, principal: Principal) -> ModelList:
+    return ModelList(data=[_model_out(p) for p in list_policies(session, principal.tenant)])
+
+
+def model(session: Session, principal: Principal, model_id: str) -> ModelOut:
+    return _model_out(_policy(session, principal, model_id))
+
+
+def _policy(session: Session, principal: Principal, name: str) -> Any:
+    try:
+        return get_policy(session, principal.tenant, name)
+    except NotFound as exc:
+        raise NotFound(f"The model {name!r} does not exist", param="model",
+                       code="model_not_found") from exc
+
+
+# ---------------------------------------------------------------- requests
+
+
+def refuse_unsupported(body: ChatCompletionIn) -> None:
+    """Refuse, naming the parameter, what the proxy would otherwise have to ignore silently."""
+    if body.n not in (None, 1):
+        raise InvalidInput("only n=1 is supported: send one request per choice", param="n")
+    if body.logprobs or body.top_logprobs:
+        param = "logprobs" if body.logprobs else "top_logprobs"
+        raise InvalidInput("logprobs are not returned by this proxy", param=param)
+    if body.stream_options is not None and not body.stream:
+        raise InvalidInput("stream_options is only allowed when stream is true",
+                           param="stream_options")
+    if isinstance(body.stop, list) and len(body.stop) > _MAX_STOP:
+        raise InvalidInput(f"stop takes at most {_MAX_STOP} strings", param="stop")
+    for i, m in enumerate(body.messages):
+        if isinstance(m.content, list) and any(p.type not in ("text", "refusal")
+                                               for p in m.content):
+            raise InvalidInput("this model accepts text only; image, audio and file parts "
+                               "are not supported", param=f"messages.[{i}].content")
+
+
+def engine_messages(body: ChatCompletionIn) -> list[dict[str, Any]]:
+    """The messages as a text-only chat template expects them: parts joined to one string,
+    ``developer`` as ``system``; tool calls and ids kept for templates that render them."""
+    out = []
+    for m in body.messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(p.text if isinstance(p, TextPart) else
+                              p.refusal if isinstance(p, RefusalPart) else "" for p in content)
+        message: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role, "content": content or "",
+        }
+        if m.tool_calls:
+            message["tool_calls"] = [c.model_dump(mode="json") for c in m.tool_calls]
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        if m.name:
+            message["name"] = m.name
+        out.append(message)
+    return out
+
+
+def _stops(body: ChatCompletionIn) -> tuple[str, ...]:
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    return tuple(s for s in stop if s)
 
 
 @dataclass(frozen=True)
@@ -48,19 +156,45 @@ class Route:
     adapter_sha256: str | None
     engine: ServingEngine
     params: SamplingParams
-    messages: list[dict[str, str]]
+    stop: tuple[str, ...]
+    body: ChatCompletionIn
     completion_id: str
+    client_chose_id: bool
 
     @property
     def model(self) -> str | None:
         return self.served_name if self.adapter_path else None
+
+    def stored_sampling(self) -> dict[str, Any]:
+        """What generation used, stored with the trace."""
+        out: dict[str, Any] = {"max_tokens": self.params.max_tokens,
+                               "temperature": self.params.temperature}
+        if self.params.seed is not None:
+            out["seed"] = self.params.seed
+        if self.body.stop is not None:
+            out["stop"] = self.body.stop
+        return out
+
+    def fingerprint(self) -> str:
+        """Identifies the request for idempotent retries: same id + same fingerprint = replay."""
+        b = self.body
+        canonical = {
+            "policy": self.policy,
+            "messages": [m.model_dump(mode="json", exclude_none=True) for m in b.messages],
+            "tools": [t.model_dump(mode="json", exclude_none=True) for t in b.tools or []],
+            "tool_choice": b.tool_choice,
+            "sampling_params": self.stored_sampling(),
+        }
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def resolve(
     session: Session, principal: Principal, body: ChatCompletionIn, settings: Settings,
     completion_id: str | None = None,
 ) -> Route:
-    policy = get_policy(session, principal.tenant, body.model)
+    refuse_unsupported(body)
+    policy = _policy(session, principal, body.model)
     serving = policy.serving_snapshot
     if serving is None:
         raise ServiceUnavailable(f"policy {policy.name!r} has no serving snapshot")
@@ -73,9 +207,44 @@ def resolve(
         adapter_sha256=serving.adapter_sha256,
         engine=engine_for(settings, policy.base_model),
         params=params,
-        messages=[m.model_dump() for m in body.messages],
+        stop=_stops(body),
+        body=body,
         completion_id=completion_id or f"chatcmpl-{uuid.uuid4().hex}",
+        client_chose_id=completion_id is not None,
     )
+
+
+# ---------------------------------------------------------------- answers
+
+
+@dataclass
+class Answer:
+    """One assistant answer, fresh from the engine or replayed from a stored trace."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    served_name: str
+    tool_calls: list[dict[str, Any]] | None = None
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                     total_tokens=self.prompt_tokens + self.completion_tokens)
+
+
+def finish(out: EngineCompletion, stop: tuple[str, ...]) -> tuple[str, str]:
+    """The engine's text and finish reason with stop strings applied (text before the first
+    one, ``stop``) and, when cut at ``max_tokens``, without a dangling partial character (the
+    decoder renders a multi-byte character split by the cut as U+FFFD)."""
+    text, reason = out.text, out.finish_reason
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if hits:
+        return text[: min(hits)], "stop"
+    if reason == "length":
+        text = text.rstrip("\ufffd")
+    return text, reason
 
 
 def _reload(route: Route) -> None:
@@ -92,45 +261,86 @@ def _reload(route: Route) -> None:
     route.engine.load_adapter(route.served_name, route.adapter_path)
 
 
-def _with_engine_errors(fn: Any) -> Any:
+def generate(route: Route) -> Answer:
+    messages = engine_messages(route.body)
+
+    def call() -> EngineCompletion:
+        try:
+            return route.engine.complete(route.model, messages, route.params)
+        except UnknownAdapterError:
+            _reload(route)
+            return route.engine.complete(route.model, messages, route.params)
+
     try:
-        return fn()
+        out = call()
     except EngineUnavailable as exc:
         raise ServiceUnavailable(f"the serving engine is unavailable: {exc}",
                                  retry_after=5) from exc
     except EngineError as exc:
         raise ServiceUnavailable(f"the serving engine failed: {exc}") from exc
+    text, reason = finish(out, route.stop)
+    return Answer(text=text, finish_reason=reason, prompt_tokens=out.prompt_tokens,
+                  completion_tokens=out.completion_tokens, served_name=route.served_name)
 
 
-def generate(route: Route) -> EngineCompletion:
-    def call() -> EngineCompletion:
-        try:
-            return route.engine.complete(route.model, route.messages, route.params)
-        except UnknownAdapterError:
-            _reload(route)
-            return route.engine.complete(route.model, route.messages, route.params)
+def replay(trace: Trace) -> Answer:
+    message = trace.response_message or {}
+    usage = trace.usage or {}
+    return Answer(
+        text=trace.response,
+        finish_reason=trace.finish_reason or "stop",
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", 0)),
+        served_name=trace.model or "",
+        tool_calls=message.get("tool_calls"),
+        created=int(trace.created_at.timestamp()),
+    )
 
-    result: EngineCompletion = _with_engine_errors(call)
-    return result
+
+def stored_answer(session: Session, principal: Principal, route: Route) -> Answer | None:
+    """The stored answer for a retry of this request, None for a new one; a 409 when the id was
+    used for another request."""
+    if not route.client_chose_id:
+        return None
+    trace = traces.find(session, principal.tenant, route.completion_id)
+    if trace is None:
+        return None
+    if trace.meta.get(FINGERPRINT_KEY) != route.fingerprint():
+        raise Conflict(
+            f"X-Tracelearn-External-Id {route.completion_id!r} was already used for another "
+            "request", param="X-Tracelearn-External-Id", code="idempotency_key_reused",
+        )
+    return replay(trace)
 
 
 def record(
-    session: Session, principal: Principal, route: Route, body: ChatCompletionIn,
-    text: str, settings: Settings,
+    session: Session, principal: Principal, route: Route, answer: Answer, settings: Settings,
+    untrainable: str | None = None,
 ) -> str:
     """Ingest the exchange as a trace; returns the item's ingest status."""
+    body = route.body
     metadata: dict[str, Any] = {"source": "proxy"} | (body.metadata or {})
-    if body.user:
-        metadata["user"] = body.user
-    item = {
+    metadata[FINGERPRINT_KEY] = route.fingerprint()
+    item: dict[str, Any] = {
         "external_id": route.completion_id,
         "policy": route.policy,
-        "messages": route.messages,
-        "response": text,
+        "messages": [m.model_dump(mode="json", exclude_unset=True) for m in body.messages],
+        "sampling_params": route.stored_sampling(),
+        "response": answer.text,
+        "usage": answer.usage().model_dump(),
         "model": route.served_name,
         "metadata": metadata,
     }
-    result = traces.ingest(session, principal, [item], settings)
+    if untrainable is None:
+        item["finish_reason"] = answer.finish_reason
+    for name in ("tools", "tool_choice", "parallel_tool_calls"):
+        if name in body.model_fields_set:
+            value = getattr(body, name)
+            item[name] = ([t.model_dump(mode="json", exclude_unset=True) for t in value]
+                          if name == "tools" and value is not None else value)
+    if body.user:
+        item["user_id"] = body.user
+    result = traces.ingest(session, principal, [item], settings, untrainable=untrainable)
     status = result.results[0].status.value
     if status not in ("created", "duplicate"):
         log.warning("proxy trace %s not recorded: %s", route.completion_id,
@@ -138,72 +348,126 @@ def record(
     return status
 
 
+def to_completion(route: Route, answer: Answer) -> ChatCompletionOut:
+    message = ChoiceMessage(content=answer.text if answer.text or not answer.tool_calls else None,
+                            tool_calls=answer.tool_calls)  # type: ignore[arg-type]
+    return ChatCompletionOut(
+        id=route.completion_id, created=answer.created, model=answer.served_name,
+        choices=[Choice(message=message, finish_reason=answer.finish_reason)],
+        usage=answer.usage(),
+    )
+
+
 def complete(
     session: Session, principal: Principal, body: ChatCompletionIn, settings: Settings,
     completion_id: str | None = None,
 ) -> tuple[ChatCompletionOut, Route, str]:
     route = resolve(session, principal, body, settings, completion_id)
-    out = generate(route)
-    status = record(session, principal, route, body, out.text, settings)
-    response = ChatCompletionOut(
-        id=route.completion_id,
-        created=int(time.time()),
-        model=route.served_name,
-        choices=[Choice(message=ChoiceMessage(content=out.text),
-                        finish_reason=out.finish_reason)],
-        usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens,
-                    total_tokens=out.prompt_tokens + out.completion_tokens),
-    )
-    return response, route, status
+    stored = stored_answer(session, principal, route)
+    if stored is not None:
+        return to_completion(route, stored), route, "duplicate"
+    answer = generate(route)
+    status = record(session, principal, route, answer, settings)
+    if status == "conflict":
+        # A concurrent retry stored its answer first: that one is the answer for this id.
+        stored = stored_answer(session, principal, route)
+        if stored is not None:
+            return to_completion(route, stored), route, "duplicate"
+    return to_completion(route, answer), route, status
 
 
-def _chunk(route: Route, created: int, delta: dict[str, str], finish: str | None) -> str:
-    payload = {
-        "id": route.completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": route.served_name,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
+# ---------------------------------------------------------------- streaming
+
+
+def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def stream(
-    principal: Principal, body: ChatCompletionIn, route: Route, settings: Settings
-) -> Iterator[str]:
-    """Server-sent events in OpenAI's chunk format; the trace is recorded once the stream ends.
+def _pieces(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w if i == len(words) - 1 else w + " " for i, w in enumerate(words) if w or i == 0]
+
+
+def _record_aborted(principal: Principal, route: Route, answer: Answer, settings: Settings,
+                    sent: str) -> None:
+    STREAMS_ABORTED.inc()
+    log.warning("client aborted the stream of %s after %d characters", route.completion_id,
+                len(sent))
+    aborted = Answer(text=sent, finish_reason="aborted", prompt_tokens=answer.prompt_tokens,
+                     completion_tokens=answer.completion_tokens, served_name=answer.served_name)
+    try:
+        with get_database().session() as session:
+            record(session, principal, route, aborted, settings, untrainable="aborted")
+    except Exception:
+        log.exception("could not record aborted stream %s", route.completion_id)
+
+
+async def stream(
+    principal: Principal, route: Route, settings: Settings, stored: Answer | None = None
+) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; the trace is recorded once the stream ends,
+    or, flagged ``aborted`` and untrainable, when the client goes away before that.
 
     Runs after the request's transaction has closed, so recording opens its own.
     """
+    include_usage = bool(route.body.stream_options and route.body.stream_options.include_usage)
     created = int(time.time())
-    yield _chunk(route, created, {"role": "assistant"}, None)
-    pieces: list[str] = []
+
+    def chunk(delta: dict[str, Any], finish: str | None, served: str) -> str:
+        payload: dict[str, Any] = {
+            "id": route.completion_id, "object": "chat.completion.chunk", "created": created,
+            "model": served, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        if include_usage:
+            payload["usage"] = None
+        return _event(payload)
+
+    sent: list[str] = []
+    answer = Answer(text="", finish_reason="aborted", prompt_tokens=0, completion_tokens=0,
+                    served_name=route.served_name)
+    done = False
     try:
+        yield chunk({"role": "assistant"}, None, route.served_name)
         try:
-            deltas = route.engine.stream(route.model, route.messages, route.params)
-            first = next(deltas, None)
-        except UnknownAdapterError:
-            _reload(route)
-            deltas = route.engine.stream(route.model, route.messages, route.params)
-            first = next(deltas, None)
-        for piece in ([first] if first is not None else []):
-            pieces.append(piece)
-            yield _chunk(route, created, {"content": piece}, None)
-        for piece in deltas:
-            pieces.append(piece)
-            yield _chunk(route, created, {"content": piece}, None)
-    except (EngineError, UnknownAdapterError, ServiceUnavailable) as exc:
-        # Headers are already sent: report in-band, as OpenAI-compatible servers do.
-        error = {"error": {"message": f"the serving engine failed: {exc}",
-                           "type": "unavailable"}}
-        yield f"data: {json.dumps(error)}\n\n"
+            answer = stored if stored is not None else await run_in_threadpool(generate, route)
+        except ServiceUnavailable as exc:
+            # Headers are already sent: report in-band, as OpenAI-compatible servers do.
+            done = True
+            yield _event({"error": {"message": exc.detail, "type": "server_error",
+                                    "param": None, "code": "unavailable"}})
+            return
+        for piece in _pieces(answer.text):
+            # A checkpoint per chunk: sends to a gone client do not fail, so this is where the
+            # server's disconnect listener gets to cancel the stream.
+            await anyio.sleep(0)
+            yield chunk({"content": piece}, None, answer.served_name)
+            sent.append(piece)
+        await anyio.sleep(0)
+        if answer.tool_calls:
+            calls = [c | {"index": i} for i, c in enumerate(answer.tool_calls)]
+            yield chunk({"tool_calls": calls}, None, answer.served_name)
+        yield chunk({}, answer.finish_reason, answer.served_name)
+        if include_usage:
+            yield _event({"id": route.completion_id, "object": "chat.completion.chunk",
+                          "created": created, "model": answer.served_name, "choices": [],
+                          "usage": answer.usage().model_dump()})
+        # Recorded before [DONE], so a client that reads the trace after the stream finds it.
+        done = True
+        if stored is None:
+            with anyio.CancelScope(shield=True):  # the client has had every chunk: record it
+                await run_in_threadpool(_record_streamed, principal, route, answer, settings)
         yield "data: [DONE]\n\n"
-        return
-    yield _chunk(route, created, {}, "stop")
-    yield "data: [DONE]\n\n"
+    finally:
+        if not done:
+            # Cancelled or closed mid-stream (the client went away): record what it was sent.
+            _record_aborted(principal, route, answer, settings, "".join(sent))
+
+
+def _record_streamed(principal: Principal, route: Route, answer: Answer,
+                     settings: Settings) -> None:
     try:
         with get_database().session() as session:
-            record(session, principal, route, body, "".join(pieces), settings)
+            record(session, principal, route, answer, settings)
     except Exception:
         # The client already has its answer; a lost trace is logged, never raised into the stream.
         log.exception("could not record streamed trace %s", route.completion_id)

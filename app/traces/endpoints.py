@@ -33,7 +33,11 @@ _SINGLE_STATUS = {ItemStatus.created: 201, ItemStatus.duplicate: 200}
     summary="Ingest one trace or a batch",
     description="Idempotent on (tenant, external_id). One trace answers 201 (created), 200 "
     "(duplicate), 409 (same external_id, other content) or 422. A batch `{\"traces\": [...]}` "
-    "answers 207 with one result per item; valid items are committed even when others fail.",
+    "answers 207 with one result per item; valid items are committed even when others fail. "
+    "Messages, tools and the response follow the OpenAI chat format. Media is stored only by "
+    "reference: image parts by http(s) URL and file parts by `file_id` are kept (the trace is "
+    "then not trainable); inline `data:` images, `input_audio` and `file_data` are refused with "
+    "422 `inline-media-unsupported`.",
     responses={
         200: {"model": ItemResult, "description": "Duplicate of a stored trace"},
         201: {"model": ItemResult, "description": "Stored"},
@@ -65,6 +69,8 @@ def ingest_traces(
 def list_traces(
     session: SessionDep,
     policy: str | None = Query(default=None, max_length=64),
+    external_id: str | None = Query(default=None, max_length=256,
+                                    description="Only the trace with this external_id."),
     split: Split | None = None,
     has_outcome: bool | None = None,
     since: datetime | None = Query(default=None, description="created_at ≥ since"),
@@ -74,7 +80,8 @@ def list_traces(
     principal: Principal = Depends(require(Scope.read)),
 ) -> TracePage:
     return service.list_traces(
-        session, principal.tenant, policy=policy, split=split, has_outcome=has_outcome,
+        session, principal.tenant, policy=policy, external_id=external_id, split=split,
+        has_outcome=has_outcome,
         since=since, until=until, cursor=cursor, limit=limit,
     )
 

@@ -56,13 +56,35 @@ class Redactor:
         return value
 
     def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        out = []
-        for message in messages:
-            copy = dict(message)
-            if isinstance(copy.get("content"), str):
-                copy["content"] = self.text(copy["content"])
-            out.append(copy)
-        return out
+        return [self.message(m) for m in messages]
+
+    def message(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Redacts what people write — text content, text parts, refusals, tool-call arguments —
+        and leaves structure (roles, ids, URLs, tool names) as sent."""
+        copy = dict(message)
+        content = copy.get("content")
+        if isinstance(content, str):
+            copy["content"] = self.text(content)
+        elif isinstance(content, list):
+            copy["content"] = [self._part(p) for p in content]
+        if isinstance(copy.get("refusal"), str):
+            copy["refusal"] = self.text(copy["refusal"])
+        if isinstance(copy.get("tool_calls"), list):
+            copy["tool_calls"] = [self._call(c) for c in copy["tool_calls"]]
+        return copy
+
+    def _part(self, part: Any) -> Any:
+        if isinstance(part, dict):
+            for key in ("text", "refusal"):
+                if isinstance(part.get(key), str):
+                    return part | {key: self.text(part[key])}
+        return part
+
+    def _call(self, call: Any) -> Any:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            return call | {"function": function | {"arguments": self.text(function["arguments"])}}
+        return call
 
     def value(self, value: Any) -> Any:
         """Redacts string leaves of a JSON value (metadata)."""

@@ -12,20 +12,175 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     field_validator,
+    model_validator,
 )
 
 from app.models import OutcomeSource, Split
 
 OutcomeValue = StrictBool | StrictInt | StrictFloat | Annotated[str, Field(max_length=256)]
 
+# ------------------------------------------------------------------ the OpenAI chat format
+# Every model below forbids unknown keys and is dumped with ``exclude_unset``, so what a client
+# sent is exactly what is stored and what GET returns (explicit nulls included).
 
-class ChatMessage(BaseModel):
-    """One OpenAI-format chat message (text content only)."""
+Text = Annotated[str, Field(max_length=200_000)]
+Short = Annotated[str, Field(max_length=256)]
 
+
+class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str = Field(max_length=200_000)
+
+
+class TextPart(_Strict):
+    """Text: the only content a trace can be trained on."""
+
+    type: Literal["text"]
+    text: Text
+
+
+class ImageUrl(_Strict):
+    url: str = Field(max_length=8192, description="http(s) URL; inline `data:` URLs are refused.")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(_Strict):
+    """An image stored by reference (its URL); the trace is kept but is not trainable."""
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class InputAudio(_Strict):
+    data: str
+    format: str = Field(max_length=16)
+
+
+class AudioPart(_Strict):
+    """Inline audio: refused with `inline-media-unsupported` (we store media only by reference)."""
+
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+class FileRef(_Strict):
+    file_id: Short | None = None
+    filename: Short | None = None
+    file_data: str | None = None
+
+
+class FilePart(_Strict):
+    """A file by `file_id` is stored by reference (untrainable); inline `file_data` is refused."""
+
+    type: Literal["file"]
+    file: FileRef
+
+
+class RefusalPart(_Strict):
+    type: Literal["refusal"]
+    refusal: Text
+
+
+ContentPart = Annotated[
+    TextPart | ImagePart | AudioPart | FilePart | RefusalPart, Field(discriminator="type")
+]
+
+
+class FunctionCall(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    arguments: Text = Field(description="JSON text, as the model produced it (kept verbatim).")
+
+
+class ToolCall(_Strict):
+    id: Short
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(_Strict):
+    """One OpenAI chat message: string or part-list content, tool calls and tool results."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[ContentPart] | None = None
     name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: Short | None = None
+    refusal: Text | None = None
+
+    @model_validator(mode="after")
+    def _fits_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.tool_call_id is not None and self.role != "tool":
+            raise ValueError("only tool messages carry tool_call_id")
+        if self.content is None and not (self.role == "assistant" and (
+                self.tool_calls or self.refusal is not None)):
+            raise ValueError("content is required unless an assistant message has tool_calls")
+        if isinstance(self.content, list):
+            allowed = _PARTS_BY_ROLE[self.role]
+            for part in self.content:
+                if part.type not in allowed:
+                    raise ValueError(f"a {self.role} message cannot hold {part.type!r} parts")
+        return self
+
+
+_PARTS_BY_ROLE: dict[str, frozenset[str]] = {
+    "system": frozenset({"text"}),
+    "developer": frozenset({"text"}),
+    "user": frozenset({"text", "image_url", "input_audio", "file"}),
+    "assistant": frozenset({"text", "refusal"}),
+    "tool": frozenset({"text"}),
+}
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(min_length=1, max_length=256)
+    description: str | None = Field(default=None, max_length=20_000)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class SamplingParamsIn(_Strict):
+    """The request's sampling parameters, as the client sent them to its model."""
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int | None = Field(default=None, ge=1)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
+    reasoning_effort: str | None = Field(default=None, max_length=32)
+
+
+class ResponseMessage(_Strict):
+    """The response as OpenAI returns `choices[0].message`: text and/or tool calls."""
+
+    role: Literal["assistant"] = "assistant"
+    content: Text | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
+    refusal: Text | None = None
+
+
+class Usage(_Strict):
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+FinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
 
 
 class InlineOutcome(BaseModel):
@@ -36,7 +191,8 @@ class InlineOutcome(BaseModel):
 
 
 class TraceIn(BaseModel):
-    """A production trace: what the deployed model was asked and what it answered."""
+    """A production trace: what the deployed model was asked and what it answered, in the OpenAI
+    chat format."""
 
     model_config = ConfigDict(extra="forbid")
     external_id: str = Field(
@@ -44,10 +200,24 @@ class TraceIn(BaseModel):
     )
     policy: str = Field(min_length=1, max_length=64, description="Name of the policy.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
-    response: str = Field(max_length=200_000, description="What the deployed model answered.")
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=128)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    sampling_params: SamplingParamsIn | None = None
+    response: Text | ResponseMessage = Field(
+        description="What the deployed model answered: a string, or the message object "
+        "(`choices[0].message`) with text and/or tool calls."
+    )
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
     model: str | None = Field(
         default=None, max_length=256, description="Served snapshot name, e.g. `clinical-v3`."
     )
+    tags: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        default=None, max_length=64
+    )
+    user_id: Short | None = None
+    session_id: Short | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     outcome: InlineOutcome | None = None
     occurred_at: datetime | None = None
@@ -58,6 +228,14 @@ class TraceIn(BaseModel):
         if any(ord(c) < 32 for c in v):
             raise ValueError("external_id must not contain control characters")
         return v
+
+    @model_validator(mode="after")
+    def _response_has_something(self) -> TraceIn:
+        r = self.response
+        if isinstance(r, ResponseMessage) and r.content is None and not r.tool_calls \
+                and r.refusal is None:
+            raise ValueError("a response message needs content, tool_calls or a refusal")
+        return self
 
 
 class TraceBatchIn(BaseModel):
@@ -99,12 +277,29 @@ class OutcomeOut(BaseModel):
 
 
 class TraceOut(BaseModel):
+    """What was stored, in the shape it was sent (optional fields are omitted when they were
+    not sent), plus what the service derived."""
+
     id: int
     external_id: str
     policy: str
     messages: list[dict[str, Any]]
-    response: str
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    sampling_params: dict[str, Any] | None = None
+    response: str | dict[str, Any]
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
     model: str | None
+    tags: list[str] | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    trainable: bool
+    untrainable_reason: str | None = Field(
+        default=None, description="Why the trace is not trained on, e.g. `image_content`, "
+        "`aborted`, `content_filtered`; null when trainable."
+    )
     snapshot_id: int | None
     metadata: dict[str, Any]
     split: Split

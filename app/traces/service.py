@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -57,26 +57,83 @@ def assign_split(tenant: str, external_id: str, heldout_fraction: float) -> Spli
     return Split.heldout if u < heldout_fraction else Split.train
 
 
+_REQUEST_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "sampling_params")
+_OPTIONAL_FIELDS = (*_REQUEST_FIELDS, "finish_reason", "usage", "tags", "user_id", "session_id")
+
+
+def dump_messages(item: TraceIn) -> list[dict[str, Any]]:
+    """The messages exactly as sent: unset keys left out, explicit nulls kept."""
+    return [m.model_dump(mode="json", exclude_unset=True) for m in item.messages]
+
+
+def _dump_response(item: TraceIn) -> str | dict[str, Any]:
+    r = item.response
+    return r if isinstance(r, str) else r.model_dump(mode="json", exclude_unset=True)
+
+
 def content_hash(item: TraceIn) -> str:
     """Hash of what the client sent (before redaction; outcomes excluded since they may come
-    later), used to tell an idempotent retry from a conflicting reuse of an external_id."""
+    later), used to tell an idempotent retry from a conflicting reuse of an external_id.
+
+    Nulls are dropped and the chat-format fields added in 0002 enter only when sent, so a trace
+    shaped as before hashes as before and its retries stay duplicates."""
+    canonical_fields: dict[str, Any] = {
+        "policy": item.policy,
+        "messages": [m.model_dump(mode="json", exclude_none=True) for m in item.messages],
+        "response": item.response if isinstance(item.response, str)
+        else item.response.model_dump(mode="json", exclude_none=True),
+        "model": item.model,
+        "metadata": item.metadata,
+    }
+    for name in _OPTIONAL_FIELDS:
+        value = getattr(item, name)
+        if value is not None:
+            canonical_fields[name] = (
+                [v.model_dump(mode="json", exclude_none=True) if hasattr(v, "model_dump") else v
+                 for v in value] if isinstance(value, list)
+                else value.model_dump(mode="json", exclude_none=True)
+                if hasattr(value, "model_dump") else value
+            )
     canonical = json.dumps(
-        {
-            "policy": item.policy,
-            "messages": [m.model_dump(exclude_none=True) for m in item.messages],
-            "response": item.response,
-            "model": item.model,
-            "metadata": item.metadata,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
+        canonical_fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False
     )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _parts(item: TraceIn) -> Iterator[Any]:
+    for m in item.messages:
+        if isinstance(m.content, list):
+            yield from m.content
+
+
+def inline_media(item: TraceIn) -> str | None:
+    """Media is stored only by reference: inline bytes (a `data:` image, audio, file_data) are
+    refused rather than stored half or dropped silently."""
+    for part in _parts(item):
+        if part.type == "image_url" and not part.image_url.url.startswith(("http://", "https://")):
+            return "image parts must reference an http(s) URL; inline data: images are refused"
+        if part.type == "input_audio":
+            return "input_audio parts carry inline audio, which is refused; store audio elsewhere"
+        if part.type == "file" and (part.file.file_data is not None or not part.file.file_id):
+            return "file parts must reference a file_id; inline file_data is refused"
+    return None
+
+
+def untrainable_reason(item: TraceIn) -> str | None:
+    """Why a valid trace cannot be trained on (None: it can). Training sees text only."""
+    kinds = {part.type for part in _parts(item)}
+    if "image_url" in kinds:
+        return "image_content"
+    if "file" in kinds:
+        return "file_content"
+    if item.finish_reason == "content_filter":
+        return "content_filtered"
+    return None
+
+
 def _invalid(
-    index: int, raw: Any, detail: str, errors: list[dict[str, Any]] | None = None
+    index: int, raw: Any, detail: str, errors: list[dict[str, Any]] | None = None,
+    type_: str = "invalid-input", title: str = "Invalid input",
 ) -> ItemResult:
     ext = raw.get("external_id") if isinstance(raw, dict) else None
     extra = {"errors": errors} if errors else {}
@@ -84,7 +141,7 @@ def _invalid(
         index=index,
         external_id=ext if isinstance(ext, str) else None,
         status=ItemStatus.invalid,
-        error=problem_body(422, "invalid-input", "Invalid input", detail, **extra),
+        error=problem_body(422, type_, title, detail, **extra),
     )
 
 
@@ -109,6 +166,7 @@ class _Pending:
     item: TraceIn
     chash: str
     policy: Policy
+    untrainable: str | None
 
 
 def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -117,8 +175,11 @@ def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
 
 
 def ingest(
-    session: Session, principal: Principal, raw_items: list[Any], settings: Settings
+    session: Session, principal: Principal, raw_items: list[Any], settings: Settings,
+    *, untrainable: str | None = None,
 ) -> BatchResult:
+    """Validate, redact and store traces; ``untrainable`` flags every item with that reason
+    (the proxy's aborted streams)."""
     if not raw_items:
         raise InvalidInput("a batch needs at least one trace")
     if len(raw_items) > settings.max_batch_items:
@@ -142,6 +203,11 @@ def ingest(
         if problem:
             results[index] = _invalid(index, raw, problem)
             continue
+        media = inline_media(item)
+        if media:
+            results[index] = _invalid(index, raw, media, type_="inline-media-unsupported",
+                                      title="Inline media is not stored")
+            continue
         valid.append((index, item))
 
     policies = _policies_by_name(session, tenant, {item.policy for _, item in valid})
@@ -153,7 +219,8 @@ def ingest(
         if policy is None:
             results[index] = _invalid(index, item.model_dump(), f"unknown policy {item.policy!r}")
             continue
-        p = _Pending(index, item, content_hash(item), policy)
+        p = _Pending(index, item, content_hash(item), policy,
+                     untrainable or untrainable_reason(item))
         if item.external_id in first_in_batch:
             repeats.append(p)
         else:
@@ -220,8 +287,24 @@ def ingest(
     return BatchResult(results=ordered, counts=counts)
 
 
+def _texts(item: TraceIn) -> Iterator[str]:
+    for m in item.messages:
+        if isinstance(m.content, str):
+            yield m.content
+        elif m.content:
+            yield from (p.text for p in m.content if p.type == "text")
+        for call in m.tool_calls or ():
+            yield call.function.arguments
+    if isinstance(item.response, str):
+        yield item.response
+    else:
+        yield item.response.content or ""
+        for call in item.response.tool_calls or ():
+            yield call.function.arguments
+
+
 def _check_limits(item: TraceIn, settings: Settings) -> str | None:
-    longest = max([len(m.content) for m in item.messages] + [len(item.response)])
+    longest = max(len(t) for t in _texts(item))
     if longest > settings.max_message_chars:
         return (
             f"a message or the response has {longest} characters; the limit is "
@@ -274,20 +357,37 @@ def _insert(
     rows = []
     for p in items:
         redactor = Redactor() if p.policy.redaction_enabled else None
-        messages = [m.model_dump(exclude_none=True) for m in p.item.messages]
-        response, metadata = p.item.response, p.item.metadata
+        item = p.item
+        messages = dump_messages(item)
+        response, metadata = _dump_response(item), item.metadata
         if redactor is not None:
             messages = redactor.messages(messages)
-            response = redactor.text(response)
+            response = (redactor.text(response) if isinstance(response, str)
+                        else redactor.message(response))
             metadata = redactor.value(metadata)
+        request = {
+            name: getattr(item, name) if name in ("tool_choice", "parallel_tool_calls")
+            else _dump(getattr(item, name))
+            for name in _REQUEST_FIELDS if name in item.model_fields_set
+        }
         rows.append(
             {
                 "tenant": tenant,
-                "external_id": p.item.external_id,
+                "external_id": item.external_id,
                 "policy_id": p.policy.id,
                 "messages": messages,
-                "response": response,
-                "model": p.item.model,
+                "response": response if isinstance(response, str)
+                else response.get("content") or "",
+                "response_message": None if isinstance(response, str) else response,
+                "request": request,
+                "finish_reason": item.finish_reason,
+                "usage": _dump(item.usage),
+                "tags": item.tags,
+                "user_id": item.user_id,
+                "session_id": item.session_id,
+                "trainable": p.untrainable is None,
+                "untrainable_reason": p.untrainable,
+                "model": item.model,
                 "snapshot_id": snapshots.get((p.policy.id, p.item.model or "")),
                 "metadata": metadata,
                 "split": assign_split(tenant, p.item.external_id, settings.heldout_fraction),
@@ -311,6 +411,14 @@ def _insert(
         for row_id, ext, split in session.execute(stmt, list(chunk)):
             out[ext] = (row_id, Split(split))
     return out
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json", exclude_unset=True)
+    return value
 
 
 def _store_inline_outcomes(
@@ -387,13 +495,23 @@ def _join_pending_outcomes(
 
 
 def to_out(trace: Trace, policy_name: str) -> TraceOut:
+    sent = {name: trace.request[name] for name in _REQUEST_FIELDS if name in trace.request}
     return TraceOut(
         id=trace.id,
         external_id=trace.external_id,
         policy=policy_name,
         messages=trace.messages,
-        response=trace.response,
+        **sent,
+        response=trace.response_message if trace.response_message is not None
+        else trace.response,
+        finish_reason=trace.finish_reason,
+        usage=trace.usage,
         model=trace.model,
+        tags=trace.tags,
+        user_id=trace.user_id,
+        session_id=trace.session_id,
+        trainable=trace.trainable,
+        untrainable_reason=trace.untrainable_reason,
         snapshot_id=trace.snapshot_id,
         metadata=trace.meta,
         split=trace.split,
@@ -418,6 +536,12 @@ def get_trace(session: Session, tenant: str, trace_id: int) -> TraceOut:
     return to_out(row[0], row[1])
 
 
+def find(session: Session, tenant: str, external_id: str) -> Trace | None:
+    return session.scalar(
+        select(Trace).where(Trace.tenant == tenant, Trace.external_id == external_id)
+    )
+
+
 def encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(f"id:{last_id}".encode()).decode().rstrip("=")
 
@@ -439,6 +563,7 @@ def list_traces(
     tenant: str,
     *,
     policy: str | None,
+    external_id: str | None = None,
     split: Split | None,
     has_outcome: bool | None,
     since: datetime | None,
@@ -455,6 +580,8 @@ def list_traces(
     )
     if policy is not None:
         q = q.where(Policy.name == policy)
+    if external_id is not None:
+        q = q.where(Trace.external_id == external_id)
     if split is not None:
         q = q.where(Trace.split == split)
     if has_outcome is not None:

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 from app.auth.service import Scope
 from app.dependencies import get_session
 from app.main import create_app
+from app.proxy.endpoints import OPENAI_PATHS
 from app.settings import Settings
 
 from ._helpers import assert_problem
@@ -87,6 +88,9 @@ def test_every_api_route_answers_401_without_a_valid_key(
             r = client.request(op.method, op.url(), headers=headers,
                                json={} if op.method in {"POST", "PUT", "PATCH"} else None)
             assert r.status_code == 401, (op.method, op.path, headers, r.status_code, r.text)
+            if op.path.startswith(OPENAI_PATHS):
+                assert r.json()["error"]["type"] == "authentication_error", r.text
+                continue
             assert assert_problem(r, 401)["type"].endswith("/unauthorized")
 
 
@@ -103,6 +107,9 @@ def test_every_api_route_answers_403_to_a_key_lacking_its_scope(
         r = client.request(op.method, op.url(), headers={"Authorization": f"Bearer {keys[needed]}"},
                            json={} if op.method in {"POST", "PUT", "PATCH"} else None)
         assert r.status_code == 403, (op.method, op.path, needed, r.status_code, r.text)
+        if op.path.startswith(OPENAI_PATHS):
+            assert r.json()["error"]["type"] == "permission_error", r.text
+            continue
         assert assert_problem(r, 403)["type"].endswith("/forbidden")
 
 

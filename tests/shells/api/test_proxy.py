@@ -60,7 +60,7 @@ def test_streaming_sends_sse_chunks_and_records_the_whole_answer(
     assert lines[-1] == "data: [DONE]"
     chunks = [json.loads(line[6:]) for line in lines[:-1]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")  # 12 tokens may cut
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
     trace = _trace(client, admin_headers, chunks[0]["id"])
     assert trace is not None and trace["response"] == text

@@ -1,0 +1,1 @@
+"""Receivers: shells that turn what teams already export into our traces and outcomes."""

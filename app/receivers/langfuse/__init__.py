@@ -1,0 +1,1 @@
+"""Langfuse ingestion API (`POST /api/public/ingestion`)."""
