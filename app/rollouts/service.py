@@ -102,12 +102,14 @@ def serving_snapshot(session: Session, policy: Policy) -> Snapshot:
 def pending_trace_ids(
     session: Session, policy: Policy, snapshot_id: int, limit: int | None = None
 ) -> list[int]:
-    """Train traces of ``policy`` with no group for ``snapshot_id`` (and their outcome present)."""
+    """Trainable train traces of ``policy`` with no group for ``snapshot_id`` (and their outcome
+    present). Untrainable ones (image content, aborted streams…) are never regenerated."""
     has_group = exists().where(
         RolloutGroup.trace_id == Trace.id, RolloutGroup.snapshot_id == snapshot_id
     )
     query = select(Trace.id).where(
-        Trace.policy_id == policy.id, Trace.split == Split.train, ~has_group
+        Trace.policy_id == policy.id, Trace.split == Split.train, Trace.trainable.is_(True),
+        ~has_group,
     )
     outcome_name = (policy.grader_spec or {}).get("outcome")
     if outcome_name:

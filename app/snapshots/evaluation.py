@@ -40,6 +40,7 @@ from workers.evaluation.metrics import bootstrap_ci, pass_at_k
 from workers.evaluation.paired import mcnemar_exact, paired_bootstrap
 from workers.graders import Grader, GradeResult, MissingOutcomeError
 from workers.inference.base import AdapterRef, InferenceBackend, SamplingParams
+from workers.inference.chat import flatten_messages
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,8 @@ def heldout_items(
     outcome_name = str((policy.grader_spec or {}).get("outcome", ""))
     traces = session.scalars(
         select(Trace)
-        .where(Trace.policy_id == policy.id, Trace.split == Split.heldout)
+        .where(Trace.policy_id == policy.id, Trace.split == Split.heldout,
+               Trace.trainable.is_(True))
         .options(selectinload(Trace.outcomes))
         .order_by(Trace.id)
     )
@@ -323,7 +325,7 @@ def heldout_items(
         if outcome_name and outcome_name not in outcomes:
             skipped += 1
             continue
-        messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in t.messages]
+        messages = flatten_messages(t.messages)
         items.append(EvalItem(t.external_id, messages, outcomes or None, dict(t.meta or {})))
         if len(items) >= max_items:
             break
