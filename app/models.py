@@ -65,10 +65,14 @@ class SnapshotStatus(enum.StrEnum):
     retired = "retired"
     rejected = "rejected"
     failed = "failed"
+    superseded = "superseded"
+    """The serving snapshot changed under a candidate before it had a verdict."""
 
 
 SNAPSHOT_TRANSITIONS: dict[SnapshotStatus, frozenset[SnapshotStatus]] = {
-    SnapshotStatus.candidate: frozenset({SnapshotStatus.evaluated, SnapshotStatus.failed}),
+    SnapshotStatus.candidate: frozenset(
+        {SnapshotStatus.evaluated, SnapshotStatus.failed, SnapshotStatus.superseded}
+    ),
     SnapshotStatus.evaluated: frozenset(
         {SnapshotStatus.awaiting_approval, SnapshotStatus.rejected, SnapshotStatus.failed}
     ),
@@ -82,6 +86,7 @@ SNAPSHOT_TRANSITIONS: dict[SnapshotStatus, frozenset[SnapshotStatus]] = {
     SnapshotStatus.retired: frozenset({SnapshotStatus.deploying}),
     SnapshotStatus.rejected: frozenset(),
     SnapshotStatus.failed: frozenset(),
+    SnapshotStatus.superseded: frozenset(),
 }
 
 
@@ -403,6 +408,9 @@ class Job(Base):
     result: Mapped[dict[str, Any]] = mapped_column(default=dict)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    # A failed job's key is planned again (attempts reset) up to ``job_max_replans`` times, each
+    # after a growing backoff: the key names the work, not its fate.
+    replans: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
     lease_expires_at: Mapped[datetime | None] = _ts(nullable=True)
     heartbeat_at: Mapped[datetime | None] = _ts(nullable=True)

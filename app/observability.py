@@ -46,6 +46,11 @@ SERVING_VERSION = Gauge(
     ["policy"], registry=REGISTRY,
 )
 
+ops = structlog.get_logger("tracelearn")
+"""Operational events, one structured line each: tick, plan, job.started / job.finished /
+job.failed / job.replanned / job.handed_back, run.started / run.finished / run.failed,
+evaluation.done, verdict, promotion. ``tracelearn up`` shows them compactly."""
+
 _configured = False
 
 

@@ -92,6 +92,14 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(
         default=3, ge=1, description="Attempts before a job is marked failed for good."
     )
+    job_max_replans: int = Field(
+        default=3, ge=0, description="Times a failed job's key is planned again (attempts reset) "
+        "by the next scheduler tick before its failure is final.",
+    )
+    job_replan_backoff_s: float = Field(
+        default=60.0, ge=0, description="Wait before the first re-plan of a failed job; doubles "
+        "with each further one.",
+    )
     reaper_interval_s: int = Field(
         default=30, ge=1, description="How often the reaper re-queues jobs with expired leases."
     )

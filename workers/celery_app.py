@@ -16,10 +16,11 @@ import threading
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutting_down
 from kombu import Queue, pools
 
-from app.jobs.service import register_sender
+from app.jobs.service import register_sender, request_stop
+from app.observability import configure_logging
 from app.models import JobKind
 from app.settings import Settings, get_settings
 
@@ -127,8 +128,17 @@ def send_job(kind: JobKind, job_id: int, countdown: float | None = None) -> None
 register_sender(send_job)
 
 
+@worker_shutting_down.connect
+def _hand_back_running_jobs(**_: Any) -> None:
+    # TERM/INT: jobs in hand hand themselves back at their next check instead of staying
+    # `running` until their lease expires.
+    request_stop()
+
+
 @worker_init.connect
 def _preload(**_: Any) -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
     # torch + transformers take seconds to import; pay that before the worker reports ready,
     # not inside the first task (where it would also eat into the job's lease).
     import workers.inference.local  # noqa: F401

@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,18 +67,68 @@ def spawn(argv: list[str], settings: Settings, log_path: Path | None = None) -> 
                             start_new_session=True)
 
 
+OPS_EVENTS = ("tick", "plan", "job.", "run.", "evaluation.done", "verdict", "promotion")
+"""Prefixes of the operational events (``app.observability.ops``) that ``up`` shows."""
+_NOISE = frozenset({"event", "timestamp", "level", "logger"})
+
+
+def compact_event(line: str) -> str | None:
+    """One log line as a short console line, or None when it is not an operational event."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    event = record.get("event") if isinstance(record, dict) else None
+    if not isinstance(event, str) or not event.startswith(OPS_EVENTS):
+        return None
+    fields = " ".join(f"{k}={v}" for k, v in record.items()
+                      if k not in _NOISE and v not in (None, [], {}, ""))
+    return f"{str(record.get('timestamp', ''))[11:19]} {event:<16} {fields}"
+
+
+class EventFollower(threading.Thread):
+    """Follows the workers' log files from their current end and hands every operational event
+    to ``show`` in compact form."""
+
+    def __init__(self, log_dir: Path, show: Callable[[str], None]) -> None:
+        super().__init__(name="ops-events", daemon=True)
+        self.log_dir, self.show = log_dir, show
+        self._stop = threading.Event()
+        self._offsets = {p: p.stat().st_size for p in log_dir.glob("*.log")}
+
+    def run(self) -> None:
+        while not self._stop.wait(0.5):
+            for path in sorted(self.log_dir.glob("*.log")):
+                offset = self._offsets.get(path, 0)
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                # Only whole lines; a half-written one is read again next time.
+                whole = chunk[: chunk.rfind(b"\n") + 1]
+                self._offsets[path] = offset + len(whole)
+                for raw in whole.decode("utf-8", "replace").splitlines():
+                    line = compact_event(raw)
+                    if line is not None:
+                        self.show(line)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 @dataclass
 class EmbeddedWorkers:
     """Handle on the child processes of ``tracelearn up``."""
 
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     log_dir: Path | None = None
+    follower: EventFollower | None = None
 
     def alive(self) -> dict[str, bool]:
         return {name: p.poll() is None for name, p in self.processes.items()}
 
     def stop(self, timeout: float = 15.0) -> None:
-        # Warm shutdown first (Celery finishes or re-queues the task in hand), then kill.
+        # Warm shutdown first: a job in hand hands itself back (lease released, re-queued) at
+        # its next check; whatever is still running after ``timeout`` is killed.
         for p in self.processes.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -87,12 +139,17 @@ class EmbeddedWorkers:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=5)
+        if self.follower is not None:
+            self.follower.stop()
 
 
-def start_embedded_workers(settings: Settings) -> EmbeddedWorkers:
+def start_embedded_workers(
+    settings: Settings, show_events: Callable[[str], None] | None = None
+) -> EmbeddedWorkers:
     """Workers for every queue and beat (which also runs the reaper), as children of this process,
     on the broker from ``settings`` (the no-server SQLite broker by default). Logs go to
-    ``<data_dir>/logs/``. Call ``handle.stop()`` on shutdown."""
+    ``<data_dir>/logs/``; with ``show_events`` their operational events are followed and shown
+    compactly. Call ``handle.stop()`` on shutdown."""
     log_dir = settings.data_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     # Create the broker's tables once here, so the children do not race to create them.
@@ -110,4 +167,7 @@ def start_embedded_workers(settings: Settings) -> EmbeddedWorkers:
         settings, log_dir / "worker.log",
     )
     handle.processes["beat"] = spawn(beat_argv(), settings, log_dir / "beat.log")
+    if show_events is not None:
+        handle.follower = EventFollower(log_dir, show_events)
+        handle.follower.start()
     return handle

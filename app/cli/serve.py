@@ -4,6 +4,7 @@ embedded default in one process tree) and ``tracelearn settings``."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -48,12 +49,18 @@ def local_api(settings: Settings) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_embedded(settings: Settings, host: str, port: int) -> None:
     """`tracelearn up`: SQLite file, a broker that needs no server, the bundled tiny model, the
     workers and beat as child processes, API and dashboard on localhost."""
     with single_bar("building the bundled tiny model (first run only)") as update:
         model_dir = prepare(settings, update)
-    handle: EmbeddedWorkers | None = start_embedded_workers(settings)
+    handle: EmbeddedWorkers | None = start_embedded_workers(
+        settings, show_events=lambda line: console.print(line, markup=False, highlight=False)
+    )
     url = f"http://{host}:{port}"
     console.print(f"""
 [bold green]tracelearn is up[/bold green]
@@ -70,12 +77,18 @@ Then post traces:
        -H 'content-type: application/json' -d '{{"name": "clinical"}}'
   tracelearn demo --url {url} --key $KEY     # synthetic clinical traces, end to end
 """)
+    # uvicorn shuts down gracefully on TERM/INT and then re-raises the signal with the handler it
+    # found installed; ours turns that into SystemExit, so the workers below are stopped (and
+    # hand their jobs back) instead of being orphaned.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
                     access_log=False)
     finally:
         if handle is not None:
+            console.print("stopping workers (jobs in hand go back to the queue)…")
             handle.stop()
+            console.print("stopped")
 
 
 @serve_app.command("api")

@@ -291,9 +291,9 @@ def evaluate(
     user: DashboardUser = Depends(csrf_user),
 ) -> Response:
     def action() -> str:
-        snapshots.evaluate(session, user.principal, snapshot_id,
-                           EvaluateIn(breakdown_key=breakdown_key.strip() or None), get_settings())
-        return "Evaluated."
+        job = snapshots.evaluate(session, user.principal, snapshot_id,
+                                 EvaluateIn(breakdown_key=breakdown_key.strip() or None))
+        return f"Evaluation queued (job {job.job_id}); this page shows the verdict when it lands."
 
     return _act(f"/snapshots/{snapshot_id}", action)
 

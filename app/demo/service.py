@@ -33,17 +33,6 @@ DemoProgress = Callable[[str, int, int], None]
 """progress(stage, done, total); stages: model, server, policy, ingest, regenerate, grade, train,
 evaluate, done."""
 
-DEMO_GATE: dict[str, Any] = {
-    # The blog's first win is the contract: score by mean reward, which punishes unparseable
-    # answers, and keep the thresholds honest but reachable for one small update.
-    "primary_metric": "mean_reward",
-    "min_abs_gain": 0.0,
-    "min_rel_gain": 0.0,
-    "min_parse_rate": 0.0,
-    "max_secondary_regression": 0.1,
-    "min_eval_n": 10,
-}
-
 # One OAPL update = one optimizer step over every graded rollout, with the learner benchmark's
 # frozen one-step hyperparameters (benchmarks/quality.py: ONE_STEP | OAPL).
 DEMO_TRAINING: dict[str, Any] = {
@@ -88,7 +77,7 @@ def _create_policy(client: httpx.Client, base: str, group_size: int, max_tokens:
     for i in range(1, 100):
         name = base if i == 1 else f"{base}-{i}"
         r = client.post("/v1/policies", json={
-            "name": name, "group_size": group_size, "gate": DEMO_GATE,
+            "name": name, "group_size": group_size,
             "sampling": {"temperature": 1.0, "max_tokens": max_tokens},
         })
         if r.status_code == 201:

@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_scope, upsert_insert, utcnow
 from app.models import Job, JobKind, JobStatus
+from app.observability import ops
 from app.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,19 @@ class PermanentJobError(RuntimeError):
     """Retrying cannot help (bad configuration, missing entity): fail the job at once."""
 
 
+class HandedBack(RuntimeError):
+    """This process is stopping: the job goes back to the queue, the attempt not counted."""
+
+
+_stopping = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask every job running in this process to hand itself back at its next ``check()``
+    (called when a worker receives TERM/INT: nothing is left ``running`` until its lease ends)."""
+    _stopping.set()
+
+
 def new_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
@@ -64,6 +79,7 @@ def enqueue(
     *,
     max_attempts: int | None = None,
     dispatch: bool = True,
+    replan_now: bool = False,
 ) -> Job:
     """Create the job for ``key`` unless it exists; return the row either way.
 
@@ -91,9 +107,49 @@ def enqueue(
     )
     session.execute(stmt)
     job = session.scalars(select(Job).where(Job.key == key)).one()
+    if job.status is JobStatus.failed:
+        _replan(session, job, now, dispatch=dispatch, ignore_backoff=replan_now)
     if dispatch and job.dispatched_at is None and job.status in (JobStatus.queued, JobStatus.retrying):
         _dispatch_after_commit(session, job.id)
     return job
+
+
+def replan_due_at(job: Job) -> datetime | None:
+    """When a failed job's key may be planned again; None once its re-plans are used up."""
+    settings = get_settings()
+    if job.status is not JobStatus.failed or job.replans >= settings.job_max_replans:
+        return None
+    return job.updated_at + timedelta(seconds=settings.job_replan_backoff_s * 2**job.replans)
+
+
+def replans_exhausted(job: Job) -> bool:
+    """The job failed and no re-plan is left: its failure is final."""
+    return job.status is JobStatus.failed and job.replans >= get_settings().job_max_replans
+
+
+def _replan(
+    session: Session, job: Job, now: datetime, *, dispatch: bool, ignore_backoff: bool
+) -> None:
+    """A key names the work, not its fate: a failed job is queued again (attempts reset) once its
+    backoff has passed, up to ``job_max_replans`` times; a person asking (``ignore_backoff``)
+    re-plans it at once and without the cap."""
+    settings = get_settings()
+    if job.replans >= settings.job_max_replans and not ignore_backoff:
+        return
+    backoff = 0.0 if ignore_backoff else settings.job_replan_backoff_s * 2**job.replans
+    cutoff = now - timedelta(seconds=backoff)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.failed, Job.updated_at <= cutoff)
+        .values(status=JobStatus.queued, attempts=0, replans=Job.replans + 1,
+                lease_owner=None, lease_expires_at=None, updated_at=now,
+                dispatched_at=None if dispatch else now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 1:  # type: ignore[attr-defined]
+        session.refresh(job)
+        ops.info("job.replanned", job_id=job.id, kind=job.kind.value, key=job.key,
+                 replan=job.replans, last_error=job.error)
 
 
 def _dispatch_after_commit(session: Session, job_id: int, countdown: float | None = None) -> None:
@@ -342,7 +398,10 @@ class JobContext:
         return self._lost.is_set()
 
     def check(self) -> None:
-        """Call before writing results: raises ``LeaseLost`` if another worker took over."""
+        """Call between units of work and before writing results: raises ``HandedBack`` when
+        this process is stopping and ``LeaseLost`` if another worker took over."""
+        if _stopping.is_set():
+            raise HandedBack(f"job {self.job_id}: handed back, the worker is stopping")
         if self._lost.is_set():
             raise LeaseLost(f"job {self.job_id}: lease lost")
         with session_scope() as session:
@@ -384,7 +443,7 @@ class _LeaseKeeper:
 
 
 Handler = Callable[[JobContext], dict[str, Any]]
-RunOutcome = Literal["succeeded", "skipped", "retrying", "failed", "lease-lost"]
+RunOutcome = Literal["succeeded", "skipped", "retrying", "failed", "lease-lost", "handed-back"]
 
 
 def run_job(
@@ -404,28 +463,57 @@ def run_job(
         ctx = JobContext(
             job.id, job.kind, dict(job.payload), job.attempts, owner, lease, job.max_attempts
         )
+    started = time.monotonic()
+    ops.info("job.started", job_id=job_id, kind=ctx.kind.value, attempt=ctx.attempt)
     try:
         with _LeaseKeeper(ctx):
             result = handler(ctx)
     except LeaseLost:
         log.warning("job %s: lease lost; leaving it to the new owner", job_id)
         return "lease-lost"
+    except HandedBack:
+        with session_scope() as session:
+            hand_back(session, job_id, owner)
+        ops.info("job.handed_back", job_id=job_id, kind=ctx.kind.value)
+        return "handed-back"
     except PermanentJobError as exc:
-        return _record_failure(ctx, f"{type(exc).__name__}: {exc}", retryable=False)
+        return _record_failure(ctx, f"{type(exc).__name__}: {exc}", started, retryable=False)
     except Exception as exc:
         log.exception("job %s attempt %s failed", job_id, ctx.attempt)
-        return _record_failure(ctx, f"{type(exc).__name__}: {exc}", retryable=True)
+        return _record_failure(ctx, f"{type(exc).__name__}: {exc}", started, retryable=True)
     with session_scope() as session:
         if not complete(session, job_id, owner, result):
             return "lease-lost"
+    ops.info("job.finished", job_id=job_id, kind=ctx.kind.value, attempt=ctx.attempt,
+             duration_s=round(time.monotonic() - started, 3))
     return "succeeded"
 
 
-def _record_failure(ctx: JobContext, error: str, *, retryable: bool) -> RunOutcome:
+def hand_back(session: Session, job_id: int, owner: str) -> bool:
+    """Release our lease and queue the job again at once, this attempt uncounted."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.running)
+        .values(status=JobStatus.queued, attempts=Job.attempts - 1, lease_owner=None,
+                lease_expires_at=None, dispatched_at=None, updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    _dispatch_after_commit(session, job_id)
+    return True
+
+
+def _record_failure(
+    ctx: JobContext, error: str, started: float, *, retryable: bool
+) -> RunOutcome:
     with session_scope() as session:
         status = fail(session, ctx.job_id, ctx.owner, error, retryable=retryable)
     if status is None:
         return "lease-lost"
+    ops.warning("job.failed", job_id=ctx.job_id, kind=ctx.kind.value, attempt=ctx.attempt,
+                duration_s=round(time.monotonic() - started, 3), error=error[:500],
+                retrying=status == JobStatus.retrying)
     return "retrying" if status == JobStatus.retrying else "failed"
 
 

@@ -27,17 +27,33 @@ class GraderSpec(BaseModel):
 
 
 class GateSpec(BaseModel):
-    """Thresholds a candidate must pass before it awaits human approval."""
+    """What a candidate must show against the champion (the serving snapshot, evaluated on the
+    same held-out prompts and seeds) before it awaits human approval.
+
+    The default is relative: the primary metric's paired-bootstrap 95% CI lower bound must be
+    above zero, and no other gated metric (parse rate included) may drop by more than
+    ``max_secondary_regression``. Absolute floors are opt-in.
+    """
 
     model_config = ConfigDict(extra="forbid")
     primary_metric: Literal["correct", "mean_reward", "parse_rate"] = "correct"
-    min_abs_gain: float = Field(default=0.0, description="Min primary-metric gain over champion.")
-    min_rel_gain: float = Field(default=0.0, description="Min relative gain over champion.")
-    min_parse_rate: float = Field(default=0.5, ge=0.0, le=1.0)
-    max_secondary_regression: float = Field(
-        default=0.05, ge=0.0, description="Max drop allowed on any secondary metric."
+    require_significant_gain: bool = Field(
+        default=True, description="The primary metric's paired 95% CI lower bound must be > 0."
     )
-    min_eval_n: int = Field(default=20, ge=1)
+    max_secondary_regression: float = Field(
+        default=0.05, ge=0.0, description="Max drop allowed on any other gated metric "
+        "(correct, mean_reward, parse_rate), in absolute units."
+    )
+    min_eval_n: int = Field(default=20, ge=1, description="Fewest held-out prompts to decide on.")
+    min_abs_gain: float | None = Field(
+        default=None, description="Opt-in: min primary-metric gain over the champion."
+    )
+    min_rel_gain: float | None = Field(
+        default=None, description="Opt-in: min relative primary-metric gain over the champion."
+    )
+    min_parse_rate: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Opt-in: absolute parse-rate floor."
+    )
 
 
 class TrainingSpec(BaseModel):

@@ -42,6 +42,7 @@ from app.models import (
     Split,
     Trace,
 )
+from app.observability import ops
 from app.policies.service import grader as policy_grader
 from app.policies.service import sampling_params
 from app.settings import get_settings
@@ -154,6 +155,9 @@ def plan_regeneration(session: Session, policy: Policy, *, limit: int | None = N
                 {"policy_id": policy.id, "snapshot_id": snapshot.id, "trace_ids": chunk},
             )
         )
+    if jobs:
+        ops.info("plan", policy=policy.name, snapshot=snapshot.served_name, traces=len(todo),
+                 rollout_jobs=[j.id for j in jobs])
     return jobs
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, selectinload
 from app.audit import record
 from app.db import session_scope, utcnow
 from app.errors import Conflict, InvalidInput
-from app.jobs.service import JobContext, PermanentJobError, enqueue
+from app.jobs.service import HandedBack, JobContext, PermanentJobError, enqueue
 from app.models import (
     GroupStatus,
     Job,
@@ -41,9 +41,11 @@ from app.models import (
     TrainingRun,
     training_run_groups,
 )
+from app.observability import ops
 from app.policies.service import sampling_params, served_name
 from app.settings import get_settings
 from app.snapshots.evaluation import eval_job_key
+from app.snapshots.state import supersede_stale_candidates
 from workers.learner import adapters
 
 log = logging.getLogger(__name__)
@@ -172,6 +174,8 @@ def start_run(
         session, policy.tenant, actor, "training_run.start", "training_run", run.id,
         after={"policy": policy.name, "trigger": trigger, "algorithm": cfg.algorithm},
     )
+    ops.info("run.started", run_id=run.id, policy=policy.name, trigger=trigger,
+             algorithm=cfg.algorithm, groups_available=available)
     return run
 
 
@@ -275,6 +279,8 @@ def execute_run(
     out_dir, reuse = _output_dir(policy_name, run_id, digest)
 
     def _progress(step: int, total: int, metrics: dict[str, float]) -> None:
+        if check is not None:
+            check()  # between optimizer steps: a stopping worker hands the run back here
         _set_run(run_id, progress=step / max(1, total), heartbeat_at=utcnow(),
                  metrics={"last_step": {k: float(v) for k, v in metrics.items()}})
         if progress is not None:
@@ -350,21 +356,31 @@ def _record_success(
             after={"served_name": snapshot.served_name, "training_run_id": run.id,
                    "groups": len(ids), "adapter_sha256": snapshot.adapter_sha256},
         )
-        if enqueue_eval:
+        if policy.serving_snapshot_id != run.parent_snapshot_id:
+            # An approval landed while this run trained: its candidate has its verdict already.
+            supersede_stale_candidates(session, policy, actor="system:train")
+        elif enqueue_eval:
             enqueue(session, JobKind.eval, eval_job_key(snapshot.id),
                     {"snapshot_id": snapshot.id})
         session.flush()
+        ops.info("run.finished", run_id=run.id, policy=policy.name, snapshot=snapshot.served_name,
+                 groups=len(ids), status=snapshot.status.value)
         return run
 
 
 def fail_run(run_id: int, error: str) -> None:
     _set_run(run_id, status=RunStatus.failed, finished_at=utcnow(), error=error[:8000])
+    ops.warning("run.failed", run_id=run_id, error=error[:500])
 
 
 def handle_train_job(ctx: JobContext) -> dict[str, Any]:
     run_id = int(ctx.payload["run_id"])
     try:
         run = execute_run(run_id, check=ctx.check)
+    except HandedBack:
+        # The worker is stopping: the run waits in the queue with its job, as if never started.
+        _set_run(run_id, status=RunStatus.queued, progress=0.0, started_at=None)
+        raise
     except PermanentJobError as exc:
         fail_run(run_id, str(exc))
         raise

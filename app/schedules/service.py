@@ -20,16 +20,13 @@ from sqlalchemy import exists, select
 
 from app.db import session_scope
 from app.errors import Conflict, DomainError
-from app.jobs.service import enqueue, reap
+from app.jobs.service import enqueue, reap, replans_exhausted
 from app.models import Evaluation, JobKind, Policy, Snapshot, SnapshotStatus
+from app.observability import ops
 from app.rollouts.service import plan_regeneration
-from app.runs.training import (
-    active_run,
-    count_trainable_groups,
-    eval_job_key,
-    fail_orphaned_runs,
-    start_run,
-)
+from app.runs.training import active_run, count_trainable_groups, fail_orphaned_runs, start_run
+from app.snapshots.evaluation import eval_job_key
+from app.snapshots.state import supersede_stale_candidates, transition
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +51,8 @@ class TickResult:
     training_run_id: int | None = None
     training_skipped: str | None = None
     eval_jobs: list[int] = field(default_factory=list)
+    superseded: list[int] = field(default_factory=list)
+    failed_candidates: list[int] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,17 +83,26 @@ def tick_policy(policy_id: int) -> TickResult:
                 out.training_run_id = run.id
             except (Conflict, DomainError) as exc:
                 out.training_skipped = exc.detail
-        unevaluated = session.scalars(
-            select(Snapshot.id).where(
+        out.superseded = supersede_stale_candidates(session, policy, actor="system:schedule")
+        unevaluated = list(session.scalars(
+            select(Snapshot).where(
                 Snapshot.policy_id == policy.id,
                 Snapshot.status == SnapshotStatus.candidate,
                 ~exists().where(Evaluation.snapshot_id == Snapshot.id),
             )
-        )
-        for sid in unevaluated:
-            job = enqueue(session, JobKind.eval, eval_job_key(sid), {"snapshot_id": sid})
-            out.eval_jobs.append(job.id)
-    log.info("policy tick %s", out.as_dict())
+        ))
+        for snapshot in unevaluated:
+            job = enqueue(session, JobKind.eval, eval_job_key(snapshot.id),
+                          {"snapshot_id": snapshot.id})
+            if replans_exhausted(job):
+                # Every re-plan failed too: the candidate gets a verdict, not a limbo.
+                transition(session, snapshot, SnapshotStatus.failed, actor="system:schedule",
+                           tenant=policy.tenant,
+                           reason=f"evaluation failed {job.replans + 1} times: {job.error}")
+                out.failed_candidates.append(snapshot.id)
+            else:
+                out.eval_jobs.append(job.id)
+    ops.info("tick", **out.as_dict())
     return out
 
 

@@ -14,6 +14,7 @@ from app.snapshots.promotion import PromotionResult
 from app.snapshots.schemas import (
     ApproveIn,
     AuditPage,
+    EvalJobOut,
     EvaluateIn,
     EvaluationOut,
     PromotionOut,
@@ -69,15 +70,14 @@ def list_evaluations(
     return [service.evaluation_out(r) for r in rows]
 
 
-@router.post("/snapshots/{snapshot_id}/evaluate", response_model=EvaluationOut)
+@router.post("/snapshots/{snapshot_id}/evaluate", response_model=EvalJobOut, status_code=202)
 def evaluate(
     session: SessionDep,
     snapshot_id: int,
     body: EvaluateIn | None = None,
     principal: Principal = Depends(require(Scope.admin)),
-) -> EvaluationOut:
-    row = service.evaluate(session, principal, snapshot_id, body or EvaluateIn(), get_settings())
-    return service.evaluation_out(row)
+) -> EvalJobOut:
+    return service.evaluate(session, principal, snapshot_id, body or EvaluateIn())
 
 
 @router.post("/snapshots/{snapshot_id}/approve", response_model=PromotionOut)

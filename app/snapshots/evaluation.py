@@ -30,8 +30,9 @@ from sqlalchemy.orm import Session, selectinload
 
 from app.db import session_scope
 from app.engines import adapter_for, backend_for
-from app.jobs.service import JobContext
+from app.jobs.service import JobContext, PermanentJobError
 from app.models import Evaluation, Policy, Snapshot, SnapshotStatus, Split, Trace
+from app.observability import ops
 from app.policies.service import grader as policy_grader
 from app.policies.service import sampling_params
 from app.settings import Settings, get_settings
@@ -332,21 +333,29 @@ def heldout_items(
     return items, skipped
 
 
-def evaluate_snapshot(
-    session: Session,
-    snapshot_id: int,
-    settings: Settings,
-    *,
-    options: EvalOptions | None = None,
-    actor: str = "system:eval",
-    backend: InferenceBackend | None = None,
-    progress: Callable[[str], None] | None = None,
-) -> Evaluation:
-    """Evaluate a candidate against the policy's serving snapshot, store the row, apply the gate.
+@dataclass(frozen=True)
+class EvalPlan:
+    """Everything an evaluation needs, read in one short transaction; running it needs none."""
 
-    The row is stored even when the gate rejects the candidate: the numbers explain why.
-    """
-    options = options or EvalOptions()
+    snapshot_id: int
+    served_name: str
+    champion_id: int
+    champion_served_name: str
+    base_model: str
+    candidate: AdapterRef | None
+    champion: AdapterRef | None
+    items: list[EvalItem]
+    skipped: int
+    k: int
+    group_size: int
+    params: SamplingParams
+    grader: Grader
+    options: EvalOptions
+
+
+def plan_evaluation(session: Session, snapshot_id: int, options: EvalOptions) -> EvalPlan | Evaluation:
+    """The plan for evaluating a candidate, or its stored evaluation when the work is done (a
+    re-delivered job). Reads only."""
     snapshot = session.get(Snapshot, snapshot_id)
     if snapshot is None:
         raise EvaluationError(f"no snapshot with id {snapshot_id}")
@@ -369,63 +378,109 @@ def evaluate_snapshot(
         raise EvaluationError(
             f"policy {policy.name!r} has no held-out traces with outcomes to evaluate on"
         )
-    k = options.k or policy.group_size
-    params = sampling_params(policy, seed=options.seed, max_tokens=options.max_tokens)
-    grader = policy_grader(policy)
-    # The rollout workers' backend: in the embedded default it shares the serving engine's model.
-    backend = backend or backend_for(settings, policy.base_model)
+    return EvalPlan(
+        snapshot_id=snapshot.id,
+        served_name=snapshot.served_name,
+        champion_id=champion.id,
+        champion_served_name=champion.served_name,
+        base_model=policy.base_model,
+        candidate=adapter_for(snapshot),
+        champion=adapter_for(champion),
+        items=items,
+        skipped=skipped,
+        k=options.k or policy.group_size,
+        group_size=policy.group_size,
+        params=sampling_params(policy, seed=options.seed, max_tokens=options.max_tokens),
+        grader=policy_grader(policy),
+        options=options,
+    )
+
+
+def run_evaluation(
+    plan: EvalPlan,
+    backend: InferenceBackend,
+    progress: Callable[[str], None] | None = None,
+) -> EvalReport:
+    """Sample and grade both snapshots (minutes of inference; no database involved)."""
     try:
-        report = evaluate_pair(
+        return evaluate_pair(
             backend,
-            items,
-            adapter_for(snapshot),
-            adapter_for(champion),
-            grader,
-            k=k,
-            group_size=policy.group_size,
-            params=params,
-            breakdown_key=options.breakdown_key,
-            n_boot=options.n_boot,
+            plan.items,
+            plan.candidate,
+            plan.champion,
+            plan.grader,
+            k=plan.k,
+            group_size=plan.group_size,
+            params=plan.params,
+            breakdown_key=plan.options.breakdown_key,
+            n_boot=plan.options.n_boot,
             progress=progress,
         )
     except MissingOutcomeError as exc:  # items are filtered on outcomes; a grader may want more
         raise EvaluationError(str(exc)) from exc
+
+
+def record_evaluation(
+    session: Session, plan: EvalPlan, report: EvalReport, *, actor: str
+) -> Evaluation:
+    """Store the evaluation and apply the gate — a short write transaction. The row is stored
+    even when the gate rejects the candidate: the numbers explain why."""
+    snapshot = session.get(Snapshot, plan.snapshot_id)
+    if snapshot is None:
+        raise EvaluationError(f"snapshot {plan.snapshot_id} is gone")
     row = Evaluation(
-        snapshot_id=snapshot.id,
-        champion_snapshot_id=champion.id,
+        snapshot_id=plan.snapshot_id,
+        champion_snapshot_id=plan.champion_id,
         dataset=DATASET_HELDOUT,
         n=report.n,
         metrics=report.candidate,
         comparison={
             "champion": report.champion,
-            "champion_served_name": champion.served_name,
+            "champion_served_name": plan.champion_served_name,
             "paired": report.paired,
             "mcnemar": report.mcnemar,
             "reward_hist": report.reward_hist,
             "k": report.k,
-            "seed": options.seed,
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
-            "grader_version": grader.version,
-            "skipped_no_outcome": skipped,
+            "seed": plan.options.seed,
+            "max_tokens": plan.params.max_tokens,
+            "temperature": plan.params.temperature,
+            "grader_version": plan.grader.version,
+            "skipped_no_outcome": plan.skipped,
         },
         breakdown=report.breakdown,
         examples=report.examples,
     )
     session.add(row)
     session.flush()
+    verdict = None
     if snapshot.status is SnapshotStatus.candidate:
-        apply_gate(session, snapshot, row, actor=actor)
+        verdict = apply_gate(session, snapshot, row, actor=actor)
     session.flush()
-    log.info(
-        "evaluated %s vs %s on %d prompts: correct %.3f vs %.3f",
-        snapshot.served_name,
-        champion.served_name,
-        report.n,
-        report.candidate["correct"]["value"],
-        report.champion["correct"]["value"],
-    )
+    ops.info("evaluation.done", snapshot=plan.served_name, champion=plan.champion_served_name,
+             n=report.n, candidate_correct=report.candidate["correct"]["value"],
+             champion_correct=report.champion["correct"]["value"])
+    ops.info("verdict", snapshot=plan.served_name, status=snapshot.status.value,
+             reasons=verdict.reasons if verdict is not None else [])
     return row
+
+
+def evaluate_snapshot(
+    session: Session,
+    snapshot_id: int,
+    settings: Settings,
+    *,
+    options: EvalOptions | None = None,
+    actor: str = "system:eval",
+    backend: InferenceBackend | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Evaluation:
+    """Evaluate a candidate against the policy's serving snapshot, store the row, apply the gate,
+    in the caller's session (the demo and tests; the eval job uses the pieces below)."""
+    plan = plan_evaluation(session, snapshot_id, options or EvalOptions())
+    if isinstance(plan, Evaluation):
+        return plan
+    report = run_evaluation(plan, backend or backend_for(settings, plan.base_model), progress)
+    return record_evaluation(session, plan, report, actor=actor)
 
 
 def eval_job_key(snapshot_id: int) -> str:
@@ -434,7 +489,26 @@ def eval_job_key(snapshot_id: int) -> str:
 
 
 def handle_eval_job(ctx: JobContext) -> dict[str, Any]:
+    """Read the plan, sample with no transaction open, then write the verdict in a short one.
+
+    The job's lease heartbeat writes from another connection; on SQLite a transaction holding
+    uncommitted writes while the heartbeat waits would lock both out (the heartbeat times out,
+    the attempt fails). So nothing is written until the lease has been checked one last time.
+    """
+    options = EvalOptions(**{k: v for k, v in ctx.payload.get("options", {}).items()})
+    actor = str(ctx.payload.get("actor") or "system:eval")
+    try:
+        with session_scope() as session:
+            plan = plan_evaluation(session, int(ctx.payload["snapshot_id"]), options)
+            if isinstance(plan, Evaluation):
+                return {"evaluation_id": plan.id, "gate_passed": plan.gate_passed}
+        report = run_evaluation(plan, backend_for(get_settings(), plan.base_model),
+                                progress=lambda _: ctx.check())
+    except EvaluationError as exc:
+        # Nothing to evaluate on yet (no champion, no held-out outcomes): retrying within this
+        # job cannot help; the next tick plans it again after a backoff.
+        raise PermanentJobError(str(exc)) from exc
+    ctx.check()
     with session_scope() as session:
-        row = evaluate_snapshot(session, int(ctx.payload["snapshot_id"]), get_settings())
-        ctx.check()
+        row = record_evaluation(session, plan, report, actor=actor)
         return {"evaluation_id": row.id, "gate_passed": row.gate_passed}

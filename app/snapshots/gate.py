@@ -1,7 +1,8 @@
 """The promotion gate: does a candidate's evaluation justify asking a human to approve it?
 
-``decide`` is pure: metric dictionaries and the policy's gate thresholds in, a decision with every
-failed reason out. The thresholds are the policy's ``gate`` (see ``app.policies.schemas.GateSpec``).
+``decide`` is pure: metric dictionaries, the paired comparison and the policy's gate in, a decision
+with every failed reason out. The checks are the policy's ``gate`` (``app.policies.schemas.GateSpec``,
+where each default is documented).
 ``apply_gate`` records the decision: candidate → evaluated → awaiting_approval or rejected.
 """
 
@@ -15,19 +16,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.models import Evaluation, Policy, Snapshot, SnapshotStatus
+from app.policies.schemas import GateSpec
 from app.snapshots.state import transition
 
 GATED_METRICS = ("correct", "mean_reward", "parse_rate")
 # Thresholds are inclusive; the tolerance keeps 0.90 − 0.85 ≤ 0.05 true in floating point.
 EPS = 1e-9
-DEFAULTS: dict[str, Any] = {
-    "primary_metric": "correct",
-    "min_abs_gain": 0.0,
-    "min_rel_gain": 0.0,
-    "min_parse_rate": 0.5,
-    "max_secondary_regression": 0.05,
-    "min_eval_n": 20,
-}
 
 
 @dataclass(frozen=True)
@@ -62,20 +56,23 @@ def decide(
     candidate: Mapping[str, Any],
     champion: Mapping[str, Any],
     n: int,
+    paired: Mapping[str, Any] | None = None,
 ) -> GateDecision:
-    """Apply every threshold; the candidate passes only if none fails."""
-    g = DEFAULTS | dict(gate)
-    primary = str(g["primary_metric"])
+    """Apply every check of the policy's gate (``GateSpec``: defaults filled in); the candidate
+    passes only if none fails. ``paired``: metric → {diff, ci_low, ci_high, p_value} of the
+    candidate − champion paired bootstrap."""
+    g = GateSpec.model_validate(dict(gate))
+    primary = g.primary_metric
     reasons: list[str] = []
     checks: dict[str, Any] = {"n": n, "primary_metric": primary}
 
-    if n < int(g["min_eval_n"]):
-        reasons.append(f"eval n {n} is below the minimum {g['min_eval_n']}")
+    if n < g.min_eval_n:
+        reasons.append(f"eval n {n} is below the minimum {g.min_eval_n}")
 
     parse = _value(candidate, "parse_rate")
     checks["parse_rate"] = parse
-    if parse < float(g["min_parse_rate"]) - EPS:
-        reasons.append(f"parse rate {parse:.3f} is below the minimum {g['min_parse_rate']:.3f}")
+    if g.min_parse_rate is not None and parse < g.min_parse_rate - EPS:
+        reasons.append(f"parse rate {parse:.3f} is below the minimum {g.min_parse_rate:.3f}")
 
     cand_p, champ_p = _value(candidate, primary), _value(champion, primary)
     gain = cand_p - champ_p
@@ -87,18 +84,29 @@ def decide(
         # JSON (and so the audit log) has no infinity; a gain from zero is reported as null.
         rel_gain=rel if math.isfinite(rel) else None,
     )
-    if gain < float(g["min_abs_gain"]) - EPS:
+    if g.require_significant_gain:
+        ci = (paired or {}).get(primary)
+        if ci is None:
+            reasons.append(f"no paired comparison of {primary} to test the gain on")
+        else:
+            low, high = float(ci["ci_low"]), float(ci["ci_high"])
+            checks["primary_ci"] = [low, high]
+            if low <= 0:
+                reasons.append(
+                    f"{primary} gain {gain:+.3f} ({champ_p:.3f} → {cand_p:.3f}) is not "
+                    f"significant: paired 95% CI [{low:+.3f}, {high:+.3f}] includes 0"
+                )
+    if g.min_abs_gain is not None and gain < g.min_abs_gain - EPS:
         reasons.append(
             f"{primary} gain {gain:+.3f} ({champ_p:.3f} → {cand_p:.3f}) is below the minimum "
-            f"{float(g['min_abs_gain']):+.3f}"
+            f"{g.min_abs_gain:+.3f}"
         )
-    if rel < float(g["min_rel_gain"]) - EPS:
+    if g.min_rel_gain is not None and rel < g.min_rel_gain - EPS:
         reasons.append(
-            f"{primary} relative gain {rel:+.1%} is below the minimum "
-            f"{float(g['min_rel_gain']):+.1%}"
+            f"{primary} relative gain {rel:+.1%} is below the minimum {g.min_rel_gain:+.1%}"
         )
 
-    limit = float(g["max_secondary_regression"])
+    limit = g.max_secondary_regression
     regressions: dict[str, float] = {}
     for name in GATED_METRICS:
         if name == primary:
@@ -118,7 +126,8 @@ def apply_gate(
     policy = session.get(Policy, snapshot.policy_id)
     assert policy is not None
     champion = evaluation.comparison.get("champion", {})
-    decision = decide(policy.gate or {}, evaluation.metrics, champion, evaluation.n)
+    decision = decide(policy.gate or {}, evaluation.metrics, champion, evaluation.n,
+                      evaluation.comparison.get("paired"))
     evaluation.gate_passed = decision.passed
     evaluation.gate_reasons = decision.reasons
     if snapshot.status is SnapshotStatus.candidate:

@@ -25,8 +25,9 @@ from app.engines import engine_for
 from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.jobs.service import JobContext, PermanentJobError
 from app.models import AuditEvent, Policy, Snapshot, SnapshotStatus, Split, Trace
+from app.observability import ops
 from app.settings import get_settings
-from app.snapshots.state import transition
+from app.snapshots.state import supersede_stale_candidates, transition
 from workers.inference.base import SamplingParams, UnknownAdapterError
 from workers.inference.serving import EngineError, EngineUnavailable, ServingEngine
 from workers.learner.adapters import AdapterIntegrityError, load_verified
@@ -145,6 +146,7 @@ def _flip(
         extra={"replaced_snapshot_id": previous_id},
     )
     policy.serving_snapshot_id = snapshot.id
+    supersede_stale_candidates(session, policy, actor=actor)
     record(
         session,
         policy.tenant,
@@ -182,7 +184,8 @@ def promote(
     except PromotionError as exc:
         return _fail(session, snapshot, engine, actor, str(exc), champion_id)
     previous = _flip(session, policy.id, snapshot.id, actor, reason)
-    log.info("promoted %s (previous serving snapshot %s)", snapshot.served_name, previous)
+    ops.info("promotion", snapshot=snapshot.served_name, previous_snapshot_id=previous,
+             actor=actor)
     return PromotionResult(snapshot.id, True, SnapshotStatus.serving, None, previous)
 
 
@@ -204,7 +207,7 @@ def _fail(
             engine.unload_adapter(snapshot.served_name)
         except Exception:
             log.warning("could not unload %s after a failed promotion", snapshot.served_name)
-    log.warning("promotion of %s failed: %s", snapshot.served_name, why)
+    ops.warning("promotion.failed", snapshot=snapshot.served_name, reason=why)
     return PromotionResult(snapshot.id, False, SnapshotStatus.failed, why, champion_id)
 
 

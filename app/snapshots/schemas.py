@@ -54,6 +54,17 @@ class RollbackIn(BaseModel):
     reason: str | None = Field(default=None, max_length=4000)
 
 
+class EvalJobOut(BaseModel):
+    """The evaluation job a request queued (202): poll the snapshot or its evaluations."""
+
+    job_id: int
+    snapshot_id: int
+    status: str
+    attempts: int
+    replans: int
+    evaluations_url: str
+
+
 class EvaluationOut(BaseModel):
     id: int
     snapshot_id: int

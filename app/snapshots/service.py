@@ -6,6 +6,7 @@ driven by ``SNAPSHOT_TRANSITIONS``): an illegal one is a 409 and every legal one
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 
 from sqlalchemy import select
@@ -14,15 +15,22 @@ from sqlalchemy.orm import Session
 from app.auth.service import Principal
 from app.engines import engine_for
 from app.errors import Conflict, InvalidInput, NotFound
-from app.models import AuditEvent, Evaluation, Policy, Snapshot, SnapshotStatus
+from app.jobs.service import enqueue
+from app.models import AuditEvent, Evaluation, JobKind, Policy, Snapshot, SnapshotStatus
 from app.policies.service import get_policy
 from app.settings import Settings
-from app.snapshots.evaluation import EvalOptions, EvaluationError, evaluate_snapshot
+from app.snapshots.evaluation import (
+    EvalOptions,
+    EvaluationError,
+    eval_job_key,
+    plan_evaluation,
+)
 from app.snapshots.promotion import PromotionResult, promote, rollback
 from app.snapshots.schemas import (
     ApproveIn,
     AuditEventOut,
     AuditPage,
+    EvalJobOut,
     EvaluateIn,
     EvaluationOut,
     RejectIn,
@@ -30,7 +38,6 @@ from app.snapshots.schemas import (
     SnapshotOut,
 )
 from app.snapshots.state import transition
-from workers.inference.base import InferenceBackend
 from workers.inference.serving import ServingEngine
 
 __all__ = [
@@ -98,14 +105,10 @@ def list_evaluations(session: Session, tenant: str, snapshot_id: int) -> list[Ev
 
 
 def evaluate(
-    session: Session,
-    principal: Principal,
-    snapshot_id: int,
-    body: EvaluateIn,
-    settings: Settings,
-    backend: InferenceBackend | None = None,
-) -> Evaluation:
-    """Run the eval job for a candidate now, then apply the gate."""
+    session: Session, principal: Principal, snapshot_id: int, body: EvaluateIn
+) -> EvalJobOut:
+    """Queue the candidate's evaluation on the eval workers (the API never loads a model for
+    it); a failed evaluation is planned again at once, whatever its backoff."""
     snapshot = get_snapshot(session, principal.tenant, snapshot_id)
     if snapshot.status is not SnapshotStatus.candidate:
         raise Conflict(
@@ -114,20 +117,21 @@ def evaluate(
             snapshot_id=snapshot.id,
             current_status=snapshot.status.value,
         )
-    options = EvalOptions(
-        k=body.k,
-        max_items=body.max_items,
-        breakdown_key=body.breakdown_key,
-        seed=body.seed,
-        max_tokens=body.max_tokens,
-    )
+    options = EvalOptions(k=body.k, max_items=body.max_items, breakdown_key=body.breakdown_key,
+                          seed=body.seed, max_tokens=body.max_tokens)
     try:
-        return evaluate_snapshot(
-            session, snapshot.id, settings, options=options, actor=principal.actor,
-            backend=backend,
-        )
+        plan_evaluation(session, snapshot.id, options)  # reads only: refuse what cannot run
     except EvaluationError as exc:
         raise Conflict(str(exc), snapshot_id=snapshot.id) from exc
+    job = enqueue(
+        session, JobKind.eval, eval_job_key(snapshot.id),
+        {"snapshot_id": snapshot.id, "options": dataclasses.asdict(options),
+         "actor": principal.actor},
+        replan_now=True,
+    )
+    return EvalJobOut(job_id=job.id, snapshot_id=snapshot.id, status=job.status.value,
+                      attempts=job.attempts, replans=job.replans,
+                      evaluations_url=f"/v1/snapshots/{snapshot.id}/evaluations")
 
 
 def approve(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit import record
@@ -71,3 +72,24 @@ def transition(
     )
     session.flush()
     return snapshot
+
+
+def supersede_stale_candidates(session: Session, policy: Policy, *, actor: str) -> list[int]:
+    """Candidates trained from a snapshot that no longer serves get their verdict: superseded.
+    (Their numbers would compare a child of the old champion against the new one.)"""
+    stale = list(session.scalars(
+        select(Snapshot).where(
+            Snapshot.policy_id == policy.id,
+            Snapshot.status == SnapshotStatus.candidate,
+            Snapshot.parent_id != policy.serving_snapshot_id,
+        )
+    ))
+    serving = session.get(Snapshot, policy.serving_snapshot_id or -1)
+    for snapshot in stale:
+        parent = session.get(Snapshot, snapshot.parent_id or -1)
+        transition(
+            session, snapshot, SnapshotStatus.superseded, actor=actor, tenant=policy.tenant,
+            reason=f"trained from {parent.served_name if parent else 'a retired snapshot'}; "
+                   f"{serving.served_name if serving else 'another snapshot'} serves now",
+        )
+    return [s.id for s in stale]

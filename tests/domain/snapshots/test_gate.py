@@ -15,6 +15,7 @@ GATE = {
     "min_parse_rate": 0.8,
     "max_secondary_regression": 0.05,
     "min_eval_n": 20,
+    "require_significant_gain": False,
 }
 CHAMPION = {"correct": {"value": 0.50}, "parse_rate": {"value": 0.90}, "mean_reward": 0.20}
 
@@ -72,3 +73,37 @@ def test_gain_from_zero_is_an_infinite_relative_gain():
 def test_all_failures_are_reported_together():
     d = decide(GATE, cand(correct=0.4, parse=0.1, reward=-1.0), CHAMPION, n=3)
     assert len(d.reasons) == 6
+
+
+# --- the default gate: relative to the champion, the gain must be significant ------------------
+
+
+def paired(low, high):
+    return {"correct": {"diff": (low + high) / 2, "ci_low": low, "ci_high": high, "p_value": 0.01}}
+
+
+def test_default_gate_passes_a_significant_gain_without_any_absolute_floor():
+    # The bundled model parses ~10%: an absolute parse floor of 0.5 could never pass.
+    low_parse = {"correct": {"value": 0.10}, "parse_rate": {"value": 0.09}, "mean_reward": -0.8}
+    better = {"correct": {"value": 0.20}, "parse_rate": {"value": 0.30}, "mean_reward": -0.5}
+    d = decide({}, better, low_parse, n=40, paired=paired(0.04, 0.16))
+    assert d.passed, d.reasons
+    assert d.checks["primary_ci"] == [0.04, 0.16]
+
+
+def test_default_gate_rejects_a_gain_whose_ci_includes_zero():
+    # issue 17: +0.015 with CI −0.02…0.05 used to pass with min_abs_gain 0
+    d = decide({}, cand(correct=0.515), CHAMPION, n=300, paired=paired(-0.02, 0.05))
+    assert not d.passed
+    assert d.reasons == ["correct gain +0.015 (0.500 → 0.515) is not significant: "
+                         "paired 95% CI [-0.020, +0.050] includes 0"]
+
+
+def test_default_gate_rejects_a_parse_rate_regression_beyond_the_tolerance():
+    d = decide({}, cand(parse=0.80), CHAMPION, n=40, paired=paired(0.05, 0.15))
+    assert d.reasons == ["parse_rate regressed by 0.100, more than the allowed 0.050"]
+
+
+def test_default_gate_without_a_paired_comparison_cannot_pass():
+    d = decide({}, cand(), CHAMPION, n=40)
+    assert d.reasons == ["no paired comparison of correct to test the gain on"]

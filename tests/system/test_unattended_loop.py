@@ -1,0 +1,221 @@
+"""The unattended loop: `tracelearn up` with a short schedule, traces posted throughout (a fifth of
+their outcomes arriving later through /v1/feedback), and nobody at the console. Every scheduled
+round must reach a verdict by itself, no job may fail, and ingest must stay fast meanwhile.
+
+The default suite runs a 3-minute version on the embedded default (SQLite + no-server broker) and
+on Postgres + Redis; the `slow` marker runs the 6-minute one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Session
+
+from app.models import Job, JobStatus, Policy, Snapshot, SnapshotStatus
+from app.settings import get_settings
+from tests.conftest import REPO, create_pg_database, drop_pg_database, free_port, pg_url_for
+from tests.support.seeding import build_model
+from workers.clinical import task
+
+pytestmark = pytest.mark.postgres
+
+VERDICTS = {SnapshotStatus.awaiting_approval, SnapshotStatus.rejected, SnapshotStatus.failed,
+            SnapshotStatus.superseded, SnapshotStatus.approved, SnapshotStatus.serving,
+            SnapshotStatus.retired}
+
+
+@dataclass
+class Traffic:
+    """Posts a batch every ``every_s`` and sends the withheld outcomes a batch later."""
+
+    url: str
+    key: str
+    policy: str
+    every_s: float = 2.0
+    batch: int = 5
+    latencies: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    posted: int = 0
+    late_outcomes: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        withheld: list[dict[str, object]] = []
+        seed = 0
+        with httpx.Client(base_url=self.url, headers=headers, timeout=30) as client:
+            while not self._stop.is_set():
+                seed += 1
+                items = task.ingest_items(seed, self.batch, "train", policy=self.policy)
+                late = []
+                for i, item in enumerate(items):
+                    if i % 5 == 4:  # a fifth of the outcomes come later
+                        outcome = item.pop("outcome")
+                        assert isinstance(outcome, dict)
+                        late.append({"trace_external_id": item["external_id"],
+                                     "name": outcome["name"], "value": outcome["value"]})
+                self._timed(client, "/v1/traces", {"traces": items})
+                self.posted += len(items)
+                if withheld:
+                    self._timed(client, "/v1/feedback", {"outcomes": withheld})
+                    self.late_outcomes += len(withheld)
+                withheld = late
+                self._stop.wait(self.every_s)
+
+    def _timed(self, client: httpx.Client, path: str, body: dict[str, object]) -> None:
+        t0 = time.perf_counter()
+        r = client.post(path, json=body)
+        self.latencies.append(time.perf_counter() - t0)
+        if r.status_code not in (200, 201, 207):
+            self.errors.append(f"{path}: {r.status_code} {r.text[:200]}")
+
+    def p(self, q: float) -> float:
+        values = sorted(self.latencies)
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class Service:
+    url: str
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def cli(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=REPO, env=os.environ | env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.fixture(params=["sqlite", "postgres+redis"])
+def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]:
+    model = build_model(get_settings().model_cache)
+    env = {
+        "TRACELEARN_DATA_DIR": str(tmp_path / "data"),
+        "TRACELEARN_BASE_MODEL_DIR": str(model),
+        "TRACELEARN_LOG_LEVEL": "INFO",
+        "TRACELEARN_REAPER_INTERVAL_S": "10",
+        "TRACELEARN_JOB_REPLAN_BACKOFF_S": "5",
+        "TRACELEARN_RATE_LIMIT_PER_MINUTE": "0",
+    }
+    database = None
+    if request.param == "postgres+redis":
+        database = create_pg_database("tl_soak")
+        env["TRACELEARN_DATABASE_URL"] = pg_url_for(database)
+        env["TRACELEARN_BROKER_URL"] = f"redis://127.0.0.1:6379/{7 + os.getpid() % 8}"
+    port = free_port()
+    log = tmp_path / "up.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)],
+                                cwd=REPO, env=os.environ | env, stdout=out,
+                                stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "tracelearn up did not start: " + log.read_text()
+            time.sleep(0.2)
+        yield Service(url, env, proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if database is not None:
+            drop_pg_database(database)
+
+
+def database_url(service: Service) -> str:
+    return service.env.get("TRACELEARN_DATABASE_URL") or (
+        f"sqlite:///{Path(service.env['TRACELEARN_DATA_DIR']) / 'tracelearn.db'}"
+    )
+
+
+def run_unattended(service: Service, minutes: float, schedule: str) -> None:
+    key = cli(service.env, "keys", "create", "--tenant", "soak",
+              "--scopes", "ingest,read,admin").strip().splitlines()[-1]
+    policy = "soak"
+    r = httpx.post(f"{service.url}/v1/policies", headers={"Authorization": f"Bearer {key}"},
+                   json={"name": policy, "group_size": 4, "schedule": schedule,
+                         "sampling": {"temperature": 1.0, "max_tokens": 24},
+                         "training": {"min_groups": 8, "max_groups": 32}})
+    assert r.status_code == 201, r.text
+    traffic = Traffic(service.url, key, policy)
+    poster = threading.Thread(target=traffic.run, daemon=True)
+    poster.start()
+    time.sleep(minutes * 60)
+    traffic.stop()
+    poster.join(timeout=30)
+
+    engine = create_engine(database_url(service))
+
+    def candidates() -> list[Snapshot]:
+        with Session(engine) as s:
+            policy_id = s.scalars(select(Policy.id).where(Policy.name == policy)).one()
+            return list(s.scalars(select(Snapshot).where(Snapshot.policy_id == policy_id,
+                                                         Snapshot.version > 0)))
+
+    # Rounds that trained before the traffic stopped get time to reach their verdict.
+    deadline = time.monotonic() + 240
+    while any(c.status in (SnapshotStatus.candidate, SnapshotStatus.evaluated)
+              for c in candidates()) and time.monotonic() < deadline:
+        time.sleep(2)
+    rounds = candidates()
+    with Session(engine) as s:
+        failed = list(s.scalars(select(Job).where(Job.status == JobStatus.failed)))
+
+    # Stopping `up` the way systemd does: workers stop, jobs in hand go back to the queue.
+    service.proc.send_signal(signal.SIGTERM)
+    service.proc.wait(timeout=60)
+    with Session(engine) as s:
+        running = list(s.scalars(select(Job).where(Job.status == JobStatus.running)))
+    engine.dispose()
+    log = service.log.read_text()
+
+    summary = {
+        "rounds": [(c.served_name, c.status.value, c.status_reason) for c in rounds],
+        "failed_jobs": [(j.key, j.error) for j in failed],
+        "posted": traffic.posted, "late_outcomes": traffic.late_outcomes,
+        "ingest_p50_s": traffic.p(0.5), "ingest_p99_s": traffic.p(0.99),
+    }
+    print(json.dumps(summary, indent=2))
+    assert traffic.errors == []
+    assert len(rounds) >= 3, summary
+    assert all(c.status in VERDICTS for c in rounds), summary
+    assert failed == [], summary
+    assert traffic.p(0.99) < 1.0, summary
+    assert running == [], [(j.key, j.lease_owner) for j in running]
+    assert service.proc.returncode in (0, 128 + signal.SIGTERM), log
+    assert "verdict" in log and "run.finished" in log  # the console shows the operational events
+
+
+def test_every_scheduled_round_reaches_a_verdict_by_itself(service: Service) -> None:
+    run_unattended(service, minutes=3, schedule="* * * * * */30")
+
+
+@pytest.mark.slow
+def test_six_minutes_unattended_on_a_one_minute_schedule(service: Service) -> None:
+    run_unattended(service, minutes=6, schedule="* * * * *")
