@@ -1,7 +1,7 @@
 """jobs.replans: how many times a failed job was planned again
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0004_job_replans
+Revises: 0003_langfuse_observations
 Create Date: 2026-12-02 05:30:00
 """
 
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0002"
-down_revision: str | None = "0001"
+revision: str = "0004_job_replans"
+down_revision: str | None = "0003_langfuse_observations"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
