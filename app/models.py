@@ -67,6 +67,8 @@ class SnapshotStatus(enum.StrEnum):
     failed = "failed"
     superseded = "superseded"
     """The serving snapshot changed under a candidate before it had a verdict."""
+    rolled_back = "rolled_back"
+    """Taken out of serving by a rollback: never served again without a fresh evaluation."""
 
 
 SNAPSHOT_TRANSITIONS: dict[SnapshotStatus, frozenset[SnapshotStatus]] = {
@@ -81,12 +83,13 @@ SNAPSHOT_TRANSITIONS: dict[SnapshotStatus, frozenset[SnapshotStatus]] = {
     ),
     SnapshotStatus.approved: frozenset({SnapshotStatus.deploying, SnapshotStatus.failed}),
     SnapshotStatus.deploying: frozenset({SnapshotStatus.serving, SnapshotStatus.failed}),
-    SnapshotStatus.serving: frozenset({SnapshotStatus.retired}),
+    SnapshotStatus.serving: frozenset({SnapshotStatus.retired, SnapshotStatus.rolled_back}),
     # A retired snapshot comes back only through rollback, which redeploys it.
     SnapshotStatus.retired: frozenset({SnapshotStatus.deploying}),
     SnapshotStatus.rejected: frozenset(),
     SnapshotStatus.failed: frozenset(),
     SnapshotStatus.superseded: frozenset(),
+    SnapshotStatus.rolled_back: frozenset(),
 }
 
 

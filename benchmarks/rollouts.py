@@ -71,6 +71,7 @@ def main() -> None:
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     import torch
     from sqlalchemy import delete, select
+    from workers.rollouts import service as rollouts
 
     from app import migrate
     from app.auth.service import Principal, Scope
@@ -82,7 +83,6 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     from app.settings import Settings, set_settings
     from workers.clinical import task
     from workers.inference.base import SamplingParams
-    from workers.rollouts import service as rollouts
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     work = Path(tempfile.mkdtemp(prefix="bench-rollouts-"))

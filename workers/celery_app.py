@@ -20,8 +20,8 @@ from celery.signals import worker_init, worker_shutting_down
 from kombu import Queue, pools
 
 from app.jobs.service import register_sender, request_stop
-from app.observability import configure_logging
 from app.models import JobKind
+from app.observability import configure_logging
 from app.settings import Settings, get_settings
 
 QUEUES = ("rollout", "grade", "train", "eval", "promote", "maintenance")

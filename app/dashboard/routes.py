@@ -309,7 +309,8 @@ def rollback(
         result = snapshots.rollback_policy(session, user.principal, name,
                                            RollbackIn(reason=reason.strip() or None),
                                            get_settings())
-        return f"Rolled back; snapshot {result.snapshot_id} serves."
+        serving = snapshots.get_snapshot(session, user.principal.tenant, result.snapshot_id)
+        return f"Rolled back: {serving.served_name} serves {name} again."
 
     return _act(f"/policies/{name}", action)
 

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from app.dashboard import charts
 from app.db import utcnow
 from app.errors import NotFound
+from app.jobs.service import replan_due_at
 from app.models import (
     Evaluation,
     Job,
@@ -27,6 +28,7 @@ from app.models import (
     TrainingRun,
     training_run_groups,
 )
+from app.snapshots.promotion import previous_serving
 
 PENDING = (SnapshotStatus.candidate, SnapshotStatus.evaluated, SnapshotStatus.awaiting_approval,
            SnapshotStatus.approved, SnapshotStatus.deploying)
@@ -44,6 +46,8 @@ class PolicyRow:
     next_run: datetime | None
     running: list[str]
     failures: list[str]
+    rollback_target: Snapshot | None
+    """What a rollback would serve; None when nothing was ever replaced."""
 
 
 def next_run(schedule: str | None, now: datetime | None = None) -> datetime | None:
@@ -54,6 +58,14 @@ def next_run(schedule: str | None, now: datetime | None = None) -> datetime | No
     except (ValueError, KeyError):
         return None
     return nxt
+
+
+def _retry_note(job: Job) -> str:
+    """Whether and when the scheduler plans a failed job again."""
+    due = replan_due_at(job)
+    if due is None:
+        return f"final after {job.replans} re-plans"
+    return f"re-plan {job.replans + 1} due {due.strftime('%H:%M:%S')} UTC"
 
 
 def _jobs_for(session: Session, policy: Policy, statuses: tuple[JobStatus, ...]) -> list[Job]:
@@ -111,6 +123,7 @@ def policy_rows(session: Session, tenant: str) -> list[PolicyRow]:
         failures += [f"{s.served_name}: {(s.status_reason or 'failed')[:160]}" for s in snaps
                      if s.status is SnapshotStatus.failed][:3]
         failures += [f"{j.kind.value} job {j.id}: {(j.error or 'failed')[:160]}"
+                     f" ({_retry_note(j)})"
                      for j in _jobs_for(session, p, (JobStatus.failed,))][:3]
         rows.append(PolicyRow(
             policy=p,
@@ -118,6 +131,7 @@ def policy_rows(session: Session, tenant: str) -> list[PolicyRow]:
             candidates=[s for s in snaps if s.status in PENDING],
             traces=traces, groups=groups, rollouts=rollouts,
             next_run=next_run(p.schedule), running=running, failures=failures,
+            rollback_target=previous_serving(session, p),
         ))
     return rows
 

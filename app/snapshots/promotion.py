@@ -116,9 +116,11 @@ def bring_up(engine: ServingEngine, snapshot: Snapshot, canary: list[dict[str, s
 
 
 def _flip(
-    session: Session, policy_id: int, snapshot_id: int, actor: str, reason: str | None
+    session: Session, policy_id: int, snapshot_id: int, actor: str, reason: str | None,
+    *, rollback: bool = False,
 ) -> int | None:
-    """The one transaction that changes what serves: champion retired, snapshot serving."""
+    """The one transaction that changes what serves: champion retired, snapshot serving. On a
+    rollback the champion becomes ``rolled_back`` (never a rollback target again)."""
     policy = session.scalars(
         select(Policy).where(Policy.id == policy_id).with_for_update()
     ).one()
@@ -131,9 +133,10 @@ def _flip(
             transition(
                 session,
                 previous,
-                SnapshotStatus.retired,
+                SnapshotStatus.rolled_back if rollback else SnapshotStatus.retired,
                 actor=actor,
-                reason=f"replaced by {snapshot.served_name}",
+                reason=(f"rolled back to {snapshot.served_name}" if rollback
+                        else f"replaced by {snapshot.served_name}"),
                 tenant=policy.tenant,
             )
     transition(
@@ -212,7 +215,9 @@ def _fail(
 
 
 def previous_serving(session: Session, policy: Policy) -> Snapshot | None:
-    """The snapshot that served before the current one: the most recently retired one."""
+    """The rollback target: the most recently retired snapshot (replaced by a promotion). A
+    snapshot rolled back from is ``rolled_back``, never a target, so a further rollback walks back
+    through the serving history instead of toggling."""
     retired = {
         s.id: s
         for s in session.scalars(
@@ -276,7 +281,9 @@ def rollback(
             target_snapshot_id=target.id,
         ) from exc
     transition(session, target, SnapshotStatus.deploying, actor=actor, reason=why)
-    previous = _flip(session, policy.id, target.id, actor, why)
+    previous = _flip(session, policy.id, target.id, actor, why, rollback=True)
+    ops.info("promotion", snapshot=target.served_name, previous_snapshot_id=previous,
+             actor=actor, rollback=True)
     return PromotionResult(target.id, True, SnapshotStatus.serving, None, previous)
 
 # --- the promote job (approvals recorded out of band, retries after an engine outage) ----------

@@ -124,7 +124,7 @@ def test_adapter_missing_from_the_model_list_fails_promotion(
     assert body["snapshot"]["status_reason"].startswith("confirm:")
 
 
-def test_rollback_restores_the_previous_snapshot_and_can_be_undone(
+def test_rollback_restores_the_previous_snapshot_and_never_resurrects_the_rolled_back_one(
     client, admin_headers, policy_name, candidate
 ):
     sid = candidate()
@@ -134,10 +134,28 @@ def test_rollback_restores_the_previous_snapshot_and_can_be_undone(
     assert r.status_code == 200, r.text
     assert r.json()["snapshot"]["version"] == 0
     assert _policy(client, admin_headers, policy_name)["serving_snapshot"] == f"{policy_name}-v0"
-    assert _statuses(client, admin_headers, policy_name) == {0: "serving", 1: "retired"}
+    assert _statuses(client, admin_headers, policy_name) == {0: "serving", 1: "rolled_back"}
+    # A second press does not toggle back to the model that was just taken down.
     again = client.post(f"/v1/policies/{policy_name}/rollback", headers=admin_headers)
-    assert again.json()["snapshot"]["version"] == 1
-    assert _policy(client, admin_headers, policy_name)["serving_snapshot"] == f"{policy_name}-v1"
+    assert again.status_code == 409, again.text
+    assert "no previously serving snapshot" in again.json()["detail"]
+    assert _policy(client, admin_headers, policy_name)["serving_snapshot"] == f"{policy_name}-v0"
+    assert _statuses(client, admin_headers, policy_name) == {0: "serving", 1: "rolled_back"}
+
+
+def test_rollback_twice_steps_back_through_what_served(
+    client, admin_headers, policy_name, candidate
+):
+    for _ in range(2):
+        sid = candidate()
+        assert client.post(f"/v1/snapshots/{sid}/approve",
+                           headers=admin_headers).json()["snapshot"]["status"] == "serving"
+    versions = [client.post(f"/v1/policies/{policy_name}/rollback",
+                            headers=admin_headers).json()["snapshot"]["version"]
+                for _ in range(2)]
+    assert versions == [1, 0]
+    assert _statuses(client, admin_headers, policy_name) == {0: "serving", 1: "rolled_back",
+                                                             2: "rolled_back"}
 
 
 def test_rollback_with_no_previous_snapshot_is_409(client, admin_headers, policy_name):

@@ -76,12 +76,18 @@ def test_approve_in_the_dashboard_flips_serving(client, signed_in, policy_name, 
 def test_rollback_button_restores_the_previous_snapshot(
     client, signed_in, policy_name, candidate
 ):
+    page = client.get(f"/dashboard/policies/{policy_name}")
+    assert 'id="rollback"' not in page.text and 'id="no-rollback"' in page.text
     sid = candidate()
     client.post(f"/dashboard/snapshots/{sid}/approve", data={"csrf_token": signed_in})
+    page = client.get(f"/dashboard/policies/{policy_name}")
+    assert f"Roll back to {policy_name}-v0" in page.text
     r = client.post(f"/dashboard/policies/{policy_name}/rollback",
                     data={"reason": "regression", "csrf_token": signed_in})
-    assert "Rolled back" in r.text
+    assert f"Rolled back: {policy_name}-v0 serves {policy_name} again." in r.text
     assert f'id="serving-snapshot">{policy_name}-v0<' in r.text
+    # v1 was rolled back from: no button brings it back.
+    assert 'id="rollback"' not in r.text
 
 
 def test_reject_needs_a_comment(client, signed_in, candidate):
