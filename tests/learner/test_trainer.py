@@ -14,7 +14,7 @@ from workers.inference.local import LocalBackend
 from workers.learner.adapters import AdapterIntegrityError, load_verified
 from workers.learner.data import (
     GradedCompletion,
-    RolloutGroup,
+    TrainingGroup,
     flatten_groups,
     micro_batches,
 )
@@ -57,7 +57,7 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path) -> None:
         train([], missing_model, None, TrainerConfig(eval_every=1))
 
 
-def weighted_mean_reward(model: torch.nn.Module, groups: list[RolloutGroup], tok) -> float:  # type: ignore[no-untyped-def]
+def weighted_mean_reward(model: torch.nn.Module, groups: list[TrainingGroup], tok) -> float:  # type: ignore[no-untyped-def]
     """Σ_i softmax_i(log πθ − log π_ref)·r_i per group: the policy's expected reward restricted to
     the group's completions (self-normalised importance weights), averaged over groups."""
     records = flatten_groups(groups, tok, "oapl")
@@ -75,7 +75,7 @@ def weighted_mean_reward(model: torch.nn.Module, groups: list[RolloutGroup], tok
 
 
 def test_one_oapl_update_raises_mean_reward_on_its_training_groups(
-    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[RolloutGroup]]
+    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[TrainingGroup]]
 ) -> None:
     groups = make_groups(n_prompts=8, group_size=8, seed=1)
     before = sum(sum(g.rewards) for g in groups) / sum(len(g.completions) for g in groups)
@@ -88,10 +88,10 @@ def test_one_oapl_update_raises_mean_reward_on_its_training_groups(
 
 
 def test_zero_variance_groups_are_dropped_and_counted(
-    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[RolloutGroup]]
+    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[TrainingGroup]]
 ) -> None:
     groups = make_groups(n_prompts=4, group_size=4, seed=2)
-    flat = RolloutGroup(
+    flat = TrainingGroup(
         "flat",
         groups[0].prompt_messages,
         [
@@ -113,7 +113,7 @@ def test_adapter_is_written_with_lineage_and_continues_from_parent(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
 ) -> None:
     groups = make_groups(n_prompts=4, group_size=4, seed=3)
     cfg = TrainerConfig(steps=2, lr=1e-2)
@@ -142,7 +142,7 @@ def test_tampered_parent_or_serving_adapter_is_refused(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
 ) -> None:
     groups = make_groups(n_prompts=4, group_size=4, seed=4)
     train(groups, tiny_model_dir, tmp_path / "v1", TrainerConfig(), tokenizer=backend.tokenizer)
@@ -172,7 +172,7 @@ def test_collapse_guard_stops_the_run_and_marks_it_failed(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
 ) -> None:
     parse_rates = iter([0.8, 0.9, 0.2, 0.9])
 
@@ -208,7 +208,7 @@ def test_collapse_guard_on_length_stops_drops_and_runaways_but_not_growth(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
     lengths: list[float],
     stopped_at: int | None,
     reason: str | None,
@@ -255,7 +255,7 @@ def test_sampler_and_trainer_logprobs_agree(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
 ) -> None:
     groups = make_groups(n_prompts=5, group_size=3, seed=7)
     # move the LoRA away from zero so the adapter path (merged in the sampler, unmerged in the
@@ -275,7 +275,7 @@ def test_sampler_and_trainer_logprobs_agree(
             [g.prompt_messages for g in groups], 3, SamplingParams(48, seed=11), adapter
         )
         regraded = [
-            RolloutGroup(
+            TrainingGroup(
                 f"g{i}",
                 g.prompt_messages,
                 [

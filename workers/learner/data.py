@@ -1,6 +1,6 @@
-"""Rollout groups → padded training batches.
+"""Training groups → padded training batches.
 
-``RolloutGroup`` / ``GradedCompletion`` are plain dataclasses so the DB-backed pipeline can build
+``TrainingGroup`` / ``GradedCompletion`` are plain dataclasses so the DB-backed pipeline can build
 them from rows (Rollout: token ids, text, behaviour log-prob sum, reward, parse_ok). Advantages are
 computed here, per group, from rewards alone; after that every sequence is independent, so batches
 can be cut anywhere (micro-batches, data-parallel ranks) without changing the loss.
@@ -36,7 +36,7 @@ class GradedCompletion:
 
 
 @dataclass
-class RolloutGroup:
+class TrainingGroup:
     group_id: str
     prompt_messages: list[dict[str, str]]
     completions: list[GradedCompletion]
@@ -59,8 +59,8 @@ class PromptItem:
 
 
 def filter_zero_variance(
-    groups: Iterable[RolloutGroup], eps: float = 1e-9
-) -> tuple[list[RolloutGroup], int]:
+    groups: Iterable[TrainingGroup], eps: float = 1e-9
+) -> tuple[list[TrainingGroup], int]:
     """Drop groups whose rewards are all equal (no learning signal); return (kept, n_dropped)."""
     kept, dropped = [], 0
     for g in groups:
@@ -84,7 +84,7 @@ class SequenceRecord:
 
 
 def flatten_groups(
-    groups: Sequence[RolloutGroup], tokenizer: Any, algorithm: str, beta1: float = 1.0
+    groups: Sequence[TrainingGroup], tokenizer: Any, algorithm: str, beta1: float = 1.0
 ) -> list[SequenceRecord]:
     """One record per completion with its group advantage (OAPL: r − V̂; GRPO: normalised)."""
     records = []
@@ -182,7 +182,7 @@ def make_rollout_groups(
     grade: Grade,
     adapter: AdapterRef | None = None,
     group_prefix: str = "",
-) -> list[RolloutGroup]:
+) -> list[TrainingGroup]:
     """Sample ``group_size`` completions per prompt with the given snapshot and grade them."""
     outs = backend.generate([p.messages for p in prompts], group_size, params, adapter)
     groups = []
@@ -202,18 +202,18 @@ def make_rollout_groups(
                 )
             )
         groups.append(
-            RolloutGroup(f"{group_prefix}{p.prompt_id}@{ref_name}", p.messages, graded, ref_name)
+            TrainingGroup(f"{group_prefix}{p.prompt_id}@{ref_name}", p.messages, graded, ref_name)
         )
     return groups
 
 
-def dump_groups_jsonl(groups: Iterable[RolloutGroup], path: str | Path) -> None:
+def dump_groups_jsonl(groups: Iterable[TrainingGroup], path: str | Path) -> None:
     with open(path, "w") as f:
         for g in groups:
             f.write(json.dumps(asdict(g)) + "\n")
 
 
-def load_groups_jsonl(path: str | Path) -> list[RolloutGroup]:
+def load_groups_jsonl(path: str | Path) -> list[TrainingGroup]:
     """Read groups written by ``dump_groups_jsonl`` (one JSON object per line)."""
     groups = []
     with open(path) as f:
@@ -223,7 +223,7 @@ def load_groups_jsonl(path: str | Path) -> list[RolloutGroup]:
             try:
                 d = json.loads(line)
                 comps = [GradedCompletion(**c) for c in d.pop("completions")]
-                groups.append(RolloutGroup(completions=comps, **d))
+                groups.append(TrainingGroup(completions=comps, **d))
             except (TypeError, KeyError, json.JSONDecodeError) as exc:
                 raise ValueError(f"{path}:{lineno}: not a rollout group: {exc}") from exc
     return groups

@@ -40,7 +40,7 @@ from workers.learner.data import (
     Batch,
     Grade,
     PromptItem,
-    RolloutGroup,
+    TrainingGroup,
     filter_zero_variance,
     flatten_groups,
     make_rollout_groups,
@@ -256,13 +256,13 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 # --- the loop -------------------------------------------------------------------------------------
 
 
-def _mean_reward(groups: Sequence[RolloutGroup]) -> float:
+def _mean_reward(groups: Sequence[TrainingGroup]) -> float:
     n = sum(len(g.completions) for g in groups)
     return sum(sum(g.rewards) for g in groups) / max(1, n)
 
 
 def train(
-    groups: Sequence[RolloutGroup],
+    groups: Sequence[TrainingGroup],
     base_path: str | Path,
     out_dir: str | Path | None,
     config: TrainerConfig,
@@ -326,7 +326,7 @@ def train(
     failure: str | None = None
     best_parse = -1.0
     initial_length: float | None = None
-    window: list[RolloutGroup] = []
+    window: list[TrainingGroup] = []
 
     def snapshot(tag: str) -> AdapterRef:
         # Regeneration and held-out eval load the current policy through the backend, as
@@ -364,7 +364,7 @@ def train(
                         f"(mean length {length:.1f}, was {initial_length:.1f})")
         return None
 
-    def keep(new_groups: Sequence[RolloutGroup]) -> list[RolloutGroup]:
+    def keep(new_groups: Sequence[TrainingGroup]) -> list[TrainingGroup]:
         nonlocal dropped_total
         kept = list(new_groups)
         if cfg.filter_zero_variance:
