@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +17,14 @@ from workers.learner.data import (
     GradedCompletion,
     TrainingGroup,
     flatten_groups,
+    make_rollout_groups,
     micro_batches,
 )
 from workers.learner.trainer import (
     RegenerationSource,
     TrainerConfig,
     TrainerConfigError,
+    load_policy,
     sequence_logprobs,
     train,
 )
@@ -296,3 +299,39 @@ def test_sampler_and_trainer_logprobs_agree(
         assert math.isfinite(worst_tok)
         assert worst_tok < TOKEN_LOGPROB_TOL, (adapter, worst_tok)
         assert worst_seq < SEQUENCE_LOGPROB_TOL, (adapter, worst_seq)
+
+
+# At θ = θ_ref the trainer's log πθ must equal the sampler's log π_ref up to fp32 noise.
+ZERO_LOG_RATIO_TOL = 1e-4
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_log_ratio_is_zero_at_the_reference_for_any_sampling_temperature(
+    tiny_model_dir: Path, backend: LocalBackend, temperature: float
+) -> None:
+    groups = make_rollout_groups(
+        backend,
+        prompt_items(12, 4),
+        4,
+        SamplingParams(max_tokens=32, temperature=temperature, seed=13),
+        reached_overall,
+    )
+    assert {g.temperature for g in groups} == {temperature}
+    fresh = load_policy(tiny_model_dir, TrainerConfig(), None)  # LoRA B = 0: θ = θ_ref
+    records = flatten_groups(groups, backend.tokenizer, "oapl")
+    with torch.no_grad():
+        ratios = torch.cat([
+            sequence_logprobs(fresh, mb)[0] - mb.ref_logp
+            for mb in micro_batches(records, 8, backend.tokenizer.pad_token_id)
+        ])
+    assert float(ratios.abs().max()) < ZERO_LOG_RATIO_TOL
+    if temperature != 1.0:
+        # scored at T = 1 (the old bug), the same completions are far from the reference
+        at_one = [dataclasses.replace(g, temperature=1.0) for g in groups]
+        records = flatten_groups(at_one, backend.tokenizer, "oapl")
+        with torch.no_grad():
+            wrong = torch.cat([
+                sequence_logprobs(fresh, mb)[0] - mb.ref_logp
+                for mb in micro_batches(records, 8, backend.tokenizer.pad_token_id)
+            ])
+        assert float(wrong.abs().mean()) > 100 * ZERO_LOG_RATIO_TOL

@@ -206,9 +206,13 @@ class RegenerationSource:
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    """(Σ completion-token log-probs (B,), per-token log-probs (B, W-1) masked to completions)."""
+    """(Σ completion-token log-probs (B,), per-token log-probs (B, W-1) masked to completions).
+
+    Scored at each row's sampling temperature, log softmax(logits / T): the distribution the
+    sampler drew from and reported behaviour log-probs for, so at θ = θ_ref the log-ratio is 0.
+    """
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logits = out.logits[:, :-1, :].float()
+    logits = out.logits[:, :-1, :].float() / batch.temperature[:, None, None]  # (B, W-1, V)
     targets = batch.input_ids[:, 1:]
     token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     token_logp = token_logp * batch.target_mask
