@@ -78,7 +78,7 @@ def test_torchrun_two_processes_give_the_one_process_loss_curve(
         str(tmp_path / "g.jsonl"),
         "--base",
         str(tiny_model_dir),
-        "--steps",
+        "--epochs",
         "3",
         "--lr",
         "1e-2",
