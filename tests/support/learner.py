@@ -14,7 +14,7 @@ from workers.graders import ContractGrader
 from workers.inference.base import SamplingParams
 from workers.inference.local import LocalBackend
 from workers.learner.bootstrap import BootstrapConfig, bootstrap_model
-from workers.learner.data import PromptItem, RolloutGroup, make_rollout_groups
+from workers.learner.data import PromptItem, TrainingGroup, make_rollout_groups
 
 # Small enough to build in ~10 s on 2 cores; it learns the format only partly, which is all the
 # mechanics tests need.
@@ -62,10 +62,10 @@ def prompt_items(seed: int, n: int, split: str = "train") -> list[PromptItem]:
 @pytest.fixture(scope="session")
 def make_groups(
     backend: LocalBackend,
-) -> Callable[..., list[RolloutGroup]]:
+) -> Callable[..., list[TrainingGroup]]:
     def _make(
         n_prompts: int = 8, group_size: int = 6, seed: int = 0, max_tokens: int = 48
-    ) -> list[RolloutGroup]:
+    ) -> list[TrainingGroup]:
         return make_rollout_groups(
             backend,
             prompt_items(seed, n_prompts),

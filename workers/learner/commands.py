@@ -73,15 +73,16 @@ def train_offline(
     base: Annotated[Path, typer.Option(help="Base model directory.")],
     out: Annotated[Path, typer.Option(help="Adapter directory to create (must not exist).")],
     parent: Annotated[Path | None, typer.Option(help="Adapter to continue from.")] = None,
-    algorithm: Annotated[str, typer.Option(help="oapl | grpo")] = "oapl",
-    steps: Annotated[int, typer.Option()] = 1,
-    lr: Annotated[float, typer.Option()] = 2e-3,
-    beta1: Annotated[float, typer.Option()] = 1.0,
-    beta2: Annotated[float, typer.Option()] = 0.02,
-    lora_rank: Annotated[int, typer.Option()] = 8,
-    lora_alpha: Annotated[float, typer.Option()] = 16.0,
-    micro_batch_size: Annotated[int, typer.Option()] = 64,
-    seed: Annotated[int, typer.Option()] = 0,
+    algorithm: Annotated[str | None, typer.Option(help="oapl | grpo")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the groups.")] = None,
+    groups_per_step: Annotated[int | None, typer.Option(help="Groups per optimizer step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    beta1: Annotated[float | None, typer.Option(help="OAPL value temperature β₁.")] = None,
+    beta2: Annotated[float | None, typer.Option(help="OAPL log-ratio coefficient β₂.")] = None,
+    lora_rank: Annotated[int | None, typer.Option()] = None,
+    lora_alpha: Annotated[float | None, typer.Option()] = None,
+    micro_batch_size: Annotated[int | None, typer.Option()] = None,
+    seed: Annotated[int | None, typer.Option()] = None,
     config: Annotated[
         Path | None, typer.Option(help="JSON file of TrainerConfig fields (overrides flags).")
     ] = None,
@@ -89,16 +90,19 @@ def train_offline(
         Path | None, typer.Option(help="Write the per-step history as JSON here.")
     ] = None,
 ) -> None:
-    """Train one adapter from a JSONL file of graded groups (runs under torchrun too)."""
+    """Train one adapter from a JSONL file of graded groups (runs under torchrun too).
+
+    A flag left out keeps ``TrainerConfig``'s default; ``--config`` overrides the flags."""
     import torch.distributed as dist
 
     from workers.learner.data import load_groups_jsonl
     from workers.learner.trainer import TrainerConfig, TrainerConfigError, init_distributed_from_env
     from workers.learner.trainer import train as run_training
 
-    fields: dict[str, Any] = {
+    flags = {
         "algorithm": algorithm,
-        "steps": steps,
+        "epochs": epochs,
+        "groups_per_step": groups_per_step,
         "lr": lr,
         "beta1": beta1,
         "beta2": beta2,
@@ -107,6 +111,7 @@ def train_offline(
         "micro_batch_size": micro_batch_size,
         "seed": seed,
     }
+    fields: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     try:
         if config is not None:
             fields |= json.loads(config.read_text())
@@ -123,14 +128,14 @@ def train_offline(
     rank = dist.get_rank() if distributed else 0
     try:
         with _progress() as prog:
-            task = prog.add_task(
-                f"{cfg.algorithm.upper()}", total=cfg.steps, info="", visible=rank == 0
-            )
+            task = prog.add_task(f"{cfg.algorithm.upper()}", total=None, info="",
+                                 visible=rank == 0)
 
             def on_step(step: int, total: int, m: dict[str, float]) -> None:
                 prog.update(
                     task,
                     completed=step,
+                    total=total,
                     info=f"loss {m.get('loss', float('nan')):.4f} "
                     f"reward {m.get('train_reward', float('nan')):.3f}",
                 )
@@ -151,6 +156,7 @@ def train_offline(
         console.print(
             f"adapter {result.adapter_path} ({result.metrics['groups_used']} groups, "
             f"{result.metrics['groups_dropped_zero_variance']} dropped, "
+            f"{result.metrics['optimizer_steps']} steps over {result.metrics['epochs']} epochs, "
             f"final loss {result.metrics['final_loss']:.4f})"
         )
 

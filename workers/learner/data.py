@@ -1,6 +1,6 @@
-"""Rollout groups → padded training batches.
+"""Training groups → padded training batches.
 
-``RolloutGroup`` / ``GradedCompletion`` are plain dataclasses so the DB-backed pipeline can build
+``TrainingGroup`` / ``GradedCompletion`` are plain dataclasses so the DB-backed pipeline can build
 them from rows (Rollout: token ids, text, behaviour log-prob sum, reward, parse_ok). Advantages are
 computed here, per group, from rewards alone; after that every sequence is independent, so batches
 can be cut anywhere (micro-batches, data-parallel ranks) without changing the loss.
@@ -9,6 +9,7 @@ can be cut anywhere (micro-batches, data-parallel ranks) without changing the lo
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,13 +37,24 @@ class GradedCompletion:
 
 
 @dataclass
-class RolloutGroup:
+class TrainingGroup:
+    """The G graded completions of one prompt, as the learner sees them (the DB's rollout group,
+    ``app.models.RolloutGroup``, is built into one of these by the training service)."""
+
     group_id: str
     prompt_messages: list[dict[str, str]]
     completions: list[GradedCompletion]
     reference: str | None = None
     """Name of the snapshot that generated the group (the lagged reference policy)."""
     metadata: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    """Sampling temperature T of the completions: the behaviour log-probs are those of
+    softmax(logits / T), so the trainer scores πθ and π_ref at the same T. 0 (greedy) means the
+    sampler reported log-probs at T = 1 (``SamplingParams``), and the trainer scores at 1 too."""
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
 
     @property
     def rewards(self) -> list[float]:
@@ -59,8 +71,8 @@ class PromptItem:
 
 
 def filter_zero_variance(
-    groups: Iterable[RolloutGroup], eps: float = 1e-9
-) -> tuple[list[RolloutGroup], int]:
+    groups: Iterable[TrainingGroup], eps: float = 1e-9
+) -> tuple[list[TrainingGroup], int]:
     """Drop groups whose rewards are all equal (no learning signal); return (kept, n_dropped)."""
     kept, dropped = [], 0
     for g in groups:
@@ -81,15 +93,24 @@ class SequenceRecord:
     behaviour_logprob_sum: float
     reward: float
     advantage: float
+    temperature: float
+    """Scoring temperature: log-probs are taken from softmax(logits / temperature)."""
+
+
+def scoring_temperature(group: TrainingGroup) -> float:
+    """The T at which the group's behaviour log-probs were reported: its sampling temperature,
+    or 1 for greedy groups (T = 0), whose sampler reports log-probs at temperature 1."""
+    return group.temperature if group.temperature > 0 else 1.0
 
 
 def flatten_groups(
-    groups: Sequence[RolloutGroup], tokenizer: Any, algorithm: str, beta1: float = 1.0
+    groups: Sequence[TrainingGroup], tokenizer: Any, algorithm: str, beta1: float = 1.0
 ) -> list[SequenceRecord]:
     """One record per completion with its group advantage (OAPL: r − V̂; GRPO: normalised)."""
     records = []
     for gi, g in enumerate(groups):
         prompt_ids = encode_prompt(tokenizer, g.prompt_messages)
+        temperature = scoring_temperature(g)
         rewards = torch.tensor(g.rewards, dtype=torch.float64)
         if algorithm == "oapl":
             adv = oapl_advantages(rewards, beta1)
@@ -109,6 +130,7 @@ def flatten_groups(
                     float(c.behaviour_logprob_sum),
                     float(c.reward),
                     float(a),
+                    temperature,
                 )
             )
     return records
@@ -124,6 +146,7 @@ class Batch:
     ref_logp: Tensor  # (B,) behaviour log-prob sums (log π_ref)
     advantages: Tensor  # (B,)
     rewards: Tensor  # (B,)
+    temperature: Tensor  # (B,) scoring temperature of each row: log softmax(logits / T)
     index: Tensor  # (B,) position of each row in the flattened record list
 
     def __len__(self) -> int:
@@ -156,6 +179,7 @@ def collate(records: Sequence[SequenceRecord], pad_id: int, indices: Sequence[in
         ref_logp=torch.tensor([r.behaviour_logprob_sum for r in records], dtype=torch.float32),
         advantages=torch.tensor([r.advantage for r in records], dtype=torch.float32),
         rewards=torch.tensor([r.reward for r in records], dtype=torch.float32),
+        temperature=torch.tensor([r.temperature for r in records], dtype=torch.float32),
         index=torch.tensor(list(indices), dtype=torch.long),
     )
 
@@ -169,7 +193,7 @@ def micro_batches(records: Sequence[SequenceRecord], size: int, pad_id: int) -> 
     return out
 
 
-# --- generating and grading groups (used by sync-interval refreshes and the benchmark) ---------
+# --- generating and grading groups (used by sync-interval refreshes and the benchmark) -------
 
 Grade = Callable[[list[dict[str, str]], str, dict[str, Any] | None], tuple[float, bool]]
 
@@ -182,7 +206,7 @@ def make_rollout_groups(
     grade: Grade,
     adapter: AdapterRef | None = None,
     group_prefix: str = "",
-) -> list[RolloutGroup]:
+) -> list[TrainingGroup]:
     """Sample ``group_size`` completions per prompt with the given snapshot and grade them."""
     outs = backend.generate([p.messages for p in prompts], group_size, params, adapter)
     groups = []
@@ -202,19 +226,26 @@ def make_rollout_groups(
                 )
             )
         groups.append(
-            RolloutGroup(f"{group_prefix}{p.prompt_id}@{ref_name}", p.messages, graded, ref_name)
+            TrainingGroup(
+                f"{group_prefix}{p.prompt_id}@{ref_name}",
+                p.messages,
+                graded,
+                ref_name,
+                temperature=params.temperature,
+            )
         )
     return groups
 
 
-def dump_groups_jsonl(groups: Iterable[RolloutGroup], path: str | Path) -> None:
+def dump_groups_jsonl(groups: Iterable[TrainingGroup], path: str | Path) -> None:
     with open(path, "w") as f:
         for g in groups:
             f.write(json.dumps(asdict(g)) + "\n")
 
 
-def load_groups_jsonl(path: str | Path) -> list[RolloutGroup]:
-    """Read groups written by ``dump_groups_jsonl`` (one JSON object per line)."""
+def load_groups_jsonl(path: str | Path) -> list[TrainingGroup]:
+    """Read groups written by ``dump_groups_jsonl`` (one JSON object per line); a line without
+    ``temperature`` (written before groups carried it) was sampled at T = 1."""
     groups = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -223,7 +254,7 @@ def load_groups_jsonl(path: str | Path) -> list[RolloutGroup]:
             try:
                 d = json.loads(line)
                 comps = [GradedCompletion(**c) for c in d.pop("completions")]
-                groups.append(RolloutGroup(completions=comps, **d))
-            except (TypeError, KeyError, json.JSONDecodeError) as exc:
-                raise ValueError(f"{path}:{lineno}: not a rollout group: {exc}") from exc
+                groups.append(TrainingGroup(completions=comps, **d))
+            except (TypeError, KeyError, ValueError) as exc:  # JSONDecodeError is a ValueError
+                raise ValueError(f"{path}:{lineno}: not a training group: {exc}") from exc
     return groups

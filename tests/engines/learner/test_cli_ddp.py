@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from workers.learner.adapters import load_verified
-from workers.learner.data import RolloutGroup, dump_groups_jsonl, load_groups_jsonl
+from workers.learner.data import TrainingGroup, dump_groups_jsonl, load_groups_jsonl
 
 # Two ranks sum the same per-sequence gradients in a different order: the loss curve and the
 # weights agree to fp32 rounding. Stated tolerance: 1e-4 relative on every step's loss, 1e-5
@@ -37,7 +37,7 @@ def run_cli(args: list[str], nproc: int | None = None) -> subprocess.CompletedPr
 
 
 def test_groups_jsonl_round_trip(
-    tmp_path: Path, make_groups: Callable[..., list[RolloutGroup]]
+    tmp_path: Path, make_groups: Callable[..., list[TrainingGroup]]
 ) -> None:
     groups = make_groups(n_prompts=2, group_size=2, seed=9)
     dump_groups_jsonl(groups, tmp_path / "g.jsonl")
@@ -68,7 +68,7 @@ def test_cli_rejects_bad_config_before_training(tmp_path: Path, tiny_model_dir: 
 
 
 def test_torchrun_two_processes_give_the_one_process_loss_curve(
-    tmp_path: Path, tiny_model_dir: Path, make_groups: Callable[..., list[RolloutGroup]]
+    tmp_path: Path, tiny_model_dir: Path, make_groups: Callable[..., list[TrainingGroup]]
 ) -> None:
     groups = make_groups(n_prompts=6, group_size=4, seed=8)
     dump_groups_jsonl(groups, tmp_path / "g.jsonl")
@@ -78,7 +78,7 @@ def test_torchrun_two_processes_give_the_one_process_loss_curve(
         str(tmp_path / "g.jsonl"),
         "--base",
         str(tiny_model_dir),
-        "--steps",
+        "--epochs",
         "3",
         "--lr",
         "1e-2",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -15,14 +16,16 @@ from workers.inference.local import LocalBackend
 from workers.learner.adapters import AdapterIntegrityError, load_verified
 from workers.learner.data import (
     GradedCompletion,
-    RolloutGroup,
+    TrainingGroup,
     flatten_groups,
+    make_rollout_groups,
     micro_batches,
 )
 from workers.learner.trainer import (
     RegenerationSource,
     TrainerConfig,
     TrainerConfigError,
+    load_policy,
     sequence_logprobs,
     train,
 )
@@ -56,7 +59,7 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path) -> None:
         train([], missing_model, None, TrainerConfig(eval_every=1))
 
 
-def weighted_mean_reward(model: torch.nn.Module, groups: list[RolloutGroup], tok) -> float:  # type: ignore[no-untyped-def]
+def weighted_mean_reward(model: torch.nn.Module, groups: list[TrainingGroup], tok) -> float:  # type: ignore[no-untyped-def]
     """Σ_i softmax_i(log πθ − log π_ref)·r_i per group: the policy's expected reward restricted to
     the group's completions (self-normalised importance weights), averaged over groups."""
     records = flatten_groups(groups, tok, "oapl")
@@ -74,11 +77,11 @@ def weighted_mean_reward(model: torch.nn.Module, groups: list[RolloutGroup], tok
 
 
 def test_one_oapl_update_raises_mean_reward_on_its_training_groups(
-    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[RolloutGroup]]
+    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[TrainingGroup]]
 ) -> None:
     groups = make_groups(n_prompts=8, group_size=8, seed=1)
     before = sum(sum(g.rewards) for g in groups) / sum(len(g.completions) for g in groups)
-    cfg = TrainerConfig(steps=1, lr=5e-3, beta2=0.05, seed=0)
+    cfg = TrainerConfig(epochs=1, groups_per_step=8, lr=5e-3, beta2=0.05, seed=0)  # one full batch
     result = train(groups, tiny_model_dir, None, cfg, tokenizer=backend.tokenizer)
     assert result.status == "succeeded"
     assert result.metrics["groups_used"] > 0
@@ -87,10 +90,10 @@ def test_one_oapl_update_raises_mean_reward_on_its_training_groups(
 
 
 def test_zero_variance_groups_are_dropped_and_counted(
-    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[RolloutGroup]]
+    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[TrainingGroup]]
 ) -> None:
     groups = make_groups(n_prompts=4, group_size=4, seed=2)
-    flat = RolloutGroup(
+    flat = TrainingGroup(
         "flat",
         groups[0].prompt_messages,
         [
@@ -100,26 +103,66 @@ def test_zero_variance_groups_are_dropped_and_counted(
     )
     varied = [g for g in groups if len(set(g.rewards)) > 1]
     result = train(
-        [*varied, flat], tiny_model_dir, None, TrainerConfig(steps=1), tokenizer=backend.tokenizer
+        [*varied, flat], tiny_model_dir, None, TrainerConfig(epochs=1), tokenizer=backend.tokenizer
     )
     assert result.metrics["groups_dropped_zero_variance"] == 1
     assert result.metrics["groups_used"] == len(varied)
     with pytest.raises(ValueError, match="zero reward variance"):
-        train([flat], tiny_model_dir, None, TrainerConfig(steps=1), tokenizer=backend.tokenizer)
+        train([flat], tiny_model_dir, None, TrainerConfig(epochs=1), tokenizer=backend.tokenizer)
+
+
+def test_zero_variance_groups_are_kept_as_anchors_when_asked(
+    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[TrainingGroup]]
+) -> None:
+    groups = make_groups(n_prompts=4, group_size=4, seed=2)
+    flat = TrainingGroup(
+        "flat",
+        groups[0].prompt_messages,
+        [
+            GradedCompletion(c.token_ids, c.text, c.behaviour_logprob_sum, 0.5, True)
+            for c in groups[0].completions
+        ],
+    )
+    varied = [g for g in groups if len(set(g.rewards)) > 1]
+    cfg = TrainerConfig(epochs=1, keep_zero_variance_groups=True)
+    result = train([*varied, flat], tiny_model_dir, None, cfg, tokenizer=backend.tokenizer)
+    assert result.metrics["groups_dropped_zero_variance"] == 0
+    assert result.metrics["groups_used"] == len(varied) + 1
+    # alone, a flat group is a pure anchor (OAPL Â = 0): a valid, if idle, round
+    alone = train([flat], tiny_model_dir, None, cfg, tokenizer=backend.tokenizer)
+    assert alone.status == "succeeded" and alone.metrics["groups_used"] == 1
+
+
+def test_a_round_steps_through_shuffled_partitions_with_the_lr_schedule(
+    tiny_model_dir: Path, backend: LocalBackend, make_groups: Callable[..., list[TrainingGroup]]
+) -> None:
+    groups = make_groups(n_prompts=5, group_size=2, seed=6, max_tokens=16)
+    cfg = TrainerConfig(epochs=2, groups_per_step=2, lr=1e-2, lr_schedule="cosine",
+                        keep_zero_variance_groups=True)
+    result = train(groups, tiny_model_dir, None, cfg, tokenizer=backend.tokenizer)
+    m = result.metrics
+    assert (m["optimizer_steps"], m["epochs"], m["groups_used"]) == (6, 2, 5)  # 2 × ⌈5/2⌉
+    assert [h["epoch"] for h in result.history] == [1, 1, 1, 2, 2, 2]
+    assert [h["n_groups"] for h in result.history] == [2, 2, 1, 2, 2, 1]
+    # cosine over S = 6: lr·½(1 + cos(π s / 6)) = 1e-2 at s = 0, 5e-3 at s = 3
+    assert result.history[0]["lr"] == pytest.approx(1e-2)
+    assert result.history[3]["lr"] == pytest.approx(5e-3)
 
 
 def test_adapter_is_written_with_lineage_and_continues_from_parent(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
 ) -> None:
     groups = make_groups(n_prompts=4, group_size=4, seed=3)
-    cfg = TrainerConfig(steps=2, lr=1e-2)
+    cfg = TrainerConfig(epochs=2, lr=1e-2)
     first = train(groups, tiny_model_dir, tmp_path / "v1", cfg, tokenizer=backend.tokenizer)
     m1 = load_verified(tmp_path / "v1")
     assert m1["parent"] is None and m1["n_groups"] == first.metrics["groups_used"]
     assert m1["config"]["lr"] == 1e-2 and len(m1["base_model_digest"]) == 64
+    assert m1["metrics"]["optimizer_steps"] == 2 and m1["metrics"]["epochs"] == 2
+    assert m1["metrics"]["groups_used"] == first.metrics["groups_used"]
     second = train(
         groups,
         tiny_model_dir,
@@ -141,10 +184,11 @@ def test_tampered_parent_or_serving_adapter_is_refused(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
 ) -> None:
     groups = make_groups(n_prompts=4, group_size=4, seed=4)
-    train(groups, tiny_model_dir, tmp_path / "v1", TrainerConfig(), tokenizer=backend.tokenizer)
+    cfg = TrainerConfig(epochs=1)
+    train(groups, tiny_model_dir, tmp_path / "v1", cfg, tokenizer=backend.tokenizer)
     weights = tmp_path / "v1" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
@@ -154,7 +198,7 @@ def test_tampered_parent_or_serving_adapter_is_refused(
             groups,
             tiny_model_dir,
             tmp_path / "v2",
-            TrainerConfig(),
+            cfg,
             parent=tmp_path / "v1",
             tokenizer=backend.tokenizer,
         )
@@ -171,7 +215,7 @@ def test_collapse_guard_stops_the_run_and_marks_it_failed(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
 ) -> None:
     parse_rates = iter([0.8, 0.9, 0.2, 0.9])
 
@@ -179,7 +223,7 @@ def test_collapse_guard_stops_the_run_and_marks_it_failed(
         return {"parse_rate": next(parse_rates), "mean_length": 30.0}
 
     groups = make_groups(n_prompts=4, group_size=4, seed=5)
-    cfg = TrainerConfig(steps=5, eval_every=1, guard_parse_drop=0.3)
+    cfg = TrainerConfig(epochs=5, eval_every=1, guard_parse_drop=0.3)  # one step per epoch
     result = train(
         groups,
         tiny_model_dir,
@@ -190,7 +234,7 @@ def test_collapse_guard_stops_the_run_and_marks_it_failed(
     )
     assert result.status == "failed"
     assert result.failure_reason is not None and "step 2" in result.failure_reason
-    assert result.metrics["steps_done"] == 2
+    assert result.metrics["optimizer_steps"] == 2
     assert not (tmp_path / "out").exists()
 
 
@@ -207,7 +251,7 @@ def test_collapse_guard_on_length_stops_drops_and_runaways_but_not_growth(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
     lengths: list[float],
     stopped_at: int | None,
     reason: str | None,
@@ -217,44 +261,45 @@ def test_collapse_guard_on_length_stops_drops_and_runaways_but_not_growth(
     def heldout(adapter: AdapterRef | None) -> dict[str, float]:
         return {"parse_rate": 0.9, "mean_length": next(it)}
 
-    cfg = TrainerConfig(steps=len(lengths) - 1, eval_every=1, max_new_tokens=64,
+    cfg = TrainerConfig(epochs=len(lengths) - 1, eval_every=1, max_new_tokens=64,
                         guard_length_ratio=0.4)
     result = train(make_groups(n_prompts=4, group_size=4, seed=5), tiny_model_dir, None, cfg,
                    tokenizer=backend.tokenizer, heldout_eval=heldout)
     if stopped_at is None:
         assert result.status == "succeeded", result.failure_reason
-        assert result.metrics["steps_done"] == len(lengths) - 1
+        assert result.metrics["optimizer_steps"] == len(lengths) - 1
     else:
         assert result.status == "failed"
         assert result.failure_reason is not None
         assert f"step {stopped_at}" in result.failure_reason and reason in result.failure_reason
-        assert result.metrics["steps_done"] == stopped_at
+        assert result.metrics["optimizer_steps"] == stopped_at
 
 
 def test_sync_interval_regenerates_groups_with_the_current_policy(
     tiny_model_dir: Path, backend: LocalBackend
 ) -> None:
-    source = RegenerationSource(backend, prompt_items(6, 6), reached_overall)
+    source = RegenerationSource(backend, prompt_items(6, 4), reached_overall)
     cfg = TrainerConfig(
-        steps=4,
+        epochs=2,  # 2 epochs × 4 prompts / 2 per step = 4 steps, π_ref refreshed every 2
         sync_interval=2,
         groups_per_step=2,
         group_size=4,
         max_new_tokens=40,
         lr=1e-2,
-        filter_zero_variance=False,
+        keep_zero_variance_groups=True,
     )
     result = train([], tiny_model_dir, None, cfg, tokenizer=backend.tokenizer, regenerate=source)
     synced = [int(h["step"]) for h in result.history if h.get("synced")]
     assert synced == [1, 3]
     assert result.metrics["groups_used"] == 8
+    assert result.metrics["optimizer_steps"] == 4 and result.metrics["epochs"] == 2
 
 
 def test_sampler_and_trainer_logprobs_agree(
     tmp_path: Path,
     tiny_model_dir: Path,
     backend: LocalBackend,
-    make_groups: Callable[..., list[RolloutGroup]],
+    make_groups: Callable[..., list[TrainingGroup]],
 ) -> None:
     groups = make_groups(n_prompts=5, group_size=3, seed=7)
     # move the LoRA away from zero so the adapter path (merged in the sampler, unmerged in the
@@ -263,7 +308,7 @@ def test_sampler_and_trainer_logprobs_agree(
         groups,
         tiny_model_dir,
         tmp_path / "a",
-        TrainerConfig(steps=2, lr=5e-2),
+        TrainerConfig(epochs=2, lr=5e-2),
         tokenizer=backend.tokenizer,
     )
     for adapter, model in [
@@ -274,7 +319,7 @@ def test_sampler_and_trainer_logprobs_agree(
             [g.prompt_messages for g in groups], 3, SamplingParams(48, seed=11), adapter
         )
         regraded = [
-            RolloutGroup(
+            TrainingGroup(
                 f"g{i}",
                 g.prompt_messages,
                 [
@@ -295,3 +340,39 @@ def test_sampler_and_trainer_logprobs_agree(
         assert math.isfinite(worst_tok)
         assert worst_tok < TOKEN_LOGPROB_TOL, (adapter, worst_tok)
         assert worst_seq < SEQUENCE_LOGPROB_TOL, (adapter, worst_seq)
+
+
+# At θ = θ_ref the trainer's log πθ must equal the sampler's log π_ref up to fp32 noise.
+ZERO_LOG_RATIO_TOL = 1e-4
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 1.3])
+def test_log_ratio_is_zero_at_the_reference_for_any_sampling_temperature(
+    tiny_model_dir: Path, backend: LocalBackend, temperature: float
+) -> None:
+    groups = make_rollout_groups(
+        backend,
+        prompt_items(12, 4),
+        4,
+        SamplingParams(max_tokens=32, temperature=temperature, seed=13),
+        reached_overall,
+    )
+    assert {g.temperature for g in groups} == {temperature}
+    fresh = load_policy(tiny_model_dir, TrainerConfig(), None)  # LoRA B = 0: θ = θ_ref
+    records = flatten_groups(groups, backend.tokenizer, "oapl")
+    with torch.no_grad():
+        ratios = torch.cat([
+            sequence_logprobs(fresh, mb)[0] - mb.ref_logp
+            for mb in micro_batches(records, 8, backend.tokenizer.pad_token_id)
+        ])
+    assert float(ratios.abs().max()) < ZERO_LOG_RATIO_TOL
+    if temperature != 1.0:
+        # scored at T = 1 (the old bug), the same completions are far from the reference
+        at_one = [dataclasses.replace(g, temperature=1.0) for g in groups]
+        records = flatten_groups(at_one, backend.tokenizer, "oapl")
+        with torch.no_grad():
+            wrong = torch.cat([
+                sequence_logprobs(fresh, mb)[0] - mb.ref_logp
+                for mb in micro_batches(records, 8, backend.tokenizer.pad_token_id)
+            ])
+        assert float(wrong.abs().mean()) > 100 * ZERO_LOG_RATIO_TOL

@@ -1,0 +1,112 @@
+"""One update = one round: the shuffled-partition schedule, the learning-rate schedule and the
+configuration that drives them, against hand-computed values (no model needed)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from workers.learner.data import GradedCompletion, TrainingGroup
+from workers.learner.trainer import (
+    TrainerConfig,
+    TrainerConfigError,
+    lr_factor,
+    partition_schedule,
+    select_groups,
+)
+
+
+@pytest.mark.parametrize(
+    ("n_groups", "groups_per_step", "epochs", "steps"),
+    [(10, 3, 4, 16), (64, 16, 4, 16), (5, 16, 2, 2), (16, 16, 1, 1), (7, 1, 2, 14)],
+)
+def test_a_run_takes_epochs_times_ceil_groups_over_groups_per_step_steps(
+    n_groups: int, groups_per_step: int, epochs: int, steps: int
+) -> None:
+    assert len(partition_schedule(n_groups, groups_per_step, epochs, seed=0)) == steps
+
+
+def test_every_group_is_used_exactly_once_per_epoch_in_consecutive_chunks() -> None:
+    schedule = partition_schedule(10, 3, 4, seed=0)
+    for epoch in range(4):
+        chunks = schedule[epoch * 4 : (epoch + 1) * 4]
+        assert [len(c) for c in chunks] == [3, 3, 3, 1]
+        assert sorted(i for c in chunks for i in c) == list(range(10))
+
+
+def test_each_epoch_draws_a_new_permutation() -> None:
+    schedule = partition_schedule(10, 5, 3, seed=0)
+    orders = [tuple(schedule[2 * e] + schedule[2 * e + 1]) for e in range(3)]
+    assert len(set(orders)) == 3
+    assert tuple(range(10)) not in orders  # shuffled, not the input order
+
+
+def test_the_schedule_is_deterministic_under_a_seed() -> None:
+    assert partition_schedule(20, 4, 3, seed=7) == partition_schedule(20, 4, 3, seed=7)
+    assert partition_schedule(20, 4, 3, seed=7) != partition_schedule(20, 4, 3, seed=8)
+
+
+def test_constant_schedule_with_linear_warmup() -> None:
+    assert [lr_factor(s, 6, "constant", 0) for s in range(6)] == [1.0] * 6
+    # W = 4: (s + 1) / 4, then flat
+    assert [lr_factor(s, 6, "constant", 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_cosine_schedule_at_hand_computed_points() -> None:
+    # S = 4, W = 0: ½(1 + cos(π s / 4)) = 1, 0.853553, 0.5, 0.146447
+    got = [lr_factor(s, 4, "cosine", 0) for s in range(4)]
+    assert got == pytest.approx([1.0, 0.8535534, 0.5, 0.1464466], abs=1e-7)
+    # S = 10, W = 2: warm-up 0.5, 1; then ½(1 + cos(π (s − 2) / 8))
+    assert lr_factor(0, 10, "cosine", 2) == 0.5
+    assert lr_factor(1, 10, "cosine", 2) == 1.0
+    assert lr_factor(2, 10, "cosine", 2) == 1.0
+    assert lr_factor(4, 10, "cosine", 2) == pytest.approx(0.8535534, abs=1e-7)  # cos(π/4)
+    assert lr_factor(6, 10, "cosine", 2) == pytest.approx(0.5, abs=1e-12)  # cos(π/2)
+    assert lr_factor(9, 10, "cosine", 2) == pytest.approx(0.0380602, abs=1e-7)  # cos(7π/8)
+
+
+def _group(gid: str, rewards: list[float]) -> TrainingGroup:
+    return TrainingGroup(gid, [], [GradedCompletion([1], "x", -1.0, r, True) for r in rewards])
+
+
+def test_zero_variance_groups_are_dropped_unless_kept() -> None:
+    groups = [_group("varied", [1.0, 0.0]), _group("flat", [0.5, 0.5]), _group("empty", [])]
+    kept, dropped = select_groups(groups, keep_zero_variance=False)
+    assert [g.group_id for g in kept] == ["varied"] and dropped == 2
+    kept, dropped = select_groups(groups, keep_zero_variance=True)
+    assert [g.group_id for g in kept] == ["varied", "flat", "empty"] and dropped == 0
+
+
+def test_round_defaults_are_sixteen_groups_per_step_for_four_epochs() -> None:
+    cfg = TrainerConfig()
+    assert (cfg.epochs, cfg.groups_per_step, cfg.lr, cfg.beta2) == (4, 16, 2e-3, 0.1)
+    assert (cfg.lr_schedule, cfg.warmup_steps, cfg.keep_zero_variance_groups) == (
+        "constant", 0, False)
+    assert math.ceil(64 / cfg.groups_per_step) * cfg.epochs == 16
+
+
+def test_invalid_round_and_optimizer_settings_are_listed() -> None:
+    with pytest.raises(TrainerConfigError) as err:
+        TrainerConfig(
+            epochs=0,
+            groups_per_step=0,
+            lr_schedule="linear",  # type: ignore[arg-type]
+            warmup_steps=-1,
+            adam_beta2=1.0,
+            adam_eps=0.0,
+        )
+    msg = str(err.value)
+    for name in ("epochs", "groups_per_step", "lr_schedule", "warmup_steps", "adam_beta2",
+                 "adam_eps"):
+        assert name in msg
+
+
+def test_config_round_trips_and_the_replaced_knobs_are_unknown() -> None:
+    cfg = TrainerConfig(epochs=2, groups_per_step=8, lr_schedule="cosine", warmup_steps=3,
+                        adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-6,
+                        keep_zero_variance_groups=True)
+    assert TrainerConfig.from_dict(cfg.to_dict()) == cfg
+    for old in ({"steps": 1}, {"filter_zero_variance": False}, {"adam_betas": [0.9, 0.99]}):
+        with pytest.raises(TrainerConfigError, match="unknown trainer config keys"):
+            TrainerConfig.from_dict(old)
