@@ -77,8 +77,9 @@ def trainer_config(cfg: LearnerBenchConfig, steps: int) -> Any:
     from workers.learner.trainer import TrainerConfig
 
     return TrainerConfig(
-        algorithm="oapl", steps=steps, micro_batch_size=cfg.micro_batch_size,
-        filter_zero_variance=False, seed=cfg.seed,
+        # ``steps`` full-batch steps: one step per epoch over all the groups.
+        algorithm="oapl", epochs=steps, groups_per_step=max(1, cfg.prompts),
+        micro_batch_size=cfg.micro_batch_size, keep_zero_variance_groups=True, seed=cfg.seed,
     )
 
 
@@ -136,7 +137,7 @@ def sft_step_times(model_dir: Path, groups: list[Any], cfg: LearnerBenchConfig, 
     n_tokens = sum(int(mb.target_mask.sum()) for mb in batches)
     model = load_policy(model_dir, tcfg, None)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=tcfg.adam_betas)
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(tcfg.adam_beta1, tcfg.adam_beta2), eps=tcfg.adam_eps)
     model.train()
     stamps = [time.perf_counter()]
     for _ in range(cfg.steps):

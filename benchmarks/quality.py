@@ -35,7 +35,7 @@ from workers.inference.local import LocalBackend
 from workers.learner.bootstrap import BootstrapConfig, bootstrap_info, bootstrap_model
 from workers.learner.data import (
     PromptItem,
-    RolloutGroup,
+    TrainingGroup,
     make_rollout_groups,
 )
 from workers.learner.trainer import RegenerationSource, TrainerConfig, train
@@ -91,9 +91,9 @@ def evaluate(
     }
 
 
-def subset(groups: Sequence[RolloutGroup], n_prompts: int, g: int) -> list[RolloutGroup]:
+def subset(groups: Sequence[TrainingGroup], n_prompts: int, g: int) -> list[TrainingGroup]:
     return [
-        RolloutGroup(x.group_id, x.prompt_messages, x.completions[:g], x.reference)
+        TrainingGroup(x.group_id, x.prompt_messages, x.completions[:g], x.reference)
         for x in groups[:n_prompts]
     ]
 
@@ -167,7 +167,9 @@ def table_one(
                 )
                 if steps > 1 and algo == "oapl":
                     hp |= {"beta1": LAG["beta1"], "beta2": LAG["beta2"]}
-                cfg = TrainerConfig(steps=steps, seed=seed, **(algo_kw | hp))  # type: ignore[arg-type]
+                # ``steps`` full-batch steps (one per epoch over every group).
+                cfg = TrainerConfig(epochs=steps, groups_per_step=len(groups), seed=seed,  # type: ignore[arg-type]
+                                    **(algo_kw | hp))
                 t0 = time.perf_counter()
                 res = train(groups, model_dir, None, cfg, tokenizer=backend.tokenizer)
                 merged = copy.deepcopy(res.model).merge_and_unload()
@@ -210,7 +212,7 @@ def table_two(
             return {k: ev[k] for k in ("correct", "parse_rate", "mean_length", "mean_reward")}
 
         cfg = TrainerConfig(
-            steps=steps,
+            epochs=1,  # one pass over steps × groups_per_step regenerated prompts = ``steps`` steps
             sync_interval=interval,
             groups_per_step=groups_per_step,
             group_size=group_size,

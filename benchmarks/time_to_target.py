@@ -121,7 +121,9 @@ def run_ours(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequen
     train_prompts = _prompts(cfg.seed, cfg.train_prompts, "train")
     grade = _grade_fn()
     tcfg = TrainerConfig(
-        algorithm="oapl", steps=cfg.steps_per_round, lr=cfg.lr, lora_rank=cfg.lora_rank,
+        # ``steps_per_round`` full-batch steps on each round's fresh rollouts.
+        algorithm="oapl", epochs=cfg.steps_per_round, groups_per_step=cfg.prompts_per_round,
+        lr=cfg.lr, lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha, beta2=cfg.beta2, micro_batch_size=cfg.micro_batch_size,
         seed=cfg.seed,
     )

@@ -62,7 +62,8 @@ def main() -> None:
     trials: list[dict[str, Any]] = []
     for algo, grid in GRID.items():
         for hp in grid:
-            cfg = TrainerConfig(algorithm=algo, steps=1, seed=0, **FIXED, **hp)  # type: ignore[arg-type]
+            cfg = TrainerConfig(algorithm=algo, epochs=1, groups_per_step=len(pool), seed=0,  # type: ignore[arg-type]
+                                **FIXED, **hp)
             res = train(pool, model_dir, None, cfg, tokenizer=backend.tokenizer)
             merged = copy.deepcopy(res.model).merge_and_unload()
             ev = evaluate(LocalBackend.from_model(merged, backend.tokenizer), val, 1, seed=30_000)

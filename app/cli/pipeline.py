@@ -102,7 +102,8 @@ def regenerate_cmd(
 def train_cmd(
     policy: Annotated[str, typer.Option(help="Policy name.")],
     algorithm: Annotated[str | None, typer.Option(help="oapl | grpo")] = None,
-    steps: Annotated[int | None, typer.Option(min=1)] = None,
+    epochs: Annotated[int | None, typer.Option(
+        min=1, help="Passes over the graded groups (default: the policy's).")] = None,
     wait: Annotated[bool, typer.Option(help="Train here with a progress bar (--no-wait: "
                                             "enqueue for the train worker).")] = True,
 ) -> None:
@@ -110,8 +111,8 @@ def train_cmd(
     overrides: dict[str, Any] = {}
     if algorithm:
         overrides["algorithm"] = algorithm
-    if steps:
-        overrides["steps"] = steps
+    if epochs:
+        overrides["epochs"] = epochs
     try:
         with session_scope() as session:
             row = session.scalars(select(Policy).where(Policy.name == policy)).first()

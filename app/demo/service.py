@@ -33,14 +33,6 @@ DemoProgress = Callable[[str, int, int], None]
 """progress(stage, done, total); stages: model, server, policy, ingest, regenerate, grade, train,
 evaluate, done."""
 
-# One OAPL update = one optimizer step over every graded rollout, with the learner benchmark's
-# frozen one-step hyperparameters (benchmarks/quality.py: ONE_STEP | OAPL).
-DEMO_TRAINING: dict[str, Any] = {
-    "algorithm": "oapl", "steps": 1, "lr": 1e-2, "micro_batch_size": 128, "lora_rank": 16,
-    "lora_alpha": 32.0, "beta1": 1.0, "beta2": 0.1,
-}
-
-
 @dataclass
 class DemoResult:
     policy: str
@@ -151,8 +143,8 @@ def run_demo(
                 client, result.policy, n_traces, seed, report
             )
 
-    overrides = DEMO_TRAINING | (train_overrides or {})
-    pipeline = run_policy_pipeline(result.policy, progress=report, overrides=overrides)
+    # One OAPL update = one round with the policy's training config (the learner's defaults).
+    pipeline = run_policy_pipeline(result.policy, progress=report, overrides=train_overrides)
     result.groups = pipeline.groups_graded
     result.run_id = pipeline.run_id
     result.snapshot_id = pipeline.snapshot_id

@@ -202,7 +202,6 @@ def regenerate(
         adapter = adapter_for(snapshot)
         group_size = policy.group_size
         base_model = policy.base_model
-        sampling = dict(policy.sampling_params or {})
         have = set(
             session.scalars(
                 select(RolloutGroup.trace_id).where(
@@ -233,7 +232,9 @@ def regenerate(
                         snapshot_id=snapshot_id,
                         group_size=group_size,
                         status=GroupStatus.generated,
-                        sampling_params=sampling | {"seed": params.seed},
+                        # What was sampled with: the trainer scores π_ref at this temperature.
+                        sampling_params={"max_tokens": params.max_tokens,
+                                         "temperature": params.temperature, "seed": params.seed},
                         created_at=utcnow(),
                         updated_at=utcnow(),
                     )

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class RunCreate(BaseModel):
     """Start a training run by hand. ``config`` overrides the policy's training config for this
-    run only (trainer keys such as ``steps``, ``lr``, ``beta2``)."""
+    run only (trainer keys such as ``epochs``, ``groups_per_step``, ``lr``, ``beta2``)."""
 
     model_config = ConfigDict(extra="forbid")
     algorithm: Literal["oapl", "grpo"] | None = Field(
@@ -30,6 +30,10 @@ class RunOut(BaseModel):
     parent_snapshot: str | None
     output_snapshot: str | None
     groups_used: int
+    optimizer_steps: int | None = Field(
+        default=None, description="AdamW steps the round took (epochs × ⌈groups / groups_per_step⌉).")
+    epochs: float | None = Field(
+        default=None, description="Passes over the groups (fractional if the guard stopped it).")
     job_status: str | None = Field(description="The train job: queued/running/retrying/…")
     job_attempts: int | None
     created_by: str | None

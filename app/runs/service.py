@@ -64,6 +64,7 @@ def _served(session: Session, snapshot_id: int | None) -> str | None:
 
 def to_out(session: Session, run: TrainingRun, policy: Policy) -> RunOut:
     job = training.train_job(session, run.id)
+    summary = (run.metrics or {}).get("summary") or {}
     groups = session.scalar(
         select(func.count()).where(training_run_groups.c.training_run_id == run.id)
     )
@@ -80,6 +81,8 @@ def to_out(session: Session, run: TrainingRun, policy: Policy) -> RunOut:
         parent_snapshot=_served(session, run.parent_snapshot_id),
         output_snapshot=_served(session, run.output_snapshot_id),
         groups_used=int(groups or 0),
+        optimizer_steps=summary.get("optimizer_steps"),
+        epochs=summary.get("epochs"),
         job_status=job.status.value if job else None,
         job_attempts=job.attempts if job else None,
         created_by=run.created_by,

@@ -1,7 +1,7 @@
 """Training runs: graded groups from the serving snapshot → OAPL (or GRPO) → a candidate snapshot.
 
     start_run      validate the config, check there is data, create the TrainingRun + train job
-    execute_run    build the learner's RolloutGroup dataclasses from rows, train starting from the
+    execute_run    build the learner's TrainingGroup dataclasses from rows, train starting from the
                    serving adapter, write the adapter atomically, then in ONE transaction: the
                    candidate Snapshot (version N+1, ``{policy}-v{N+1}``, parent, sha256), lineage
                    rows in ``training_run_groups``, the run's metrics, and the eval job
@@ -180,8 +180,7 @@ def start_run(
 
 
 def _learner_groups(session: Session, policy: Policy, snapshot: Snapshot, limit: int | None) -> Any:
-    from workers.learner.data import GradedCompletion  # torch: see trainer_config
-    from workers.learner.data import RolloutGroup as LearnerGroup
+    from workers.learner.data import GradedCompletion, TrainingGroup  # torch: see trainer_config
 
     query = trainable_groups_query(policy, snapshot.id).options(
         selectinload(RolloutGroup.rollouts)
@@ -209,12 +208,14 @@ def _learner_groups(session: Session, policy: Policy, snapshot: Snapshot, limit:
             if r.status == RolloutStatus.graded and r.reward is not None
         ]
         groups.append(
-            LearnerGroup(
+            TrainingGroup(
                 group_id=str(g.id),
                 prompt_messages=list(traces[g.trace_id].messages),
                 completions=completions,
                 reference=snapshot.served_name,
                 metadata={"trace_id": g.trace_id},
+                # π_ref's log-probs were taken at the temperature the group was sampled at.
+                temperature=float((g.sampling_params or {}).get("temperature", 1.0)),
             )
         )
     return groups

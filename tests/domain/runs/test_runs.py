@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_training_run_lifecycle_through_the_api(
     bad = client.post(url, json={"config": {"lrr": 1}}, headers=admin)
     assert bad.status_code == 422 and "lrr" in bad.json()["detail"]
 
-    r = client.post(url, json={"config": {"steps": 1}}, headers=admin)
+    r = client.post(url, json={"config": {"epochs": 2, "groups_per_step": 2}}, headers=admin)
     assert r.status_code == 202, r.text
     run_id = r.json()["id"]
     assert r.json()["status"] == "queued" and r.json()["parent_snapshot"] == f"{name}-v0"
@@ -52,7 +53,10 @@ def test_training_run_lifecycle_through_the_api(
     assert run["status"] == "succeeded", run
     assert run["progress"] == 1.0 and run["output_snapshot"] == f"{name}-v1"
     assert run["job_status"] == "succeeded" and run["groups_used"] >= 1
-    assert run["metrics"]["summary"]["steps_done"] == 1
+    # One round: every group once per epoch, in steps of 2 groups.
+    assert run["epochs"] == 2
+    assert run["optimizer_steps"] == 2 * math.ceil(run["groups_used"] / 2)
+    assert run["metrics"]["summary"]["optimizer_steps"] == run["optimizer_steps"]
 
     listed = client.get("/v1/training-runs", params={"policy": name}, headers=reader).json()
     assert [x["id"] for x in listed["items"]] == [run_id]
