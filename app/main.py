@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from app.apidocs import install_docs
 from app.dashboard.routes import install_dashboard
 from app.feedback.endpoints import router as feedback_router
 from app.health.endpoints import router as health_router
@@ -30,6 +31,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Jobs enqueued by requests (runs, evaluations, promotions) reach the broker this way.
     register_sender(send_job)
     app = FastAPI(
+        docs_url=None,  # served from local assets by install_docs
+        redoc_url=None,
         title="tracelearn",
         version="0.1.0",
         description="Ingest production traces, regenerate and grade groups, train OAPL adapters, "
@@ -40,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in API_ROUTERS:
         app.include_router(router, prefix="/v1")
     app.include_router(langfuse_router)
+    install_docs(app)
     install_dashboard(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        max_depth=settings.max_json_depth)

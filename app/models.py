@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import (
     Boolean,
     Column,
-    DateTime,
     Enum,
     Float,
     ForeignKey,
@@ -27,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from app.db import Base, BigIntId, JSONType, utcnow
+from app.db import Base, BigIntId, JSONType, UtcDateTime, utcnow
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -41,7 +40,7 @@ def _enum(cls: type[enum.Enum]) -> Enum:
 
 
 def _ts(**kw: Any) -> Any:
-    return mapped_column(DateTime(timezone=True), **kw)
+    return mapped_column(UtcDateTime(), **kw)
 
 
 class Split(enum.StrEnum):

@@ -4,8 +4,10 @@ counts and timings."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+import warnings
 from typing import Any
 
 import structlog
@@ -52,6 +54,19 @@ job.failed / job.replanned / job.handed_back, run.started / run.finished / run.f
 evaluation.done, verdict, promotion. ``tracelearn up`` shows them compactly."""
 
 _configured = False
+
+
+def quiet_libraries() -> None:
+    """Our commands show our own progress bars and log lines; the ML libraries' deprecation
+    warnings, "Loading weights" bars and info chatter would bury them. Set before those libraries
+    are imported (they read their verbosity at import), and inherited by child processes."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for module in ("transformers", "peft", "torch", "accelerate"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
 
 
 def configure_logging(level: str = "INFO", json_logs: bool = True) -> None:

@@ -21,7 +21,7 @@ from kombu import Queue, pools
 
 from app.jobs.service import register_sender, request_stop
 from app.models import JobKind
-from app.observability import configure_logging
+from app.observability import configure_logging, quiet_libraries
 from app.settings import Settings, get_settings
 
 QUEUES = ("rollout", "grade", "train", "eval", "promote", "maintenance")
@@ -137,6 +137,7 @@ def _hand_back_running_jobs(**_: Any) -> None:
 
 @worker_init.connect
 def _preload(**_: Any) -> None:
+    quiet_libraries()
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_json)
     # torch + transformers take seconds to import; pay that before the worker reports ready,

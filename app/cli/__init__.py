@@ -16,22 +16,25 @@ from app.cli.keys import keys_cli
 from app.cli.pipeline import pipeline_app
 from app.cli.serve import serve_app
 from app.jobs.service import register_sender
+from app.observability import quiet_libraries
 from workers.celery_app import send_job
-from workers.learner.commands import model_app, train_app
+from workers.learner.commands import model_app, train_offline
 
 cli = typer.Typer(help="tracelearn: better LoRA adapters from production traces.",
                   no_args_is_help=True)
+cli.add_typer(serve_app)
+cli.add_typer(demo_app)
+cli.add_typer(pipeline_app)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(model_app, name="model")
-cli.add_typer(train_app, name="train-offline")
-cli.add_typer(pipeline_app)
-cli.add_typer(serve_app)
-cli.add_typer(demo_app)
+cli.command("train-offline", help="Train an adapter offline from a JSONL of graded groups "
+            "(also under torchrun).")(train_offline)
 
 
 @cli.callback()
 def _start() -> None:
+    quiet_libraries()  # before any command imports transformers
     # Jobs the CLI enqueues reach the broker through the Celery shell's sender.
     register_sender(send_job)
 

@@ -22,9 +22,11 @@ def db_upgrade(revision: str = "head") -> None:
 
 @db_cli.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument(help="Target, e.g. base or -1")]) -> None:
+    """Downgrade the schema to REVISION."""
     migrate.downgrade(revision=revision)
 
 
 @db_cli.command("current")
 def db_current() -> None:
+    """Print the schema's current revision."""
     migrate.current()

@@ -27,9 +27,11 @@ def demo_cmd(
     max_tokens: Annotated[int, typer.Option(min=8, help="Completion length cap.")] = 80,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic traces.")] = 0,
 ) -> None:
-    """The whole loop on the embedded default: post synthetic clinical traces over HTTP,
-    regenerate, grade, one OAPL update, evaluate against the champion, gate. Leaves the
-    candidate awaiting approval (or rejected, with the reason) on the dashboard."""
+    """Run the whole loop once on synthetic clinical traces, ending at a gated candidate.
+
+    Posts traces over HTTP, regenerates, grades, trains one OAPL round, evaluates against the
+    champion and gates; the candidate is left awaiting approval (or rejected, with the reason)
+    on the dashboard."""
     with progress_bar() as bar:
         result = run_demo(get_settings(), stage_reporter(bar), url=url, serve=local_api, key=key,
                           n_traces=traces, group_size=group_size, max_tokens=max_tokens,

@@ -40,7 +40,8 @@ def keys_create(
 
 
 @keys_cli.command("list")
-def keys_list(tenant: Annotated[str | None, typer.Option()] = None) -> None:
+def keys_list(tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys.")] = None) -> None:
+    """List keys (never their secrets)."""
     table = Table("id", "tenant", "name", "scopes", "created", "revoked")
     with get_database().session() as session:
         for k in keys_service.list_keys(session, tenant):

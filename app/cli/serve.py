@@ -3,13 +3,16 @@ embedded default in one process tree) and ``tracelearn settings``."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import signal
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TextIO
 
 import typer
 import uvicorn
@@ -53,9 +56,46 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+class CannotStart(RuntimeError):
+    """``up`` would collide with something already running; nothing was started."""
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _claim_data_dir(settings: Settings) -> TextIO:
+    """An exclusive lock on the data directory, held for the life of the process: two ``up``s on
+    one SQLite file and one broker file would fight over every job."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    handle = (settings.data_dir / "up.lock").open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise CannotStart(f"{settings.data_dir} is in use by tracelearn up ({owner}); stop it "
+                          "or point TRACELEARN_DATA_DIR elsewhere") from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
 def run_embedded(settings: Settings, host: str, port: int) -> None:
     """`tracelearn up`: SQLite file, a broker that needs no server, the bundled tiny model, the
     workers and beat as child processes, API and dashboard on localhost."""
+    if not _port_free(host, port):
+        raise CannotStart(f"port {port} on {host} is already in use; stop what listens there or "
+                          "pass --port")
+    lock = _claim_data_dir(settings)
     with single_bar("building the bundled tiny model (first run only)") as update:
         model_dir = prepare(settings, update)
     handle: EmbeddedWorkers | None = start_embedded_workers(
@@ -80,15 +120,17 @@ Then post traces:
     # uvicorn shuts down gracefully on TERM/INT and then re-raises the signal with the handler it
     # found installed; ours turns that into SystemExit, so the workers below are stopped (and
     # hand their jobs back) instead of being orphaned.
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
                     access_log=False)
     finally:
         if handle is not None:
-            console.print("stopping workers (jobs in hand go back to the queue)…")
             handle.stop()
-            console.print("stopped")
+            console.print(f"tracelearn stopped: API and {len(handle.processes)} worker "
+                          "processes down, jobs in hand back in the queue")
+        lock.close()
 
 
 @serve_app.command("api")
@@ -100,9 +142,15 @@ def api(host: str = "127.0.0.1", port: int = 8080, workers: int = 1) -> None:
 
 @serve_app.command("up")
 def up(host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Run everything on the embedded default: migrations, bundled model, workers, API and
-    dashboard in one process tree."""
-    run_embedded(get_settings(), host, port)
+    """Run everything on the embedded default (SQLite, bundled model, workers, API, dashboard).
+
+    Migrations, the bundled tiny model, workers for every queue, beat, the API and the dashboard
+    in one process tree; TERM/INT/HUP stop it all."""
+    try:
+        run_embedded(get_settings(), host, port)
+    except CannotStart as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
 
 
 @serve_app.command("settings")

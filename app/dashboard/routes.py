@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Request
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
@@ -323,6 +323,10 @@ def install_dashboard(app: FastAPI) -> None:
     app.include_router(router)
     app.mount(PREFIX + "/static", StaticFiles(directory=str(HERE / "static")),
               name="dashboard-static")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> FileResponse:
+        return FileResponse(HERE / "static" / "favicon.svg", media_type="image/svg+xml")
 
     async def _login_required(request: Request, exc: Exception) -> Response:
         target = PREFIX + "/login?" + urlencode({"next": request.url.path})

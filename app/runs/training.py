@@ -98,7 +98,14 @@ def _used_by_succeeded_run() -> Any:
     )
 
 
-def trainable_groups_query(policy: Policy, snapshot_id: int) -> Any:
+def trainable_groups_query(
+    policy: Policy, snapshot_id: int, *, keep_zero_variance: bool = False
+) -> Any:
+    """Graded train groups of ``snapshot_id`` that no succeeded run has used. Groups whose rewards
+    are all equal are left out unless ``keep_zero_variance`` (the trainer config's
+    ``keep_zero_variance_groups``: for OAPL such a group has Â = 0 and still anchors
+    log πθ/π_ref toward 0)."""
+    informative = () if keep_zero_variance else (RolloutGroup.zero_variance.is_(False),)
     return (
         select(RolloutGroup)
         .join(Trace, Trace.id == RolloutGroup.trace_id)
@@ -107,7 +114,7 @@ def trainable_groups_query(policy: Policy, snapshot_id: int) -> Any:
             Trace.split == Split.train,
             RolloutGroup.snapshot_id == snapshot_id,
             RolloutGroup.status == GroupStatus.graded,
-            RolloutGroup.zero_variance.is_(False),
+            *informative,
             ~_used_by_succeeded_run(),
         )
         .order_by(RolloutGroup.id)
@@ -115,6 +122,7 @@ def trainable_groups_query(policy: Policy, snapshot_id: int) -> Any:
 
 
 def count_trainable_groups(session: Session, policy: Policy) -> int:
+    """The data trigger: informative (non-zero-variance) groups since the last run."""
     if policy.serving_snapshot_id is None:
         return 0
     q = trainable_groups_query(policy, policy.serving_snapshot_id).subquery()
@@ -179,10 +187,15 @@ def start_run(
     return run
 
 
-def _learner_groups(session: Session, policy: Policy, snapshot: Snapshot, limit: int | None) -> Any:
+def _learner_groups(
+    session: Session, policy: Policy, snapshot: Snapshot, limit: int | None,
+    keep_zero_variance: bool,
+) -> Any:
     from workers.learner.data import GradedCompletion, TrainingGroup  # torch: see trainer_config
 
-    query = trainable_groups_query(policy, snapshot.id).options(
+    query = trainable_groups_query(
+        policy, snapshot.id, keep_zero_variance=keep_zero_variance
+    ).options(
         selectinload(RolloutGroup.rollouts)
     )
     if limit:
@@ -267,12 +280,13 @@ def execute_run(
         if policy is None or parent is None:
             raise PermanentJobError(f"run {run_id}: its policy or parent snapshot is gone")
         max_groups = (policy.training_config or {}).get("max_groups")
-        groups = _learner_groups(session, policy, parent, max_groups)
+        config = TrainerConfig.from_dict(dict(run.config))
+        groups = _learner_groups(session, policy, parent, max_groups,
+                                 config.keep_zero_variance_groups)
         run.status, run.started_at, run.heartbeat_at = RunStatus.running, utcnow(), utcnow()
         run.error = None
         policy_name, base_model = policy.name, policy.base_model
         parent_path = parent.adapter_path
-        config = TrainerConfig.from_dict(dict(run.config))
     if not groups:
         raise PermanentJobError("no trainable groups left (another run used them)")
     group_ids = [g.group_id for g in groups]

@@ -22,7 +22,8 @@ from app.auth.service import Scope
 
 # Routes that answer without a key by design: probes, metrics and the API's own documentation.
 PUBLIC_PATHS = frozenset(
-    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+    {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+     "/favicon.ico"}
 )
 DASHBOARD_PREFIX = "/dashboard"
 # Dashboard pages a visitor without a session must be able to reach (to log in).

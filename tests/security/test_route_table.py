@@ -132,4 +132,4 @@ def test_public_routes_are_only_probes_metrics_and_docs(settings: Settings) -> N
     public = sorted({o.path for o in operations(create_app(settings)) if o.is_public
                      and not o.is_dashboard})
     assert set(public) <= {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs",
-                           "/docs/oauth2-redirect", "/redoc"}
+                           "/docs/oauth2-redirect", "/redoc", "/favicon.ico"}

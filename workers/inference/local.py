@@ -7,6 +7,7 @@ from — the behaviour log-probs OAPL uses as log π_ref.
 
 from __future__ import annotations
 
+import inspect
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -136,8 +137,9 @@ class LocalBackend:
         input_ids, attn = input_ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1, :]
+        past, logits = _cache_of(out), out.logits[:, -1, :]
         next_pos = pos[:, -1:] + 1
+        cache_arg = _cache_arg(model)
 
         tokens = torch.zeros((b, params.max_tokens), dtype=torch.long)
         logps = torch.zeros((b, params.max_tokens), dtype=torch.float32)
@@ -164,10 +166,10 @@ class LocalBackend:
                 input_ids=tok.unsqueeze(-1),
                 attention_mask=attn,
                 position_ids=next_pos,
-                past_key_values=past,
                 use_cache=True,
+                **{cache_arg: past},
             )
-            past, logits = out.past_key_values, out.logits[:, -1, :]
+            past, logits = _cache_of(out), out.logits[:, -1, :]
             next_pos = next_pos + 1
 
         completions = []
@@ -185,3 +187,16 @@ class LocalBackend:
                 )
             )
         return completions
+
+
+def _cache_arg(model: Any) -> str:
+    """The KV-cache keyword of this transformers version: ``cache`` (5.x, where
+    ``past_key_values`` is deprecated) or ``past_key_values`` (4.x)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
+    forward = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in forward else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values

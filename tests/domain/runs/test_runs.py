@@ -6,12 +6,24 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from app.db import session_scope
 from app.engines import reset
-from app.models import Job, JobKind, Snapshot, SnapshotStatus, TrainingRun, training_run_groups
+from app.models import (
+    Job,
+    JobKind,
+    Policy,
+    RolloutGroup,
+    Snapshot,
+    SnapshotStatus,
+    Trace,
+    TrainingRun,
+    training_run_groups,
+)
+from app.rollouts.service import finish_group
 from app.runs.pipeline import run_policy_pipeline
 from app.settings import Settings
 from tests.conftest import bearer
@@ -100,3 +112,28 @@ def test_demo_pipeline_regenerates_grades_and_trains_one_update(
     assert trained.run_status == "succeeded", trained.error
     assert trained.served_name == f"{name}-v1"
     assert seen[-1] == ("train", 1, 1)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_zero_variance_groups_train_only_when_the_policy_keeps_them(
+    sqlite_settings: Settings, model_dir: Path, keep: bool
+) -> None:
+    name, _ = seed_policy(sqlite_settings, model_dir, n_traces=4, group_size=4, max_tokens=16,
+                          grader=VARIED_GRADER,
+                          training={"min_groups": 1, "keep_zero_variance_groups": keep})
+    assert run_policy_pipeline(name, train=False).groups_graded == 4
+    vary_rewards(name)
+    with session_scope() as s:  # two of the four groups get equal rewards again
+        policy = s.scalars(select(Policy).where(Policy.name == name)).one()
+        flat = list(s.scalars(select(RolloutGroup).join(Trace).where(
+            Trace.policy_id == policy.id).order_by(RolloutGroup.id).limit(2)))
+        for g in flat:
+            for r in g.rollouts:
+                r.reward = 1.0
+            finish_group(g, g.grader_version or "test", 1.0)
+    trained = run_policy_pipeline(name)
+    assert trained.run_status == "succeeded", trained.error
+    # The data trigger counts informative groups either way; the run uses the flat ones too
+    # only when the policy keeps them.
+    assert trained.trainable_groups == 2
+    assert trained.metrics["summary"]["groups_used"] == (4 if keep else 2)

@@ -18,3 +18,14 @@ def test_readme_opens_with_the_two_commands():
     blocks = README.read_text().split("```bash\n")[1:3]
     assert "tracelearn up" in blocks[0]
     assert "bash .ci/run" in blocks[1]
+
+
+def test_api_docs_and_their_assets_are_served_locally(client):
+    for page, asset in (("/docs", "/docs/static/swagger-ui-bundle.js"),
+                        ("/redoc", "/docs/static/redoc.standalone.js")):
+        html = client.get(page)
+        assert html.status_code == 200 and asset in html.text
+        assert "cdn.jsdelivr.net" not in html.text and "fonts.googleapis" not in html.text
+        js = client.get(asset)
+        assert js.status_code == 200 and len(js.content) > 100_000
+    assert client.get("/favicon.ico").headers["content-type"].startswith("image/svg+xml")

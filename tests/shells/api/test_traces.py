@@ -255,3 +255,17 @@ def test_metrics_count_ingest_results(client, admin_headers, policy_name):
     text = client.get("/metrics").text
     assert 'tracelearn_ingest_traces_total{result="created"}' in text
     assert "tracelearn_http_request_duration_seconds_bucket" in text
+
+
+def test_timestamps_are_rfc3339_utc_with_z_whichever_database_stored_them(
+    client, admin_headers, policy_name
+):
+    from workers.clinical import task
+
+    item = task.ingest_items(7, 1, "train", policy=policy_name)[0]
+    created = client.post("/v1/traces", json=item, headers=admin_headers)
+    assert created.status_code == 201, created.text
+    trace = client.get(f"/v1/traces/{created.json()['id']}", headers=admin_headers).json()
+    policy = client.get(f"/v1/policies/{policy_name}", headers=admin_headers).json()
+    for stamp in (trace["created_at"], policy["created_at"]):
+        assert stamp.endswith("Z"), stamp
