@@ -79,7 +79,7 @@ def test_behaviour_logprobs_match_the_trainers(backend: InferenceBackend, model_
     for messages, group in zip(PROMPTS, out, strict=True):
         for c in group:
             records.append(SequenceRecord(0, encode_prompt(tok, messages), c.token_ids,
-                                          c.logprobs, c.logprob_sum, 0.0, 0.0))
+                                          c.logprobs, c.logprob_sum, 0.0, 0.0, 1.0))
             flat.append(c)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     batch = collate(records, tok.pad_token_id, range(len(records)))
