@@ -71,7 +71,6 @@ def main() -> None:
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     import torch
     from sqlalchemy import delete, select
-    from workers.rollouts import service as rollouts
 
     from app import migrate
     from app.auth.service import Principal, Scope
@@ -80,6 +79,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     from app.models import Job, Outcome, OutcomeSource, RolloutGroup, Split, Trace
     from app.policies.schemas import PolicyCreate, SamplingSpec, TrainingSpec
     from app.policies.service import create_policy
+    from app.rollouts import service as rollouts
     from app.settings import Settings, set_settings
     from workers.clinical import task
     from workers.inference.base import SamplingParams

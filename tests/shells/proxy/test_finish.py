@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from workers.promotion.engine import EngineCompletion
-
 from app.proxy.service import finish
+from workers.inference.serving import EngineCompletion
 
 
 def completion(text: str, reason: str) -> EngineCompletion:
