@@ -13,6 +13,13 @@ StepProgress = Callable[[int, int], None]
 """progress(done, total) of the model build."""
 
 
+def model_build_needed(settings: Settings) -> bool:
+    """Whether the first start still has to build the bundled model (the slow part)."""
+    return settings.base_model_dir is None and not (
+        settings.models_dir / "tiny" / "config.json"
+    ).is_file()
+
+
 def ensure_base_model(settings: Settings, progress: StepProgress | None = None) -> Path:
     """The configured base model, or the bundled tiny model built (once, cached) on first use."""
     if settings.base_model_dir is not None:

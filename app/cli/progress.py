@@ -9,7 +9,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-console = Console(stderr=True)
+# soft_wrap: copy-paste commands in the banner stay on one line in logs and narrow terminals.
+console = Console(stderr=True, soft_wrap=True)
 
 StageProgress = Callable[[str, int, int], None]
 """progress(stage, done, total): one bar per stage."""

@@ -19,7 +19,7 @@ import uvicorn
 
 from app.cli.processes import EmbeddedWorkers, start_embedded_workers
 from app.cli.progress import console, single_bar
-from app.install import prepare
+from app.install import model_build_needed, prepare
 from app.main import create_app
 from app.settings import Settings, get_settings
 
@@ -96,8 +96,11 @@ def run_embedded(settings: Settings, host: str, port: int) -> None:
         raise CannotStart(f"port {port} on {host} is already in use; stop what listens there or "
                           "pass --port")
     lock = _claim_data_dir(settings)
-    with single_bar("building the bundled tiny model (first run only)") as update:
-        model_dir = prepare(settings, update)
+    if model_build_needed(settings):
+        with single_bar("building the bundled tiny model (first run only)") as update:
+            model_dir = prepare(settings, update)
+    else:
+        model_dir = prepare(settings)
     handle: EmbeddedWorkers | None = start_embedded_workers(
         settings, show_events=lambda line: console.print(line, markup=False, highlight=False)
     )

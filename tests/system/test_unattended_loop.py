@@ -32,6 +32,10 @@ from workers.clinical import task
 
 pytestmark = pytest.mark.postgres
 
+# The test-size model answers almost every case the same way, so the contract grader would give
+# every group equal rewards and no round would ever have data to train on; a grader whose reward
+# follows a letter of the sampled text gives groups variance from the real rollouts.
+VARIED_GRADER = {"kind": "regex", "outcome": task.OUTCOME_NAME, "pattern": "(e)"}
 VERDICTS = {SnapshotStatus.awaiting_approval, SnapshotStatus.rejected, SnapshotStatus.failed,
             SnapshotStatus.superseded, SnapshotStatus.approved, SnapshotStatus.serving,
             SnapshotStatus.retired}
@@ -160,8 +164,9 @@ def run_unattended(service: Service, minutes: float, schedule: str) -> None:
     policy = "soak"
     r = httpx.post(f"{service.url}/v1/policies", headers={"Authorization": f"Bearer {key}"},
                    json={"name": policy, "group_size": 4, "schedule": schedule,
+                         "grader": VARIED_GRADER,
                          "sampling": {"temperature": 1.0, "max_tokens": 24},
-                         "training": {"min_groups": 8, "max_groups": 32}})
+                         "training": {"min_groups": 4, "max_groups": 16}})
     assert r.status_code == 201, r.text
     traffic = Traffic(service.url, key, policy)
     poster = threading.Thread(target=traffic.run, daemon=True)
@@ -213,7 +218,7 @@ def run_unattended(service: Service, minutes: float, schedule: str) -> None:
 
 
 def test_every_scheduled_round_reaches_a_verdict_by_itself(service: Service) -> None:
-    run_unattended(service, minutes=3, schedule="* * * * * */30")
+    run_unattended(service, minutes=3, schedule="* * * * * */20")
 
 
 @pytest.mark.slow
