@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from datetime import timedelta
@@ -21,6 +22,9 @@ from app.jobs.service import (
     fail,
     heartbeat,
     reap,
+    replan_due_at,
+    replans_exhausted,
+    request_stop,
     run_job,
 )
 from app.models import Job, JobKind, JobStatus
@@ -205,3 +209,62 @@ def test_lease_lost_is_raised_by_check(pg_settings: Settings) -> None:
     ctx = JobContext(10**9, JobKind.grade, {}, 1, "nobody", 5.0)
     with pytest.raises(LeaseLost):
         ctx.check()
+
+
+# --- a key names the work, not its fate: failed jobs are planned again ---------------------------
+
+
+def _fail_now(job_id: int, minutes_ago: float = 0.0) -> None:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.status, job.error = JobStatus.failed, "boom"
+        job.updated_at = utcnow() - timedelta(minutes=minutes_ago)
+
+
+def test_a_failed_job_is_planned_again_after_its_backoff_up_to_the_cap(
+    sqlite_settings: Settings,
+) -> None:
+    # Defaults: 3 re-plans, 60 s backoff doubling each time (60, 120, 240 s).
+    key = _key()
+    with session_scope() as s:
+        job_id = enqueue(s, JobKind.eval, key, {}, dispatch=False).id
+    _fail_now(job_id, minutes_ago=0.5)
+    with session_scope() as s:  # 30 s < 60 s: not yet
+        assert enqueue(s, JobKind.eval, key, {}, dispatch=False).status is JobStatus.failed
+    for replan, waited in ((1, 1.01), (2, 2.01), (3, 4.01)):
+        _fail_now(job_id, minutes_ago=waited)
+        with session_scope() as s:
+            job = enqueue(s, JobKind.eval, key, {}, dispatch=False)
+            assert (job.status, job.attempts, job.replans) == (JobStatus.queued, 0, replan)
+    _fail_now(job_id, minutes_ago=60)
+    with session_scope() as s:  # the cap: its failure is final now
+        job = enqueue(s, JobKind.eval, key, {}, dispatch=False)
+        assert job.status is JobStatus.failed and job.replans == 3
+        assert replans_exhausted(job) and replan_due_at(job) is None
+    with session_scope() as s:  # a person asking re-plans at once, cap or not
+        job = enqueue(s, JobKind.eval, key, {}, dispatch=False, replan_now=True)
+        assert job.status is JobStatus.queued and job.replans == 4
+
+
+def test_a_stopping_worker_hands_its_job_back_uncounted(
+    sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import app.jobs.service as jobs
+
+    monkeypatch.setattr(jobs, "_stopping", threading.Event())
+    with session_scope() as s:
+        job_id = enqueue(s, JobKind.grade, _key(), {}, dispatch=False).id
+    done: list[int] = []
+
+    def handler(ctx: JobContext) -> dict[str, int]:
+        done.append(1)  # the first unit of work
+        request_stop()  # TERM arrives
+        ctx.check()  # the next unit of work would start here
+        done.append(2)
+        return {}
+
+    assert run_job(job_id, handler) == "handed-back"
+    assert done == [1]
+    job = _job(job_id)
+    assert (job.status, job.attempts, job.lease_owner) == (JobStatus.queued, 0, None)

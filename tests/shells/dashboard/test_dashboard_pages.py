@@ -159,3 +159,14 @@ def test_overview_shows_next_scheduled_run_and_recent_failures(
     html = client.get("/dashboard").text
     assert "03:00 UTC" in html and "0 3 * * *" in html
     assert "canary: empty answer" in html
+
+
+def test_evaluate_button_queues_the_evaluation_or_says_why_it_cannot_run(
+    client, signed_in, candidate
+):
+    from app.models import SnapshotStatus
+
+    sid = candidate(SnapshotStatus.candidate)
+    r = client.post(f"/dashboard/snapshots/{sid}/evaluate", data={"csrf_token": signed_in})
+    assert r.status_code == 200
+    assert "has no held-out traces with outcomes to evaluate on" in r.text
