@@ -16,6 +16,7 @@ from app.models import Trace
 from app.observability import FEEDBACK_TOTAL
 from app.settings import Settings
 from app.traces.service import upsert_outcomes
+from app.traces.strings import describe, problem_type, string_problems
 
 _item_adapter: TypeAdapter[FeedbackItem] = TypeAdapter(FeedbackItem)
 
@@ -31,6 +32,16 @@ def submit(
     results: list[FeedbackItemResult] = []
     parsed: list[tuple[int, FeedbackItem]] = []
     for index, raw in enumerate(raw_items):
+        hostile = string_problems(raw)
+        if hostile:
+            type_, title = problem_type(hostile)
+            results.append(FeedbackItemResult(
+                index=index, status=FeedbackStatus.invalid,
+                error=problem_body(422, type_, title,
+                                   f"the outcome holds a refused string: {describe(hostile)}",
+                                   errors=hostile),
+            ))
+            continue
         try:
             parsed.append((index, _item_adapter.validate_python(raw)))
         except ValidationError as exc:

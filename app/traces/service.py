@@ -45,6 +45,7 @@ from app.traces.schemas import (
     TraceOut,
     TracePage,
 )
+from app.traces.strings import describe, problem_type, string_problem, string_problems
 
 _trace_adapter: TypeAdapter[TraceIn] = TypeAdapter(TraceIn)
 _CHUNK = 500
@@ -139,10 +140,25 @@ def _invalid(
     extra = {"errors": errors} if errors else {}
     return ItemResult(
         index=index,
-        external_id=ext if isinstance(ext, str) else None,
+        # Echoed only when it can be: a refused string cannot go back in a JSON response.
+        external_id=ext if isinstance(ext, str) and string_problem(ext) is None else None,
         status=ItemStatus.invalid,
         error=problem_body(422, type_, title, detail, **extra),
     )
+
+
+def _string_problems(raw: Any, generated_response: bool) -> list[dict[str, Any]]:
+    if not (generated_response and isinstance(raw, dict)):
+        return string_problems(raw)
+    sent = {key: value for key, value in raw.items() if key != "response"}
+    return string_problems(sent) + string_problems(raw.get("response"), ("response",),
+                                                   allow_controls=True)
+
+
+def hostile_item(index: int, raw: Any, errors: list[dict[str, Any]]) -> ItemResult:
+    type_, title = problem_type(errors)
+    return _invalid(index, raw, f"the trace holds a refused string: {describe(errors)}", errors,
+                    type_=type_, title=title)
 
 
 def _conflict(index: int, external_id: str, existing_id: int) -> ItemResult:
@@ -176,10 +192,12 @@ def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
 
 def ingest(
     session: Session, principal: Principal, raw_items: list[Any], settings: Settings,
-    *, untrainable: str | None = None,
+    *, untrainable: str | None = None, generated_response: bool = False,
 ) -> BatchResult:
     """Validate, redact and store traces; ``untrainable`` flags every item with that reason
-    (the proxy's aborted streams)."""
+    (the proxy's aborted streams). ``generated_response``: the response is what our serving
+    engine generated (the proxy), so control characters in it are kept as the model wrote them;
+    everything a client sent passes the full string check."""
     if not raw_items:
         raise InvalidInput("a batch needs at least one trace")
     if len(raw_items) > settings.max_batch_items:
@@ -190,6 +208,10 @@ def ingest(
     results: dict[int, ItemResult] = {}
     valid: list[tuple[int, TraceIn]] = []
     for index, raw in enumerate(raw_items):
+        hostile = _string_problems(raw, generated_response)
+        if hostile:
+            results[index] = hostile_item(index, raw, hostile)
+            continue
         try:
             item = _trace_adapter.validate_python(raw)
         except ValidationError as exc:

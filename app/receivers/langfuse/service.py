@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from app.auth.service import Principal
 from app.db import upsert_insert, utcnow
-from app.errors import PayloadTooLarge
+from app.errors import PayloadTooLarge, printable
 from app.models import LangfuseObservation, OutcomeSource, Policy
 from app.receivers.langfuse.schemas import (
     IngestionError,
@@ -33,6 +33,7 @@ from app.receivers.langfuse.schemas import (
 from app.settings import Settings
 from app.traces import service as traces
 from app.traces.schemas import SamplingParamsIn
+from app.traces.strings import describe, string_problems
 
 GENERATION_EVENTS = frozenset({"generation-create", "generation-update"})
 IGNORED_EVENTS = frozenset({"span-create", "span-update", "event-create", "sdk-log",
@@ -61,7 +62,13 @@ def ingest_batch(
     scores: list[IngestionEvent] = []
     for index, raw in enumerate(batch):
         event_id = str(raw.get("id") or f"#{index}") if isinstance(raw, dict) else f"#{index}"
+        event_id = printable(event_id)  # echoed in the answer, so it must be renderable
         order.append(event_id)
+        hostile = string_problems(raw)
+        if hostile:
+            outcome[event_id] = (400, f"the event holds a refused string: {describe(hostile)}",
+                                 hostile)
+            continue
         try:
             event = IngestionEvent.model_validate(raw)
         except ValidationError as exc:
