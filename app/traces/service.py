@@ -22,6 +22,7 @@ from app.db import upsert_insert, utcnow
 from app.errors import InvalidInput, NotFound, PayloadTooLarge, problem_body
 from app.models import (
     Outcome,
+    OutcomeOrigin,
     Policy,
     Rollout,
     RolloutGroup,
@@ -33,11 +34,11 @@ from app.models import (
 )
 from app.observability import INGEST_TOTAL
 from app.settings import Settings
+from app.traces.outcomes import Label, set_outcomes
 from app.traces.redaction import Redactor
 from app.traces.schemas import (
     BatchResult,
     DeletedTrace,
-    InlineOutcome,
     ItemResult,
     ItemStatus,
     OutcomeOut,
@@ -286,16 +287,11 @@ def ingest(
         else:
             results[p.index] = _conflict(p.index, p.item.external_id, base.id or 0)
 
-    accepted = (ItemStatus.created, ItemStatus.duplicate)
-    _store_inline_outcomes(
-        session,
-        tenant,
-        [
-            (p, results[p.index].id)
-            for p in pending
-            if p.item.outcome is not None and results[p.index].status in accepted
-        ],
-    )
+    # A retry never changes a stored outcome: only the traces created here write theirs.
+    _store_inline_outcomes(session, principal, [
+        (p, inserted[p.item.external_id][0])
+        for p in pending if p.item.outcome is not None and p.item.external_id in inserted
+    ])
     if inserted:
         _join_pending_outcomes(session, tenant, inserted)
 
@@ -444,49 +440,19 @@ def _dump(value: Any) -> Any:
 
 
 def _store_inline_outcomes(
-    session: Session, tenant: str, items: list[tuple[_Pending, int | None]]
+    session: Session, principal: Principal, created: list[tuple[_Pending, int]]
 ) -> None:
-    values = []
-    for p, trace_id in items:
-        outcome = p.item.outcome
-        assert outcome is not None
-        values.append(_outcome_row(tenant, p.item.external_id, trace_id, outcome))
-    upsert_outcomes(session, values)
-
-
-def _outcome_row(
-    tenant: str, external_id: str, trace_id: int | None, o: InlineOutcome
-) -> dict[str, Any]:
+    """Inline outcomes of the traces this request created, under the precedence rule (a
+    feedback label that arrived before its trace outranks them)."""
     now = utcnow()
-    return {
-        "tenant": tenant,
-        "trace_external_id": external_id,
-        "trace_id": trace_id,
-        "name": o.name,
-        "value": o.value,
-        "source": o.source.value,
-        "created_at": now,
-        "updated_at": now,
-    }
-
-
-def upsert_outcomes(session: Session, values: list[dict[str, Any]]) -> None:
-    """Insert or update outcomes keyed by (tenant, trace external id, name): the latest wins."""
-    if not values:
-        return
-    table = Outcome.__table__
-    stmt = upsert_insert(session, table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["tenant", "trace_external_id", "name"],
-        set_={
-            "value": stmt.excluded.value,
-            "source": stmt.excluded.source,
-            "updated_at": stmt.excluded.updated_at,
-            "trace_id": func.coalesce(stmt.excluded.trace_id, table.c.trace_id),
-        },
-    )
-    for chunk in _chunks(values):
-        session.execute(stmt, list(chunk))  # executemany: compiled once, batched by SQLAlchemy
+    labels = []
+    for p, trace_id in created:
+        o = p.item.outcome
+        assert o is not None
+        labels.append(Label(trace_external_id=p.item.external_id, name=o.name, value=o.value,
+                            source=o.source, origin=OutcomeOrigin.inline, labelled_at=now,
+                            trace_id=trace_id))
+    set_outcomes(session, principal.tenant, principal.actor, labels)
 
 
 def _join_pending_outcomes(
@@ -539,7 +505,8 @@ def to_out(trace: Trace, policy_name: str) -> TraceOut:
         split=trace.split,
         redactions=trace.redactions,
         outcomes=[
-            OutcomeOut(name=o.name, value=o.value, source=o.source, updated_at=o.updated_at)
+            OutcomeOut(name=o.name, value=o.value, source=o.source, origin=o.origin,
+                       labelled_at=o.labelled_at, updated_at=o.updated_at)
             for o in trace.outcomes
         ],
         occurred_at=trace.occurred_at,
