@@ -17,6 +17,7 @@ from app.models import OutcomeOrigin, Trace
 from app.observability import FEEDBACK_TOTAL
 from app.settings import Settings
 from app.traces.outcomes import Decision, Label, label_time, set_outcomes
+from app.traces.service import redact_outcome_value, tenant_redacts
 from app.traces.strings import describe, problem_type, string_problems
 
 _item_adapter: TypeAdapter[FeedbackItem] = TypeAdapter(FeedbackItem)
@@ -83,6 +84,7 @@ def submit(
             ext_to_id[ext] = tid
 
     now = utcnow()
+    redacting = tenant_redacts(session, tenant) if parsed else False
     labels: list[Label] = []
     accepted: list[tuple[int, int | None]] = []  # (index, trace id) per label, in order
     for index, item in parsed:
@@ -103,7 +105,8 @@ def submit(
             assert item.trace_external_id is not None
             ext = item.trace_external_id
         trace_id = ext_to_id.get(ext)
-        labels.append(Label(trace_external_id=ext, name=item.name, value=item.value,
+        value = redact_outcome_value(item.value, redacting)
+        labels.append(Label(trace_external_id=ext, name=item.name, value=value,
                             source=item.source, origin=OutcomeOrigin.feedback,
                             labelled_at=label_time(item.labelled_at, now), trace_id=trace_id))
         accepted.append((index, trace_id))

@@ -242,6 +242,15 @@ def ingest(
         if policy is None:
             results[index] = _invalid(index, item.model_dump(), f"unknown policy {item.policy!r}")
             continue
+        leaked = Redactor().finds(item.external_id) if policy.redaction_enabled else []
+        if leaked:
+            # Refused, not redacted: the external_id is the idempotency key, and rewriting it
+            # would merge distinct traces (every `user-[EMAIL]`) and break retries.
+            results[index] = _invalid(
+                index, item.model_dump(), f"external_id holds what looks like PII "
+                f"({', '.join(leaked)}); send an opaque id (a UUID or a hash) instead",
+                type_="pii-in-external-id", title="PII in external_id")
+            continue
         p = _Pending(index, item, content_hash(item), policy,
                      untrainable or untrainable_reason(item))
         if item.external_id in first_in_batch:
@@ -449,10 +458,23 @@ def _store_inline_outcomes(
     for p, trace_id in created:
         o = p.item.outcome
         assert o is not None
-        labels.append(Label(trace_external_id=p.item.external_id, name=o.name, value=o.value,
+        value = redact_outcome_value(o.value, p.policy.redaction_enabled)
+        labels.append(Label(trace_external_id=p.item.external_id, name=o.name, value=value,
                             source=o.source, origin=OutcomeOrigin.inline, labelled_at=now,
                             trace_id=trace_id))
     set_outcomes(session, principal.tenant, principal.actor, labels)
+
+
+def redact_outcome_value(value: Any, enabled: bool) -> Any:
+    """An outcome's string value is free text too (a reviewer's note): redacted like messages."""
+    return Redactor().text(value) if enabled and isinstance(value, str) else value
+
+
+def tenant_redacts(session: Session, tenant: str) -> bool:
+    """Whether any of the tenant's policies redacts: the rule for outcomes that arrive before
+    their trace (and so before their policy is known)."""
+    return bool(session.scalar(select(exists().where(
+        Policy.tenant == tenant, Policy.redaction_enabled.is_(True)))))
 
 
 def _join_pending_outcomes(
