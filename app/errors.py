@@ -64,11 +64,28 @@ class IllegalTransition(Conflict):
 
 
 def problem_body(status: int, type_: str, title: str, detail: str, **extra: Any) -> dict[str, Any]:
+    """A problem+json body that can always be rendered: a lone surrogate quoted from the input
+    (in a detail, an error location or message) is escaped, not left to fail the response."""
     body: dict[str, Any] = {
         "type": PROBLEM_BASE + type_,
         "title": title,
         "status": status,
-        "detail": detail,
+        "detail": printable(detail),
     }
-    body.update(extra)
+    body.update({key: _renderable(value) for key, value in extra.items()})
     return body
+
+
+def printable(text: str) -> str:
+    """``text`` safe to put in a JSON response: lone surrogates become ``\\udXXX`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _renderable(value: Any) -> Any:
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list | tuple):
+        return [_renderable(v) for v in value]
+    if isinstance(value, dict):
+        return {printable(str(k)): _renderable(v) for k, v in value.items()}
+    return value

@@ -1,5 +1,10 @@
 """Request-body guards applied before any route sees the body: size (413), JSON depth (400),
-values no database can store (NaN/Infinity/overflowing numbers: 400; NUL characters: 422).
+values no database can store (NaN/Infinity/overflowing numbers: 400) and refused strings (lone
+surrogates, NUL, other control characters: 422, the check of ``app.traces.strings``).
+
+The ingest routes (``PER_ITEM_PATHS``) run the same string check themselves, item by item, so
+that one poisoned item of a batch is reported ``invalid`` while the others are stored; the
+middleware leaves their strings to them.
 
 They run as ASGI middleware so an oversize body is refused while streaming, not after buffering.
 """
@@ -14,6 +19,12 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import PROBLEM_JSON, problem_body
+from app.traces.strings import describe, problem_type, string_problems
+
+PER_ITEM_PATHS = frozenset({"/v1/traces", "/v1/feedback", "/v1/chat/completions",
+                            "/api/public/ingestion"})
+"""Routes whose services check every string per item (batches) or answer in their own shape
+(the OpenAI proxy)."""
 
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:
@@ -44,7 +55,9 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
 
 # Cheap C-speed prechecks; only a body that trips one pays for the exact (parsing) check below.
 _SUSPECT_NUMBER = re.compile(rb"NaN|Infinity|[eE][+]?0*[0-9]{3,}|[0-9]{300,}")
-_NUL_ESCAPE = b"\\u0000"
+# Lone surrogates and control characters can only arrive in JSON as escapes: \u0000-\u001f,
+# \b, \f, or \ud800-\udfff (a valid pair is let through by the exact check).
+_SUSPECT_STRING = re.compile(rb"\\(?:u00[01][0-9a-fA-F]|u[dD][89a-fA-F][0-9a-fA-F]{2}|[bf])")
 
 
 class _NonFinite(ValueError):
@@ -62,24 +75,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _contains_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, list):
-        return any(_contains_nul(v) for v in value)
-    if isinstance(value, dict):
-        return any(_contains_nul(k) or _contains_nul(v) for k, v in value.items())
-    return False
-
-
-def unstorable_json(body: bytes) -> tuple[int, str, str, str] | None:
+def unstorable_json(body: bytes, check_strings: bool = True) -> tuple[int, str, str, str] | None:
     """A problem (status, type, title, detail) when the JSON holds values neither Postgres nor
     a JSON response can carry: NaN/Infinity (not JSON at all, but Python's parser accepts them),
-    numbers that overflow a double, or NUL characters (Postgres text and JSONB refuse them).
-    None when the body is fine or is not JSON (the route's parser reports that)."""
+    numbers that overflow a double, or (with ``check_strings``) refused strings (lone
+    surrogates, NUL, control characters). None when the body is fine or is not JSON (the
+    route's parser reports that)."""
     suspect_number = _SUSPECT_NUMBER.search(body) is not None
-    suspect_nul = _NUL_ESCAPE in body
-    if not (suspect_number or suspect_nul):
+    suspect_string = check_strings and _SUSPECT_STRING.search(body) is not None
+    if not (suspect_number or suspect_string):
         return None
     try:
         parsed = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
@@ -88,9 +92,9 @@ def unstorable_json(body: bytes) -> tuple[int, str, str, str] | None:
                 "JSON numbers must be finite: NaN, Infinity and overflowing values are refused")
     except (ValueError, RecursionError):
         return None
-    if suspect_nul and _contains_nul(parsed):
-        return (422, "nul-character", "NUL character",
-                "strings must not contain the NUL character (\\u0000)")
+    problems = string_problems(parsed) if suspect_string else []
+    if problems:
+        return (422, *problem_type(problems), f"a refused string: {describe(problems)}")
     return None
 
 
@@ -164,7 +168,7 @@ class BodyLimitMiddleware:
             )
             return
         if b"json" in content_type:
-            problem = unstorable_json(body)
+            problem = unstorable_json(body, check_strings=scope["path"] not in PER_ITEM_PATHS)
             if problem is not None:
                 await _send_problem(send, *problem)
                 return

@@ -54,6 +54,13 @@ class OutcomeSource(enum.StrEnum):
     eval = "eval"
 
 
+class OutcomeOrigin(enum.StrEnum):
+    """How an outcome arrived; it decides precedence (``app.traces.outcomes``)."""
+
+    inline = "inline"  # with its trace (POST /v1/traces, the proxy)
+    feedback = "feedback"  # afterwards (POST /v1/feedback, Langfuse scores)
+
+
 class SnapshotStatus(enum.StrEnum):
     candidate = "candidate"
     evaluated = "evaluated"
@@ -252,6 +259,10 @@ class Outcome(Base):
     name: Mapped[str] = mapped_column(String(128))
     value: Mapped[Any] = mapped_column(JSONType)
     source: Mapped[OutcomeSource] = mapped_column(_enum(OutcomeSource))
+    origin: Mapped[OutcomeOrigin] = mapped_column(
+        _enum(OutcomeOrigin), default=OutcomeOrigin.feedback, server_default="feedback"
+    )
+    labelled_at: Mapped[datetime] = _ts(default=utcnow)
     created_at: Mapped[datetime] = _ts(default=utcnow)
     updated_at: Mapped[datetime] = _ts(default=utcnow, onupdate=utcnow)
 

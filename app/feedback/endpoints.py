@@ -18,7 +18,10 @@ router = APIRouter(prefix="/feedback", tags=["feedback"])
     response_model=FeedbackResult,
     summary="Submit outcomes for traces (late labels)",
     description="Outcomes for traces not yet ingested are kept and joined when the trace arrives. "
-    "Keyed by (trace, name): a later value replaces an earlier one.",
+    "Keyed by (trace, name). Feedback outranks the outcome sent inline with the trace; of two "
+    "feedback labels the later `labelled_at` wins (default: arrival time); one the stored label "
+    "outranks is answered `outranked` and changes nothing. Retried traces never change an "
+    "outcome. Every change is audited.",
     responses={207: {"model": FeedbackResult}, 413: {"description": "Batch too large"}},
 )
 def submit_feedback(

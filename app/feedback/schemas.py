@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import enum
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -18,6 +19,13 @@ class FeedbackItem(BaseModel):
     name: str = Field(min_length=1, max_length=128)
     value: OutcomeValue
     source: OutcomeSource = OutcomeSource.api
+    labelled_at: datetime | None = Field(
+        default=None,
+        description="When the label was made (default: when it arrives; naive times are UTC, "
+        "future times count as now). Of two feedback labels for the same trace and name, the "
+        "later one wins, whatever order they arrive in; feedback outranks the trace's inline "
+        "outcome.",
+    )
 
     @model_validator(mode="after")
     def _one_reference(self) -> FeedbackItem:
@@ -38,6 +46,7 @@ class FeedbackStatus(enum.StrEnum):
     pending_trace = "pending_trace"
     invalid = "invalid"
     not_found = "not_found"
+    outranked = "outranked"  # the stored label outranks this one (it is later): kept as is
 
 
 class FeedbackItemResult(BaseModel):

@@ -1,4 +1,5 @@
-"""Late outcomes: stored at once, joined to their trace now or when it arrives."""
+"""Late outcomes: stored at once, joined to their trace now or when it arrives, under the
+precedence rule of ``app.traces.outcomes`` (feedback outranks inline; the later label wins)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from app.auth.service import Principal
 from app.db import utcnow
 from app.errors import PayloadTooLarge, problem_body
 from app.feedback.schemas import FeedbackItem, FeedbackItemResult, FeedbackResult, FeedbackStatus
-from app.models import Trace
+from app.models import OutcomeOrigin, Trace
 from app.observability import FEEDBACK_TOTAL
 from app.settings import Settings
-from app.traces.service import upsert_outcomes
+from app.traces.outcomes import Decision, Label, label_time, set_outcomes
+from app.traces.service import redact_outcome_value, tenant_redacts
+from app.traces.strings import describe, problem_type, string_problems
 
 _item_adapter: TypeAdapter[FeedbackItem] = TypeAdapter(FeedbackItem)
 
@@ -31,6 +34,16 @@ def submit(
     results: list[FeedbackItemResult] = []
     parsed: list[tuple[int, FeedbackItem]] = []
     for index, raw in enumerate(raw_items):
+        hostile = string_problems(raw)
+        if hostile:
+            type_, title = problem_type(hostile)
+            results.append(FeedbackItemResult(
+                index=index, status=FeedbackStatus.invalid,
+                error=problem_body(422, type_, title,
+                                   f"the outcome holds a refused string: {describe(hostile)}",
+                                   errors=hostile),
+            ))
+            continue
         try:
             parsed.append((index, _item_adapter.validate_python(raw)))
         except ValidationError as exc:
@@ -70,8 +83,10 @@ def submit(
         ):
             ext_to_id[ext] = tid
 
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
     now = utcnow()
+    redacting = tenant_redacts(session, tenant) if parsed else False
+    labels: list[Label] = []
+    accepted: list[tuple[int, int | None]] = []  # (index, trace id) per label, in order
     for index, item in parsed:
         if item.trace_id is not None:
             if item.trace_id not in id_to_ext:
@@ -90,25 +105,17 @@ def submit(
             assert item.trace_external_id is not None
             ext = item.trace_external_id
         trace_id = ext_to_id.get(ext)
-        # The last item for the same (trace, name) in a batch wins, as with separate requests.
-        rows[(ext, item.name)] = {
-            "tenant": tenant,
-            "trace_external_id": ext,
-            "trace_id": trace_id,
-            "name": item.name,
-            "value": item.value,
-            "source": item.source.value,
-            "created_at": now,
-            "updated_at": now,
-        }
-        results.append(
-            FeedbackItemResult(
-                index=index,
-                status=FeedbackStatus.stored if trace_id else FeedbackStatus.pending_trace,
-                trace_id=trace_id,
-            )
-        )
-    upsert_outcomes(session, list(rows.values()))
+        value = redact_outcome_value(item.value, redacting)
+        labels.append(Label(trace_external_id=ext, name=item.name, value=value,
+                            source=item.source, origin=OutcomeOrigin.feedback,
+                            labelled_at=label_time(item.labelled_at, now), trace_id=trace_id))
+        accepted.append((index, trace_id))
+    # Applied in order, so within a batch too the later of two equal labels wins.
+    decisions = set_outcomes(session, tenant, principal.actor, labels)
+    for (index, trace_id), decision in zip(accepted, decisions, strict=True):
+        state = (FeedbackStatus.outranked if decision is Decision.outranked
+                 else FeedbackStatus.stored if trace_id else FeedbackStatus.pending_trace)
+        results.append(FeedbackItemResult(index=index, status=state, trace_id=trace_id))
     results.sort(key=lambda r: r.index)
     counts = {s.value: 0 for s in FeedbackStatus}
     for r in results:

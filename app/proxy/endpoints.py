@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth.service import Principal, Scope
 from app.dependencies import SessionDep, require
-from app.errors import DomainError
+from app.errors import DomainError, printable
 from app.proxy import service
 from app.proxy.schemas import ChatCompletionIn, ChatCompletionOut, ModelList, ModelOut, OpenAIError
 from app.settings import get_settings
@@ -41,7 +41,10 @@ def openai_error(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    # A message or param may quote the input, lone surrogates included: escape what JSON
+    # cannot carry.
+    body = {"error": {"message": printable(message), "type": kind,
+                      "param": None if param is None else printable(param), "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 

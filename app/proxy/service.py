@@ -49,6 +49,7 @@ from app.settings import Settings
 from app.snapshots.promotion import PromotionError, verify_adapter
 from app.traces import service as traces
 from app.traces.schemas import RefusalPart, TextPart
+from app.traces.strings import describe, string_problems
 from workers.inference.base import SamplingParams, UnknownAdapterError
 from workers.inference.serving import (
     EngineCompletion,
@@ -62,6 +63,13 @@ log = logging.getLogger(__name__)
 STREAMS_ABORTED = Counter(
     "tracelearn_proxy_streams_aborted_total",
     "Streamed completions the client disconnected from before the end (recorded, untrainable).",
+    registry=REGISTRY,
+)
+TRACES_UNRECORDED = Counter(
+    "tracelearn_proxy_traces_unrecorded_total",
+    "Answered exchanges that could not be stored as a trace, by reason (the ingest status, or "
+    "`error` when storing raised); each is also logged with its completion id.",
+    ["reason"],
     registry=REGISTRY,
 )
 FINGERPRINT_KEY = "proxy_request_sha256"
@@ -117,6 +125,19 @@ def refuse_unsupported(body: ChatCompletionIn) -> None:
                                                for p in m.content):
             raise InvalidInput("this model accepts text only; image, audio and file parts "
                                "are not supported", param=f"messages.[{i}].content")
+
+
+def refuse_hostile_strings(body: ChatCompletionIn, completion_id: str | None = None) -> None:
+    """Every string of the request (metadata keys included) passes the check ingest applies,
+    here, before generation: a request whose trace could not be stored is refused, not answered
+    and then lost."""
+    problems = string_problems(body.model_dump(mode="python", exclude_none=True))
+    if completion_id is not None:
+        problems += string_problems(completion_id, ("X-Tracelearn-External-Id",))
+    if problems:
+        loc = problems[0]["loc"]
+        raise InvalidInput(describe(problems), param=".".join(loc) or None,
+                           code=problems[0]["type"])
 
 
 def engine_messages(body: ChatCompletionIn) -> list[dict[str, Any]]:
@@ -194,6 +215,7 @@ def resolve(
     completion_id: str | None = None,
 ) -> Route:
     refuse_unsupported(body)
+    refuse_hostile_strings(body, completion_id)
     policy = _policy(session, principal, body.model)
     serving = policy.serving_snapshot
     if serving is None:
@@ -326,7 +348,9 @@ def record(
         "policy": route.policy,
         "messages": [m.model_dump(mode="json", exclude_unset=True) for m in body.messages],
         "sampling_params": route.stored_sampling(),
-        "response": answer.text,
+        # What the model generated, control characters included; a NUL (which no database
+        # column holds) becomes U+FFFD.
+        "response": answer.text.replace("\x00", "\ufffd"),
         "usage": answer.usage().model_dump(),
         "model": route.served_name,
         "metadata": metadata,
@@ -340,9 +364,12 @@ def record(
                           if name == "tools" and value is not None else value)
     if body.user:
         item["user_id"] = body.user
-    result = traces.ingest(session, principal, [item], settings, untrainable=untrainable)
+    result = traces.ingest(session, principal, [item], settings, untrainable=untrainable,
+                           generated_response=True)
     status = result.results[0].status.value
     if status not in ("created", "duplicate"):
+        if status != "conflict":  # a conflict is a concurrent retry's answer: see complete()
+            TRACES_UNRECORDED.labels(status).inc()
         log.warning("proxy trace %s not recorded: %s", route.completion_id,
                     result.results[0].error)
     return status
@@ -373,6 +400,7 @@ def complete(
         stored = stored_answer(session, principal, route)
         if stored is not None:
             return to_completion(route, stored), route, "duplicate"
+        TRACES_UNRECORDED.labels(status).inc()
     return to_completion(route, answer), route, status
 
 
@@ -399,6 +427,7 @@ def _record_aborted(principal: Principal, route: Route, answer: Answer, settings
         with get_database().session() as session:
             record(session, principal, route, aborted, settings, untrainable="aborted")
     except Exception:
+        TRACES_UNRECORDED.labels("error").inc()
         log.exception("could not record aborted stream %s", route.completion_id)
 
 
@@ -469,5 +498,7 @@ def _record_streamed(principal: Principal, route: Route, answer: Answer,
         with get_database().session() as session:
             record(session, principal, route, answer, settings)
     except Exception:
-        # The client already has its answer; a lost trace is logged, never raised into the stream.
+        # The client already has its answer; a lost trace is counted and logged, never raised
+        # into the stream.
+        TRACES_UNRECORDED.labels("error").inc()
         log.exception("could not record streamed trace %s", route.completion_id)

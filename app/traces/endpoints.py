@@ -56,7 +56,9 @@ def ingest_traces(
     if isinstance(body, TraceBatchIn):
         batch = service.ingest(session, principal, body.traces, settings)
         return JSONResponse(batch.model_dump(mode="json"), status_code=207)
-    raw: dict[str, Any] = body.model_dump(mode="json", exclude_unset=True)
+    # Python mode: a JSON-mode dump would replace a lone surrogate in a metadata key with U+FFFD
+    # and hide it from the string check.
+    raw: dict[str, Any] = body.model_dump(mode="python", exclude_unset=True)
     result = service.ingest(session, principal, [raw], settings).results[0]
     if result.status in _SINGLE_STATUS:
         return JSONResponse(result.model_dump(mode="json"),

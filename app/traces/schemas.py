@@ -15,7 +15,7 @@ from pydantic import (
     model_validator,
 )
 
-from app.models import OutcomeSource, Split
+from app.models import OutcomeOrigin, OutcomeSource, Split
 
 OutcomeValue = StrictBool | StrictInt | StrictFloat | Annotated[str, Field(max_length=256)]
 
@@ -273,6 +273,11 @@ class OutcomeOut(BaseModel):
     name: str
     value: Any
     source: OutcomeSource
+    origin: OutcomeOrigin = Field(
+        description="`inline` (sent with the trace) or `feedback` (sent afterwards); feedback "
+        "outranks inline, and within one origin the later label wins."
+    )
+    labelled_at: datetime = Field(description="When the label was made.")
     updated_at: datetime
 
 

@@ -22,6 +22,7 @@ from app.db import upsert_insert, utcnow
 from app.errors import InvalidInput, NotFound, PayloadTooLarge, problem_body
 from app.models import (
     Outcome,
+    OutcomeOrigin,
     Policy,
     Rollout,
     RolloutGroup,
@@ -33,11 +34,11 @@ from app.models import (
 )
 from app.observability import INGEST_TOTAL
 from app.settings import Settings
+from app.traces.outcomes import Label, set_outcomes
 from app.traces.redaction import Redactor
 from app.traces.schemas import (
     BatchResult,
     DeletedTrace,
-    InlineOutcome,
     ItemResult,
     ItemStatus,
     OutcomeOut,
@@ -45,6 +46,7 @@ from app.traces.schemas import (
     TraceOut,
     TracePage,
 )
+from app.traces.strings import describe, problem_type, string_problem, string_problems
 
 _trace_adapter: TypeAdapter[TraceIn] = TypeAdapter(TraceIn)
 _CHUNK = 500
@@ -139,10 +141,25 @@ def _invalid(
     extra = {"errors": errors} if errors else {}
     return ItemResult(
         index=index,
-        external_id=ext if isinstance(ext, str) else None,
+        # Echoed only when it can be: a refused string cannot go back in a JSON response.
+        external_id=ext if isinstance(ext, str) and string_problem(ext) is None else None,
         status=ItemStatus.invalid,
         error=problem_body(422, type_, title, detail, **extra),
     )
+
+
+def _string_problems(raw: Any, generated_response: bool) -> list[dict[str, Any]]:
+    if not (generated_response and isinstance(raw, dict)):
+        return string_problems(raw)
+    sent = {key: value for key, value in raw.items() if key != "response"}
+    return string_problems(sent) + string_problems(raw.get("response"), ("response",),
+                                                   allow_controls=True)
+
+
+def hostile_item(index: int, raw: Any, errors: list[dict[str, Any]]) -> ItemResult:
+    type_, title = problem_type(errors)
+    return _invalid(index, raw, f"the trace holds a refused string: {describe(errors)}", errors,
+                    type_=type_, title=title)
 
 
 def _conflict(index: int, external_id: str, existing_id: int) -> ItemResult:
@@ -176,10 +193,12 @@ def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
 
 def ingest(
     session: Session, principal: Principal, raw_items: list[Any], settings: Settings,
-    *, untrainable: str | None = None,
+    *, untrainable: str | None = None, generated_response: bool = False,
 ) -> BatchResult:
     """Validate, redact and store traces; ``untrainable`` flags every item with that reason
-    (the proxy's aborted streams)."""
+    (the proxy's aborted streams). ``generated_response``: the response is what our serving
+    engine generated (the proxy), so control characters in it are kept as the model wrote them;
+    everything a client sent passes the full string check."""
     if not raw_items:
         raise InvalidInput("a batch needs at least one trace")
     if len(raw_items) > settings.max_batch_items:
@@ -190,6 +209,10 @@ def ingest(
     results: dict[int, ItemResult] = {}
     valid: list[tuple[int, TraceIn]] = []
     for index, raw in enumerate(raw_items):
+        hostile = _string_problems(raw, generated_response)
+        if hostile:
+            results[index] = hostile_item(index, raw, hostile)
+            continue
         try:
             item = _trace_adapter.validate_python(raw)
         except ValidationError as exc:
@@ -218,6 +241,15 @@ def ingest(
         policy = policies.get(item.policy)
         if policy is None:
             results[index] = _invalid(index, item.model_dump(), f"unknown policy {item.policy!r}")
+            continue
+        leaked = Redactor().finds(item.external_id) if policy.redaction_enabled else []
+        if leaked:
+            # Refused, not redacted: the external_id is the idempotency key, and rewriting it
+            # would merge distinct traces (every `user-[EMAIL]`) and break retries.
+            results[index] = _invalid(
+                index, item.model_dump(), f"external_id holds what looks like PII "
+                f"({', '.join(leaked)}); send an opaque id (a UUID or a hash) instead",
+                type_="pii-in-external-id", title="PII in external_id")
             continue
         p = _Pending(index, item, content_hash(item), policy,
                      untrainable or untrainable_reason(item))
@@ -264,16 +296,11 @@ def ingest(
         else:
             results[p.index] = _conflict(p.index, p.item.external_id, base.id or 0)
 
-    accepted = (ItemStatus.created, ItemStatus.duplicate)
-    _store_inline_outcomes(
-        session,
-        tenant,
-        [
-            (p, results[p.index].id)
-            for p in pending
-            if p.item.outcome is not None and results[p.index].status in accepted
-        ],
-    )
+    # A retry never changes a stored outcome: only the traces created here write theirs.
+    _store_inline_outcomes(session, principal, [
+        (p, inserted[p.item.external_id][0])
+        for p in pending if p.item.outcome is not None and p.item.external_id in inserted
+    ])
     if inserted:
         _join_pending_outcomes(session, tenant, inserted)
 
@@ -422,49 +449,32 @@ def _dump(value: Any) -> Any:
 
 
 def _store_inline_outcomes(
-    session: Session, tenant: str, items: list[tuple[_Pending, int | None]]
+    session: Session, principal: Principal, created: list[tuple[_Pending, int]]
 ) -> None:
-    values = []
-    for p, trace_id in items:
-        outcome = p.item.outcome
-        assert outcome is not None
-        values.append(_outcome_row(tenant, p.item.external_id, trace_id, outcome))
-    upsert_outcomes(session, values)
-
-
-def _outcome_row(
-    tenant: str, external_id: str, trace_id: int | None, o: InlineOutcome
-) -> dict[str, Any]:
+    """Inline outcomes of the traces this request created, under the precedence rule (a
+    feedback label that arrived before its trace outranks them)."""
     now = utcnow()
-    return {
-        "tenant": tenant,
-        "trace_external_id": external_id,
-        "trace_id": trace_id,
-        "name": o.name,
-        "value": o.value,
-        "source": o.source.value,
-        "created_at": now,
-        "updated_at": now,
-    }
+    labels = []
+    for p, trace_id in created:
+        o = p.item.outcome
+        assert o is not None
+        value = redact_outcome_value(o.value, p.policy.redaction_enabled)
+        labels.append(Label(trace_external_id=p.item.external_id, name=o.name, value=value,
+                            source=o.source, origin=OutcomeOrigin.inline, labelled_at=now,
+                            trace_id=trace_id))
+    set_outcomes(session, principal.tenant, principal.actor, labels)
 
 
-def upsert_outcomes(session: Session, values: list[dict[str, Any]]) -> None:
-    """Insert or update outcomes keyed by (tenant, trace external id, name): the latest wins."""
-    if not values:
-        return
-    table = Outcome.__table__
-    stmt = upsert_insert(session, table)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["tenant", "trace_external_id", "name"],
-        set_={
-            "value": stmt.excluded.value,
-            "source": stmt.excluded.source,
-            "updated_at": stmt.excluded.updated_at,
-            "trace_id": func.coalesce(stmt.excluded.trace_id, table.c.trace_id),
-        },
-    )
-    for chunk in _chunks(values):
-        session.execute(stmt, list(chunk))  # executemany: compiled once, batched by SQLAlchemy
+def redact_outcome_value(value: Any, enabled: bool) -> Any:
+    """An outcome's string value is free text too (a reviewer's note): redacted like messages."""
+    return Redactor().text(value) if enabled and isinstance(value, str) else value
+
+
+def tenant_redacts(session: Session, tenant: str) -> bool:
+    """Whether any of the tenant's policies redacts: the rule for outcomes that arrive before
+    their trace (and so before their policy is known)."""
+    return bool(session.scalar(select(exists().where(
+        Policy.tenant == tenant, Policy.redaction_enabled.is_(True)))))
 
 
 def _join_pending_outcomes(
@@ -517,7 +527,8 @@ def to_out(trace: Trace, policy_name: str) -> TraceOut:
         split=trace.split,
         redactions=trace.redactions,
         outcomes=[
-            OutcomeOut(name=o.name, value=o.value, source=o.source, updated_at=o.updated_at)
+            OutcomeOut(name=o.name, value=o.value, source=o.source, origin=o.origin,
+                       labelled_at=o.labelled_at, updated_at=o.updated_at)
             for o in trace.outcomes
         ],
         occurred_at=trace.occurred_at,

@@ -177,15 +177,19 @@ def test_nul_characters_are_refused_everywhere(
         single = with_fragment(trace_body("nul", policy_name), fragment)
         r = raw_post(client, "/v1/traces", single.encode(), admin_headers)
         assert assert_problem(r, 422)["type"].endswith("/nul-character"), fragment
-        # One poisoned item refuses the whole batch before any row is written.
+        # In a batch the poisoned item alone is refused; the others are stored.
         batch = '{"traces": [' + json.dumps(trace_body("fine", policy_name)) + ", " + single + "]}"
-        assert_problem(raw_post(client, "/v1/traces", batch.encode(), admin_headers), 422)
+        r = raw_post(client, "/v1/traces", batch.encode(), admin_headers)
+        assert [x["status"] for x in r.json()["results"]] == [
+            "duplicate" if fragment != NUL_FRAGMENTS[0] else "created", "invalid"], fragment
+        assert r.json()["results"][1]["error"]["type"].endswith("/nul-character")
     for field in ("Patient note", "Reasoning... ANSWER: YES", policy_name):
         body = json.dumps(trace_body("nul", policy_name)).replace(field, field + "\\u0000")
         assert_problem(raw_post(client, "/v1/traces", body.encode(), admin_headers), 422)
     feedback = b'{"outcomes": [{"trace_external_id": "e\\u0000", "name": "n", "value": 1}]}'
-    assert_problem(raw_post(client, "/v1/feedback", feedback, admin_headers), 422)
-    assert stored_counts(tenant) == (0, 0)
+    r = raw_post(client, "/v1/feedback", feedback, admin_headers)
+    assert [x["status"] for x in r.json()["results"]] == ["invalid"]
+    assert stored_counts(tenant) == (1, 0)
 
 
 def test_escaped_backslash_before_u0000_is_plain_text(

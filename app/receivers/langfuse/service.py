@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 
 from app.auth.service import Principal
 from app.db import upsert_insert, utcnow
-from app.errors import PayloadTooLarge
-from app.models import LangfuseObservation, OutcomeSource, Policy
+from app.errors import PayloadTooLarge, printable
+from app.models import LangfuseObservation, OutcomeOrigin, OutcomeSource, Policy
 from app.receivers.langfuse.schemas import (
     IngestionError,
     IngestionEvent,
@@ -32,7 +32,9 @@ from app.receivers.langfuse.schemas import (
 )
 from app.settings import Settings
 from app.traces import service as traces
+from app.traces.outcomes import Label, set_outcomes
 from app.traces.schemas import SamplingParamsIn
+from app.traces.strings import describe, string_problems
 
 GENERATION_EVENTS = frozenset({"generation-create", "generation-update"})
 IGNORED_EVENTS = frozenset({"span-create", "span-update", "event-create", "sdk-log",
@@ -61,7 +63,13 @@ def ingest_batch(
     scores: list[IngestionEvent] = []
     for index, raw in enumerate(batch):
         event_id = str(raw.get("id") or f"#{index}") if isinstance(raw, dict) else f"#{index}"
+        event_id = printable(event_id)  # echoed in the answer, so it must be renderable
         order.append(event_id)
+        hostile = string_problems(raw)
+        if hostile:
+            outcome[event_id] = (400, f"the event holds a refused string: {describe(hostile)}",
+                                 hostile)
+            continue
         try:
             event = IngestionEvent.model_validate(raw)
         except ValidationError as exc:
@@ -90,7 +98,7 @@ def ingest_batch(
             outcome[event_id] = (exc.status, exc.message, exc.error)
     for event in scores:
         try:
-            _score(session, tenant, event.body)
+            _score(session, principal, event.body)
         except EventError as exc:
             outcome[event.id] = (exc.status, exc.message, exc.error)
 
@@ -233,21 +241,23 @@ def _usage(value: Any) -> dict[str, int] | None:
     return None
 
 
-def _score(session: Session, tenant: str, body: dict[str, Any]) -> None:
+def _score(session: Session, principal: Principal, body: dict[str, Any]) -> None:
+    """A score is feedback: it outranks an inline outcome, and the later label wins."""
     name, value = body.get("name"), body.get("value")
     if not isinstance(name, str) or not name or len(name) > 128:
         raise EventError(400, "a score needs a name of at most 128 characters")
     if not isinstance(value, bool | int | float | str) or (
             isinstance(value, str) and len(value) > 256):
         raise EventError(400, "a score value is a number, a boolean or a short string")
-    targets = _score_targets(session, tenant, body)
+    targets = _score_targets(session, principal.tenant, body)
     if not targets:
         raise EventError(404, f"no generation of trace {body.get('traceId')!r} has arrived; "
                          "send a trace-level score after its generations")
     now = utcnow()
-    traces.upsert_outcomes(session, [
-        {"tenant": tenant, "trace_external_id": lf_id, "trace_id": trace_id, "name": name,
-         "value": value, "source": OutcomeSource.api.value, "created_at": now, "updated_at": now}
+    value = traces.redact_outcome_value(value, traces.tenant_redacts(session, principal.tenant))
+    set_outcomes(session, principal.tenant, principal.actor, [
+        Label(trace_external_id=lf_id, name=name, value=value, source=OutcomeSource.api,
+              origin=OutcomeOrigin.feedback, labelled_at=now, trace_id=trace_id)
         for lf_id, trace_id in targets
     ])
 

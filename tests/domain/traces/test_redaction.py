@@ -1,0 +1,85 @@
+"""PII detectors on hand-written inputs: what each must redact, and the near-misses it must
+leave alone (random digit runs, clinical numbers, dates of therapy, versions, times)."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.traces.redaction import Redactor, iban_valid, luhn_valid
+
+REDACTED = [
+    # cards: every common layout, checked with Luhn
+    ("card 4111 1111 1111 1111 on file", "card [CARD] on file", "CARD"),
+    ("4111-1111-1111-1111", "[CARD]", "CARD"),
+    ("paid with 4111111111111111.", "paid with [CARD].", "CARD"),
+    ("amex 378282246310005", "amex [CARD]", "CARD"),
+    ("amex 3782 822463 10005", "amex [CARD]", "CARD"),
+    ("mc 5555 5555 5555 4444", "mc [CARD]", "CARD"),
+    ("mc 2223003122003222", "mc [CARD]", "CARD"),
+    # IBANs, checked with mod 97
+    ("IBAN GB82 WEST 1234 5698 7654 32", "IBAN [IBAN]", "IBAN"),
+    ("to DE89370400440532013000 now", "to [IBAN] now", "IBAN"),
+    ("FR14 2004 1010 0505 0001 3M02 606", "[IBAN]", "IBAN"),
+    # SSNs: dashed anywhere, spaced or unbroken after a keyword
+    ("SSN 123-45-6789", "SSN [SSN]", "SSN"),
+    ("SSN 123 45 6789", "SSN [SSN]", "SSN"),
+    ("ssn: 123456789", "ssn: [SSN]", "SSN"),
+    ("Social Security number 123 45 6789.", "Social Security number [SSN].", "SSN"),
+    # phones, North-American and international
+    ("call (617) 555-0142", "call [PHONE]", "PHONE"),
+    ("call +1 617 555 0142", "call [PHONE]", "PHONE"),
+    ("call +44 20 7946 0958 today", "call [PHONE] today", "PHONE"),
+    ("Tel. +33 1 42 68 53 00", "Tel. [PHONE]", "PHONE"),
+    ("tel 0049 30 123456", "tel [PHONE]", "PHONE"),
+    # IP addresses
+    ("from 192.168.1.20 at noon", "from [IP] at noon", "IP"),
+    ("host 2001:db8::1 and fe80::1", "host [IP] and [IP]", "IP"),
+    # US street addresses
+    ("lives at 1600 Pennsylvania Ave, Apt 4B with", "lives at [ADDRESS] with", "ADDRESS"),
+    ("123 Main Street", "[ADDRESS]", "ADDRESS"),
+    ("350 Fifth Avenue", "[ADDRESS]", "ADDRESS"),
+    ("42 W 57th St", "[ADDRESS]", "ADDRESS"),
+]
+
+KEPT = [
+    "random 4111111111111112",  # Luhn fails
+    "order 1234567890123456",  # no card network starts with 1
+    "accession 9780306406157",  # an ISBN: 13 digits, no card prefix
+    "GB82 WEST 1234 5698 7654 33",  # IBAN checksum fails
+    "lot 123456789",  # nine digits without an SSN keyword
+    "code 123 45 6789",  # the SSN layout without its keyword
+    "dose +5 mg, +20 %",
+    "version 1.2.3.4.5 of 10.0.0",
+    "at 10:30:00, ratio 3:1",
+    "5 mg daily",
+    "Dr. Smith saw 2 patients",
+    "ECOG 1, stage IV NSCLC, PD-L1 80%",
+    "Hb 12.5 g/dL, dose 75 mg/m2 on 2024-03-01",
+    "PFS 180 days after 2 cycles (C1D1 2023-11-05)",
+    "Started osimertinib 80 mg on 03/14/2023",
+    "weight 72.5 kg, BP 120/80, HR 72",
+]
+
+
+@pytest.mark.parametrize(("text", "expected", "kind"), REDACTED)
+def test_pii_is_replaced_by_its_kind(text: str, expected: str, kind: str) -> None:
+    r = Redactor()
+    assert r.text(text) == expected
+    assert r.counts == {kind: expected.count(f"[{kind}]")}
+
+
+@pytest.mark.parametrize("text", KEPT)
+def test_near_misses_are_kept(text: str) -> None:
+    r = Redactor()
+    assert r.text(text) == text
+    assert not r.counts
+
+
+def test_checksums_on_known_values() -> None:
+    assert luhn_valid("79927398713") and not luhn_valid("79927398710")
+    assert iban_valid("GB82WEST12345698765432") and not iban_valid("GB82WEST12345698765433")
+
+
+def test_finds_names_the_kinds_without_rewriting() -> None:
+    assert Redactor().finds("user-jane@example.org") == ["EMAIL"]
+    assert Redactor().finds("req-8f3a2c") == []
