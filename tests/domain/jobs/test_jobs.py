@@ -248,13 +248,14 @@ def test_a_failed_job_is_planned_again_after_its_backoff_up_to_the_cap(
 
 
 def test_a_stopping_worker_hands_its_job_back_uncounted(
-    sqlite_settings: Settings, monkeypatch: pytest.MonkeyPatch
+    pg_settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import app.jobs.service as jobs
 
     monkeypatch.setattr(jobs, "_stopping", threading.Event())
     with session_scope() as s:
         job_id = enqueue(s, JobKind.grade, _key(), {}, dispatch=False).id
+    before = _queued_messages(str(pg_settings.broker_url), "grade")
     done: list[int] = []
 
     def handler(ctx: JobContext) -> dict[str, int]:
@@ -268,3 +269,6 @@ def test_a_stopping_worker_hands_its_job_back_uncounted(
     assert done == [1]
     job = _job(job_id)
     assert (job.status, job.attempts, job.lease_owner) == (JobStatus.queued, 0, None)
+    # …and is on the broker again at once, for whichever worker is still up.
+    assert job.dispatched_at is not None
+    assert _queued_messages(str(pg_settings.broker_url), "grade") == before + 1
