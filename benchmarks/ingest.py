@@ -61,7 +61,7 @@ TRACE_COLUMNS = (
 )
 OUTCOME_COLUMNS = (
     "tenant", "trace_external_id", "trace_id", "name", "value", "source", "created_at",
-    "updated_at",
+    "updated_at", "origin", "labelled_at",
 )
 
 
@@ -297,7 +297,8 @@ def copy_rows(
             ocols = ", ".join(f'"{c}"' for c in OUTCOME_COLUMNS)
             with cur.copy(f"COPY outcomes ({ocols}) FROM STDIN") as cp:
                 for o in outcomes:
-                    # o = (tenant, ext, trace_id, name, value (JSON), source, created, updated)
+                    # o = (tenant, ext, trace_id, name, value (JSON), source, created, updated,
+                    #      origin, labelled_at)
                     cp.write_row((tenant, o[1], ids.get(o[1]), o[3], orjson.dumps(o[4]).decode(),
                                   *o[5:]))
     return time.perf_counter() - t0
