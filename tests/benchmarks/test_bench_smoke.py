@@ -211,9 +211,11 @@ def test_tuning_script_writes_chosen_points_the_benchmark_reads(
     from benchmarks.tune_round import TuneConfig, run
 
     run(TuneConfig(size="test", bootstrap_overrides=TINY, grid="smoke", prompts=4, group_size=2,
-                   val=4, samples=1, max_tokens=12, grid_keeps_zero_variance=True), tmp_path, log=lambda _: None)
+                   val=4, samples=1, max_tokens=12, epochs=(1, 2),
+                   grid_keeps_zero_variance=True), tmp_path, log=lambda _: None)
     saved = json.loads((tmp_path / "tune_round.json").read_text())
-    assert len(saved["trials"]) == 4
+    assert len(saved["trials"]) == 8  # 2 runs per algorithm, each scored after epochs 1 and 2
+    assert [t["epochs"] for t in saved["trials"][:2]] == [1, 2]
     assert all(finite(t["correct"]) for t in saved["trials"])
     # the best point tried both ways (here nothing parses, so dropping leaves nothing to train on)
     assert [t["keep_zero_variance_groups"] for t in saved["zero_variance"]["oapl"]] == [True, False]
