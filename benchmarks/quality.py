@@ -20,6 +20,15 @@ answer. Every figure comes with parse rate, accuracy among parsed answers, YES s
 majority-class rate and the Bayes bound. 95% CIs: cluster bootstrap over prompts (one prompt under
 every seed is one cluster). The baseline has no training seed: it is evaluated once. Writes
 ``benchmarks/results/quality.{json,md}`` and PNG plots.
+
+Cost (measured on the 2-core box under other test runs: ~45 answers/s of sampling, ~7 s per
+optimizer step of 16 groups × 8): a headline round ≈ 2-2.5 min, a 10-round run ≈ 25 min per
+algorithm. All rows at once do not fit 60 min; two sittings do (rows a sitting skips are taken
+from the previous ``quality.json`` with ``--keep-from``):
+
+    python -m benchmarks.quality --rows fewer,more                            # + table 2
+    python -m benchmarks.quality --rows rollouts4x,rounds10 --lag-intervals "" \
+        --keep-from benchmarks/results/quality.json
 """
 
 from __future__ import annotations
@@ -245,6 +254,9 @@ class QualityConfig:
     tuned_path: str | None = str(TUNED)
     tuned: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     """Explicit tuned points (overrides ``tuned_path``), e.g. for tests."""
+    keep_from: str | None = None
+    """A previous ``quality.json``: rows (and table 2) this run skips are taken from it, so the
+    benchmark can run in two sittings. Refused when its held-out setup differs."""
 
     def rows_to_run(self) -> list[Row]:
         out = []
@@ -487,6 +499,29 @@ def headline_keys(summary: dict[str, Any], t2: dict[str, Any], evalset: EvalSet)
     return out
 
 
+def keep_previous(
+    qc: QualityConfig, path: Path, summary: dict[str, Any], t2: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Fill the rows (and table 2) this run skipped from an earlier run with the same held-out
+    setup; says what it took."""
+    before = json.loads(path.read_text())
+    same = ("heldout", "samples", "max_tokens", "seen_styles", "unseen_style")
+    if any(before["setup"].get(k) != json.loads(json.dumps(v)) for k, v in (
+            ("heldout", qc.heldout), ("samples", qc.samples), ("max_tokens", qc.max_tokens),
+            ("seen_styles", list(task.SEEN_STYLES)), ("unseen_style", task.UNSEEN_STYLE))):
+        raise ValueError(f"{path}: its held-out setup differs in one of {same}; rerun instead")
+    taken: dict[str, Any] = {"rows": [], "table2": False}
+    rows = dict(summary["rows"])
+    for key, value in before["table1"]["summary"]["rows"].items():
+        if key not in rows:
+            rows[key] = value
+            taken["rows"].append(key)
+    summary = summary | {"rows": {r.key: rows[r.key] for r in ROWS if r.key in rows}}
+    if not t2 and before.get("table2"):
+        t2, taken["table2"] = before["table2"], True
+    return summary, t2, taken
+
+
 def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     """Both tables and the reports; returns what ``quality.json`` holds."""
     t_start = time.perf_counter()
@@ -500,6 +535,10 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     summary = summarise_table_one(t1_raw)
     t_table1 = time.perf_counter() - t_start
     t2 = table_two(qc, model_dir, backend, log) if qc.lag_intervals else {}
+    kept_from: dict[str, Any] = {}
+    if qc.keep_from:
+        summary, t2, kept_from = keep_previous(qc, Path(qc.keep_from), summary, t2)
+        log(f"taken from {qc.keep_from}: {kept_from}")
     result: dict[str, Any] = headline_keys(summary, t2, evalset) | {
         "headline_row": next(r.name for r in ROWS if r.key == HEADLINE),
         "bayes_optimal_accuracy": task.bayes_optimal_accuracy(50_000),
@@ -513,6 +552,7 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
                    "rounds": {k: {a: [r["rounds"] for r in runs] for a, runs in algos.items()}
                               for k, algos in t1_raw["rows"].items()}},
         "table2": t2,
+        "kept_from_previous_run": kept_from,
         "table1_seconds": t_table1,
         "table2_seconds": time.perf_counter() - t_start - t_table1,
     }
@@ -702,6 +742,8 @@ def main() -> None:
     ap.add_argument("--lag-heldout", type=int, default=d.lag_heldout)
     ap.add_argument("--lag-eval-every", type=int, default=d.lag_eval_every)
     ap.add_argument("--tuned", type=Path, default=TUNED, help="the tuning script's JSON")
+    ap.add_argument("--keep-from", type=Path, default=None,
+                    help="an earlier quality.json: skipped rows and table 2 are taken from it")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite quality.md and the plots from the existing quality.json")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -719,7 +761,8 @@ def main() -> None:
         lag_intervals=tuple(int(x) for x in args.lag_intervals.split(",") if x),
         lag_steps=args.lag_steps, lag_groups_per_step=args.lag_groups_per_step,
         lag_group_size=args.lag_group_size, lag_heldout=args.lag_heldout,
-        lag_eval_every=args.lag_eval_every, tuned_path=str(args.tuned))
+        lag_eval_every=args.lag_eval_every, tuned_path=str(args.tuned),
+        keep_from=str(args.keep_from) if args.keep_from else None)
     t0 = time.perf_counter()
     with (args.out / "quality.log").open("w") as log_file:
 

@@ -223,3 +223,22 @@ def test_tuning_script_writes_chosen_points_the_benchmark_reads(
     tuned = load_tuned(tmp_path / "tune_round.json")
     assert set(tuned["oapl"]) == {"lr", "beta2", "epochs", "keep_zero_variance_groups"}
     assert set(tuned["grpo"]) == {"lr", "epochs", "keep_zero_variance_groups"}
+
+
+def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: Path) -> None:
+    from benchmarks.quality import QualityConfig, keep_previous
+    from workers.clinical import task
+
+    qc = QualityConfig(heldout=10, samples=2, rows=("rounds10",), lag_intervals=())
+    setup = {"heldout": 10, "samples": 2, "max_tokens": qc.max_tokens,
+             "seen_styles": list(task.SEEN_STYLES), "unseen_style": task.UNSEEN_STYLE}
+    first = {"setup": setup, "table2": {"1": {"history": []}},
+             "table1": {"summary": {"rows": {"more": {"oapl": "A"}, "rounds10": {"oapl": "old"}}}}}
+    (tmp_path / "q.json").write_text(json.dumps(first))
+    summary = {"baseline": {}, "rows": {"rounds10": {"oapl": "new"}}}
+    merged, t2, taken = keep_previous(qc, tmp_path / "q.json", summary, {})
+    assert merged["rows"] == {"more": {"oapl": "A"}, "rounds10": {"oapl": "new"}}
+    assert t2 == first["table2"] and taken == {"rows": ["more"], "table2": True}
+    (tmp_path / "q.json").write_text(json.dumps(first | {"setup": setup | {"heldout": 500}}))
+    with pytest.raises(ValueError, match="held-out setup differs"):
+        keep_previous(qc, tmp_path / "q.json", summary, {})
