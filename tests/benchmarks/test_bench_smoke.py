@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.conftest import skip_or_fail
@@ -122,3 +123,122 @@ def test_run_all_summary_is_one_flat_object_with_the_six_figures(
     report = (tmp_path / "performance.md").read_text()
     assert "| `oapl_vs_sft_cost_ratio` |" in report and "met" in report
     assert "missed: 1.50× the limit" in report
+
+
+# --- the quality benchmark -----------------------------------------------------------------------
+
+
+def test_cluster_bootstrap_resamples_whole_prompts() -> None:
+    from benchmarks.quality_stats import cluster_bootstrap_ci, cluster_bootstrap_means
+
+    # Prompt "a" scored 1 under three seeds, prompt "b" scored 0 once. Drawing two clusters gives
+    # aa → 6/6 = 1, bb → 0/2 = 0, ab or ba → 3/4: probabilities 1/4, 1/4, 1/2. A bootstrap over
+    # the four values as if independent would also give 1/4 and 1/2.
+    means = cluster_bootstrap_means([1.0, 1.0, 1.0, 0.0], ["a", "a", "a", "b"], 4000, seed=0)
+    assert set(np.round(means, 9)) == {0.0, 0.75, 1.0}
+    assert abs(np.mean(means == 0.75) - 0.5) < 0.03
+    assert abs(np.mean(means == 1.0) - 0.25) < 0.03
+    assert cluster_bootstrap_ci([1.0, 1.0, 1.0, 0.0], ["a", "a", "a", "b"]) == (0.0, 1.0)
+    # clusters with equal means: no spread, whatever the cluster sizes
+    assert cluster_bootstrap_ci([0.25, 0.75, 0.5, 0.5], [1, 1, 2, 3]) == (0.5, 0.5)
+    assert all(math.isnan(x) for x in cluster_bootstrap_ci([], []))
+
+
+def test_answer_summary_separates_format_from_decision() -> None:
+    from benchmarks.quality_stats import answer_summary, majority_rate
+
+    # prompt 1 (outcome YES): YES, None, NO, YES; prompt 2 (outcome NO): NO, NO, None, None
+    s = answer_summary([[True, None, False, True], [False, False, None, None]], [True, False])
+    assert s["per_prompt_correct"] == [0.5, 0.5] and s["correct"] == 0.5
+    assert s["first_sample_correct"] == 1.0
+    assert s["parse_rate"] == 0.625  # (3/4 + 2/4) / 2
+    assert s["parsed_accuracy"] == 0.8  # 4 correct of 5 parsed
+    assert s["yes_share"] == 0.4  # 2 YES of 5 parsed
+    assert answer_summary([[None]], [True])["parsed_accuracy"] is None
+    assert majority_rate([True, False, False, False]) == 0.75
+
+
+QUALITY_KEYS = {
+    "baseline_heldout_correct", "baseline_parse_rate", "oapl_one_update_heldout_correct",
+    "grpo_one_update_heldout_correct", "oapl_one_update_optimizer_steps", "heldout_majority_rate",
+    "oapl_best_parsed_accuracy", "unseen_style_heldout_correct",
+}
+
+
+def test_quality_benchmark_reports_rounds_styles_and_cluster_cis(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    from benchmarks.quality import QualityConfig, run
+
+    point = (("lr", 5e-3), ("epochs", 1), ("keep_zero_variance_groups", True))
+    cfg = QualityConfig(
+        size="test", bootstrap_overrides=TINY, seeds=2, heavy_row_seeds=1, heldout=6, samples=2,
+        max_tokens=12, rows=("more", "rounds10"), scale=4 / 128, rounds=2, group_size_cap=2, lag_intervals=(1, 2), lag_steps=2,
+        lag_groups_per_step=2, lag_group_size=2, lag_heldout=4, lag_eval_every=1,
+        tuned=(("oapl", (*point, ("beta2", 0.1))), ("grpo", point)))
+    run(cfg, tmp_path, log=lambda _: None)
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert set(saved) >= QUALITY_KEYS
+    for key in QUALITY_KEYS - {"oapl_best_parsed_accuracy"}:
+        assert finite(saved[key]), key
+    # None only when the best lag point parsed nothing
+    assert saved["oapl_best_parsed_accuracy"] is None or finite(saved["oapl_best_parsed_accuracy"])
+    for key in ("baseline_heldout_correct", "oapl_one_update_heldout_correct"):
+        lo, hi = saved[f"{key}_ci95"]
+        assert lo <= saved[key] <= hi
+    # one round of 1 epoch over 4 groups at 16 per step: one optimizer step
+    assert saved["oapl_one_update_optimizer_steps"] == 1
+    rows = saved["table1"]["summary"]["rows"]
+    assert set(rows) == {"more", "rounds10"}
+    assert rows["more"]["oapl"]["seeds"] == 2 and rows["rounds10"]["oapl"]["seeds"] == 1
+    assert rows["rounds10"]["grpo"]["optimizer_steps"] == 2  # two rounds of one step
+    head = rows["more"]["oapl"]
+    for cond in ("seen_t1", "seen_greedy", "unseen_t1", "unseen_greedy"):
+        s = head[cond]
+        assert s["n_prompts"] == 6 and finite(s["correct"]) and finite(s["parse_rate"])
+        assert len(s["correct_ci95"]) == 2
+    assert rows["rounds10"]["oapl"]["unseen_t1"] is None  # unseen T=1: headline row only
+    assert set(saved["table2"]) == {"1", "2"}
+    report = (tmp_path / "quality.md").read_text()
+    assert "acc \\| parsed" in report and "si_units" in report
+    assert (tmp_path / "one_update.png").stat().st_size > 0
+
+
+def test_tuning_script_writes_chosen_points_the_benchmark_reads(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    from benchmarks.quality import load_tuned
+    from benchmarks.tune_round import TuneConfig, run
+
+    run(TuneConfig(size="test", bootstrap_overrides=TINY, grid="smoke", prompts=4, group_size=2,
+                   val=4, samples=1, max_tokens=12, epochs=(1, 2),
+                   grid_keeps_zero_variance=True), tmp_path, log=lambda _: None)
+    saved = json.loads((tmp_path / "tune_round.json").read_text())
+    assert len(saved["trials"]) == 8  # 2 runs per algorithm, each scored after epochs 1 and 2
+    assert [t["epochs"] for t in saved["trials"][:2]] == [1, 2]
+    assert all(finite(t["correct"]) for t in saved["trials"])
+    # the best point tried both ways (here nothing parses, so dropping leaves nothing to train on)
+    assert [t["keep_zero_variance_groups"] for t in saved["zero_variance"]["oapl"]] == [True, False]
+    assert saved["best"]["oapl"]["correct"] is not None
+    tuned = load_tuned(tmp_path / "tune_round.json")
+    assert set(tuned["oapl"]) == {"lr", "beta2", "epochs", "keep_zero_variance_groups"}
+    assert set(tuned["grpo"]) == {"lr", "epochs", "keep_zero_variance_groups"}
+
+
+def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: Path) -> None:
+    from benchmarks.quality import QualityConfig, keep_previous
+    from workers.clinical import task
+
+    qc = QualityConfig(heldout=10, samples=2, rows=("rounds10",), lag_intervals=())
+    setup = {"heldout": 10, "samples": 2, "max_tokens": qc.max_tokens,
+             "seen_styles": list(task.SEEN_STYLES), "unseen_style": task.UNSEEN_STYLE}
+    first = {"setup": setup, "table2": {"1": {"history": []}},
+             "table1": {"summary": {"rows": {"more": {"oapl": "A"}, "rounds10": {"oapl": "old"}}}}}
+    (tmp_path / "q.json").write_text(json.dumps(first))
+    summary = {"baseline": {}, "rows": {"rounds10": {"oapl": "new"}}}
+    merged, t2, taken = keep_previous(qc, tmp_path / "q.json", summary, {})
+    assert merged["rows"] == {"more": {"oapl": "A"}, "rounds10": {"oapl": "new"}}
+    assert t2 == first["table2"] and taken == {"rows": ["more"], "table2": True}
+    (tmp_path / "q.json").write_text(json.dumps(first | {"setup": setup | {"heldout": 500}}))
+    with pytest.raises(ValueError, match="held-out setup differs"):
+        keep_previous(qc, tmp_path / "q.json", summary, {})

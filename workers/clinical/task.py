@@ -17,7 +17,12 @@ Because the outcome is a coin flip with probability P, no predictor can beat E[m
 Bayes-optimal accuracy, ≈ 0.76 (``bayes_optimal_accuracy()``; printed by the benchmark); the
 base rate of YES is ≈ 0.48.
 
-Everything is deterministic from (seed, split): train and held-out use independent streams.
+Everything is deterministic from (seed, split): train, validation and held-out use independent
+streams. Each case is written in one of five STYLES (the original narrative, a structured field
+list, a clinic note with abbreviations, a reordered long form, SI units with British spellings);
+the ground truth reads the case, never its wording. Training and validation prompts (and the
+bundled model's tokenizer and warm-start) use the SEEN styles; ``UNSEEN_STYLE`` is for held-out
+evaluation only.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -148,33 +154,76 @@ def sample_case(rng: random.Random) -> Case:
 
 @dataclass(frozen=True)
 class Example:
-    """One task instance: the case, its sampled outcome and a stable id."""
+    """One task instance: the case, its sampled outcome, the style it is written in, a stable id."""
 
     external_id: str
     split: str
     case: Case
     outcome: bool
+    style: str = "narrative"
 
     @property
     def messages(self) -> list[dict[str, str]]:
-        return build_messages(self.case)
+        return build_messages(self.case, self.style)
 
 
-def generate(seed: int, n: int, split: str = "train") -> list[Example]:
-    """``n`` examples of ``split`` ("train" or "heldout"); identical for identical arguments."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+SPLITS = ("train", "validation", "heldout")
+
+
+def generate(
+    seed: int, n: int, split: str = "train", styles: Sequence[str] | None = None
+) -> list[Example]:
+    """``n`` examples of ``split`` ("train", "validation" or "heldout"); identical for identical
+    arguments.
+
+    Each example is written in a style drawn uniformly from ``styles`` (default: the SEEN styles,
+    mixed). The cases and outcomes depend on (seed, split) only: the same seed and split give the
+    same cases in every style, so a style comparison is paired. The UNSEEN style is for
+    evaluation only ("heldout"): asking for it in "train" or "validation" raises ValueError.
+    Ids carry the style when ``styles`` is given, so one case in two styles never shares an id.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    chosen = tuple(styles) if styles is not None else SEEN_STYLES
+    if not chosen or any(s not in STYLES for s in chosen):
+        raise ValueError(f"styles must be a non-empty subset of {sorted(STYLES)}, got {chosen!r}")
+    if split != "heldout" and UNSEEN_STYLE in chosen:
+        raise ValueError(f"style {UNSEEN_STYLE!r} is unseen: held-out evaluation only")
     rng = _rng(seed, split)
+    # Styles come from their own stream so that the cases and outcomes do not depend on them.
+    style_rng = _rng(seed, split, "style")
     out = []
     for i in range(n):
         case = sample_case(rng)
         outcome = rng.random() < true_probability(case)
-        out.append(Example(f"clin-{split}-s{seed}-{i:06d}", split, case, outcome))
+        style = chosen[0] if len(chosen) == 1 else style_rng.choice(chosen)
+        suffix = "" if styles is None else f"-{style}"
+        out.append(Example(f"clin-{split}-s{seed}-{i:06d}{suffix}", split, case, outcome, style))
     return out
 
 
+# --- the styles a case is written in ---------------------------------------------------------------
+# Every style renders every field the hidden model reads (tests perturb each field and parse the
+# SI values back); rendering is a pure function of the case, only the style choice is random.
+
+PRIOR_WORDS = {
+    "CR": "complete response",
+    "PR": "partial response",
+    "SD": "stable disease",
+    "PD": "progressive disease",
+}
+HISTOLOGY_ABBR = {"adenocarcinoma": "adeno", "squamous": "SCC", "large cell": "LCC"}
+REGIMEN_ABBR = {"carboplatin-pemetrexed": "carbo/pem", "pembrolizumab": "pembro"}
+LDH_UKAT_PER_U = 1 / 60
+"""1 U/L = 1/60 µkat/L (16.67 nkat/L); two decimals keep every integer U/L value distinct."""
+
+
+def _biomarker_phrase(case: Case) -> str:
+    return "no actionable biomarker" if case.biomarker == "none" else f"{case.biomarker} positive"
+
+
 def narrative(case: Case) -> str:
-    bm = "no actionable biomarker" if case.biomarker == "none" else f"{case.biomarker} positive"
+    """The original single template: one sentence per block, US units."""
     prior = (
         "treatment-naive"
         if case.prior_response == "none"
@@ -183,16 +232,100 @@ def narrative(case: Case) -> str:
     brain = "brain metastases present" if case.brain_mets else "no brain metastases"
     return (
         f"{case.age}-year-old {case.sex}, ECOG {case.ecog}, stage {case.stage} "
-        f"{case.histology} of the lung, {bm}, {brain}. Line {case.line}: {case.regimen}; "
-        f"{prior}. Labs: LDH {case.ldh} U/L, albumin {case.albumin} g/dL, "
+        f"{case.histology} of the lung, {_biomarker_phrase(case)}, {brain}. Line {case.line}: "
+        f"{case.regimen}; {prior}. Labs: LDH {case.ldh} U/L, albumin {case.albumin} g/dL, "
         f"hemoglobin {case.hemoglobin} g/dL."
     )
 
 
-def build_messages(case: Case) -> list[dict[str, str]]:
+def field_list(case: Case) -> str:
+    """A structured record, one ``Field: value`` per line."""
+    return "\n".join([
+        f"Age: {case.age}",
+        f"Sex: {'male' if case.sex == 'man' else 'female'}",
+        f"ECOG: {case.ecog}",
+        f"Stage: {case.stage}",
+        f"Histology: {case.histology}",
+        f"Biomarker: {case.biomarker}",
+        f"Brain metastases: {'yes' if case.brain_mets else 'no'}",
+        f"Line of therapy: {case.line}",
+        f"Regimen: {case.regimen}",
+        f"Prior best response: {case.prior_response}",
+        f"LDH (U/L): {case.ldh}",
+        f"Albumin (g/dL): {case.albumin}",
+        f"Hemoglobin (g/dL): {case.hemoglobin}",
+    ])
+
+
+def clinic_note(case: Case) -> str:
+    """A terse clinic note with abbreviations (PS, st, BM, 2L, alb, Hgb)."""
+    bm = "no driver" if case.biomarker == "none" else f"{case.biomarker}+"
+    prior = "tx-naive" if case.prior_response == "none" else f"prior best resp {case.prior_response}"
+    regimen = REGIMEN_ABBR.get(case.regimen, case.regimen)
+    return (
+        f"{case.age}{'M' if case.sex == 'man' else 'F'} NSCLC, {HISTOLOGY_ABBR[case.histology]}, "
+        f"st {case.stage}, PS {case.ecog}, {bm}, {'BM+' if case.brain_mets else 'BM-'}. "
+        f"Plan {case.line}L {regimen}, {prior}. LDH {case.ldh}, alb {case.albumin}, "
+        f"Hgb {case.hemoglobin}."
+    )
+
+
+def long_form(case: Case) -> str:
+    """Full sentences in another order: the treatment first, then labs, then the patient."""
+    prior = (
+        "first-line treatment"
+        if case.prior_response == "none"
+        else f"previous best response {PRIOR_WORDS[case.prior_response]}"
+    )
+    brain = "brain metastases" if case.brain_mets else "no brain metastases"
+    return (
+        f"Planned: {case.regimen} as line {case.line}, {prior}. Hemoglobin {case.hemoglobin} "
+        f"g/dL, albumin {case.albumin} g/dL, LDH {case.ldh} U/L. Tumour: "
+        f"{_biomarker_phrase(case)}; {brain}. The patient, a {case.age}-year-old {case.sex} "
+        f"with stage {case.stage} {case.histology}, has performance status ECOG {case.ecog}."
+    )
+
+
+def si_units(case: Case) -> str:
+    """Another hospital's system: SI units (LDH µkat/L, albumin and haemoglobin g/L), British
+    spellings, WHO performance status (the same 0-4 scale as ECOG)."""
+    prior = (
+        "no previous systemic therapy"
+        if case.prior_response == "none"
+        else f"best response to previous therapy {PRIOR_WORDS[case.prior_response]}"
+    )
+    bm = "no targetable alteration" if case.biomarker == "none" else f"{case.biomarker} detected"
+    brain = "cerebral metastases" if case.brain_mets else "no cerebral metastases"
+    return (
+        f"{'Male' if case.sex == 'man' else 'Female'}, aged {case.age}, WHO performance status "
+        f"{case.ecog}. Stage {case.stage} {case.histology} of the lung ({bm}; {brain}). "
+        f"Line {case.line} therapy: {case.regimen}, {prior}. Bloods: LDH "
+        f"{case.ldh * LDH_UKAT_PER_U:.2f} µkat/L, albumin {round(case.albumin * 10)} g/L, "
+        f"haemoglobin {round(case.hemoglobin * 10)} g/L."
+    )
+
+
+STYLES: dict[str, Callable[[Case], str]] = {
+    "narrative": narrative,
+    "fields": field_list,
+    "clinic_note": clinic_note,
+    "long_form": long_form,
+    "si_units": si_units,
+}
+UNSEEN_STYLE = "si_units"
+"""Never in training or validation prompts, nor in the bundled model's tokenizer and warm-start:
+held-out evaluation of how the learned policy transfers to a new way of writing the same case."""
+SEEN_STYLES: tuple[str, ...] = tuple(s for s in STYLES if s != UNSEEN_STYLE)
+
+
+def render(case: Case, style: str = "narrative") -> str:
+    return STYLES[style](case)
+
+
+def build_messages(case: Case, style: str = "narrative") -> list[dict[str, str]]:
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
-        {"role": "user", "content": f"{narrative(case)}\n{QUESTION}"},
+        {"role": "user", "content": f"{render(case, style)}\n{QUESTION}"},
     ]
 
 
@@ -256,7 +389,12 @@ def ingest_items(
                 "policy": policy,
                 "messages": ex.messages,
                 "response": weak_response(ex.case, rng),
-                "metadata": {"task": "clinical-pfs", "split": split, "case": asdict(ex.case)},
+                "metadata": {
+                    "task": "clinical-pfs",
+                    "split": split,
+                    "style": ex.style,
+                    "case": asdict(ex.case),
+                },
                 "outcome": {"name": OUTCOME_NAME, "value": ex.outcome},
             }
         )
@@ -273,8 +411,12 @@ def bayes_optimal_accuracy(n: int = 200_000, seed: int = 0) -> float:
     return total / n
 
 
-def corpus_digest() -> str:
-    """Changes whenever the prompt/response formats change; part of the bootstrap cache key."""
-    probe = generate(0, 3, "train")
-    blob = SYSTEM_PROMPT + repr(FINAL_STYLES) + "".join(narrative(e.case) for e in probe)
+def corpus_digest(styles: Sequence[str] | None = None) -> str:
+    """Changes whenever the prompt/response formats or the set of styles (default: the SEEN ones)
+    change; part of the bootstrap cache key (a model warm-started on other styles is never
+    reused)."""
+    styles = SEEN_STYLES if styles is None else styles
+    probe = [e.case for e in generate(0, 3, "train")]
+    blob = SYSTEM_PROMPT + QUESTION + repr(FINAL_STYLES) + repr(tuple(styles))
+    blob += "".join(render(c, s) for s in styles for c in probe)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

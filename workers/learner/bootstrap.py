@@ -5,9 +5,12 @@
 warm-started by supervised fine-tuning on *noisy* demonstrations (``workers.clinical.task``): the
 reasoning looks sensible, the overall call is wrong 15% of the time and only ~14% of demonstrations
 end with the exact ``ANSWER: YES|NO`` contract. The resulting baseline is the blog's starting
-point: it rarely follows the contract and is rarely correct end-to-end.
+point: it rarely follows the contract and is rarely correct end-to-end. The demonstrations (and so
+the tokenizer) are written in the task's SEEN styles, mixed; the unseen style
+(``task.UNSEEN_STYLE``) is never shown to the model before evaluation.
 
-Results are cached by a content hash of (config, code version, task corpus version) under
+Results are cached by a content hash of (config, code version, task corpus version — which covers
+the set of styles) under
 ``cache_dir`` (default ``$TRACELEARN_MODEL_CACHE`` or ``~/.cache/tracelearn/models``), so the
 second call with the same arguments returns in milliseconds.
 
@@ -42,7 +45,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from workers.clinical import task
 from workers.inference.chat import encode_prompt
 
-CODE_VERSION = "bootstrap-1"
+CODE_VERSION = "bootstrap-2"
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
@@ -106,7 +109,7 @@ def default_cache_dir() -> Path:
 
 def demonstrations(cfg: BootstrapConfig) -> list[tuple[list[dict[str, str]], str]]:
     # A seed offset keeps demo cases disjoint from the benchmark's (seed 0..99) train streams.
-    examples = task.generate(100_000 + cfg.seed, cfg.n_demos, "train")
+    examples = task.generate(100_000 + cfg.seed, cfg.n_demos, "train", task.SEEN_STYLES)
     rng = random.Random(f"demos/{cfg.seed}")
     return [(ex.messages, task.weak_response(ex.case, rng, cfg.call_noise)) for ex in examples]
 
@@ -230,6 +233,7 @@ def _build(
     info: dict[str, Any] = {
         "cache_key": cfg.cache_key(),
         "code_version": CODE_VERSION,
+        "styles": list(task.SEEN_STYLES),
         "config": dataclasses.asdict(cfg),
         "size": dataclasses.asdict(SIZES[cfg.size]),
         "n_params": n_params,
