@@ -7,10 +7,13 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -75,3 +78,25 @@ def agg_backend() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path | None = None,
+                 timeout_s: float = 120.0) -> float:
+    """Seconds until ``url``/healthz answers 200. Raises when ``proc`` exits first or
+    ``timeout_s`` passes, with the end of ``log`` (the process's output) in the message."""
+    def tail() -> str:
+        return log.read_text()[-4000:] if log is not None and log.exists() else ""
+
+    t0 = time.monotonic()
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before answering "
+                               f"/healthz:\n{tail()}")
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:g} s:\n{tail()}")
+        time.sleep(0.1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import os
 import signal
 import subprocess
@@ -48,6 +47,7 @@ from benchmarks._common import (
     percentile,
     print_ratios,
     results_dir,
+    wait_healthy,
     write_json,
 )
 
@@ -135,15 +135,8 @@ class Server:
 
     def __enter__(self) -> Server:
         self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=Path(__file__).resolve().parents[1])
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"uvicorn exited with {self.proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            time.sleep(0.1)
-        raise RuntimeError("uvicorn did not start in 60 s")
+        wait_healthy(self.url, self.proc, timeout_s=60)
+        return self
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

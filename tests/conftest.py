@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import NoReturn
 
-import httpx
 import psycopg
 import pytest
 import uvicorn
@@ -27,6 +26,7 @@ from app.db import Database, set_database
 from app.dependencies import rate_limiter
 from app.main import create_app
 from app.settings import Settings, set_settings
+from benchmarks._common import wait_healthy
 
 # .ci/run installs everything the suite needs (vLLM, Chromium, trl), so in CI a missing piece is a
 # failure: a skipped vLLM or browser test there would hide exactly what CI exists to prove.
@@ -248,16 +248,7 @@ def api_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "API did not start"
-            time.sleep(0.1)
+        wait_healthy(url, proc, log_path, timeout_s=30)
         yield url
     finally:
         proc.terminate()

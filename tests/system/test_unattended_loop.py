@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,6 +26,8 @@ from sqlalchemy.orm import Session
 
 from app.models import Job, JobStatus, Policy, Snapshot, SnapshotStatus
 from app.settings import get_settings
+from benchmarks._common import wait_healthy
+from benchmarks.unattended import Traffic
 from tests.conftest import REPO, create_pg_database, drop_pg_database, free_port, pg_url_for
 from tests.support.seeding import build_model
 from workers.clinical import task
@@ -39,59 +41,6 @@ VARIED_GRADER = {"kind": "regex", "outcome": task.OUTCOME_NAME, "pattern": "(e)"
 VERDICTS = {SnapshotStatus.awaiting_approval, SnapshotStatus.rejected, SnapshotStatus.failed,
             SnapshotStatus.superseded, SnapshotStatus.approved, SnapshotStatus.serving,
             SnapshotStatus.retired}
-
-
-@dataclass
-class Traffic:
-    """Posts a batch every ``every_s`` and sends the withheld outcomes a batch later."""
-
-    url: str
-    key: str
-    policy: str
-    every_s: float = 2.0
-    batch: int = 5
-    latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    posted: int = 0
-    late_outcomes: int = 0
-    _stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        headers = {"Authorization": f"Bearer {self.key}"}
-        withheld: list[dict[str, object]] = []
-        seed = 0
-        with httpx.Client(base_url=self.url, headers=headers, timeout=30) as client:
-            while not self._stop.is_set():
-                seed += 1
-                items = task.ingest_items(seed, self.batch, "train", policy=self.policy)
-                late = []
-                for i, item in enumerate(items):
-                    if i % 5 == 4:  # a fifth of the outcomes come later
-                        outcome = item.pop("outcome")
-                        assert isinstance(outcome, dict)
-                        late.append({"trace_external_id": item["external_id"],
-                                     "name": outcome["name"], "value": outcome["value"]})
-                self._timed(client, "/v1/traces", {"traces": items})
-                self.posted += len(items)
-                if withheld:
-                    self._timed(client, "/v1/feedback", {"outcomes": withheld})
-                    self.late_outcomes += len(withheld)
-                withheld = late
-                self._stop.wait(self.every_s)
-
-    def _timed(self, client: httpx.Client, path: str, body: dict[str, object]) -> None:
-        t0 = time.perf_counter()
-        r = client.post(path, json=body)
-        self.latencies.append(time.perf_counter() - t0)
-        if r.status_code not in (200, 201, 207):
-            self.errors.append(f"{path}: {r.status_code} {r.text[:200]}")
-
-    def p(self, q: float) -> float:
-        values = sorted(self.latencies)
-        return values[min(len(values) - 1, int(q * len(values)))]
-
-    def stop(self) -> None:
-        self._stop.set()
 
 
 @dataclass
@@ -133,16 +82,7 @@ def service(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service]
                                 stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "tracelearn up did not start: " + log.read_text()
-            time.sleep(0.2)
+        wait_healthy(url, proc, log)
         yield Service(url, env, proc, log)
     finally:
         if proc.poll() is None:

@@ -19,6 +19,7 @@ from sqlalchemy import create_engine, func, select
 
 from app.models import Trace
 from app.settings import get_settings
+from benchmarks._common import wait_healthy
 from tests.conftest import REPO, free_port
 from tests.support.seeding import build_model
 from workers.clinical import task
@@ -36,19 +37,6 @@ def start_up(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[byte
         return subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)],
                                 cwd=REPO, env=os.environ | env, stdout=out,
                                 stderr=subprocess.STDOUT)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
 
 
 def children(pid: int) -> list[int]:
