@@ -347,11 +347,11 @@ def execute_run(
             result = train(groups, base_model, out_dir, config, parent=parent_path,
                            progress=_progress)
         else:
-            result = _train_in_processes(
-                run_id, processes, launch.write_round(
-                    _learner_work_dir(run_id), groups, base_model, out_dir, config, parent_path,
-                ), check=check, progress=_progress,
+            spec = launch.write_round(
+                _learner_work_dir(run_id), groups, base_model, out_dir, config, parent_path
             )
+            result = _train_in_processes(run_id, processes, spec, check=check,
+                                         progress=_progress)
         if result.status != "succeeded" or result.manifest is None:
             _set_run(run_id, status=RunStatus.failed, finished_at=utcnow(),
                      error=result.failure_reason or "training failed", metrics=result.metrics)
@@ -399,28 +399,34 @@ def _train_in_processes(
             else:
                 ops.info("run.learner.output", run_id=run_id, line=event[:500])
 
-    with launch.LearnerProcess(launch.torchrun_argv(processes, spec_path), log_path, env) as proc:
-        ops.info("run.learner.started", run_id=run_id, processes=processes, pid=proc.pid,
-                 log=str(log_path))
-        _set_run(run_id, heartbeat_at=utcnow(), merge_metrics={
-            "learner": {"processes": processes, "pid": proc.pid, "log": str(log_path)}
-        })
-        next_check = time.monotonic() + LEARNER_CHECK_S
-        try:
-            while proc.poll() is None:
-                handle(proc.events(timeout=LEARNER_POLL_S))
-                if time.monotonic() >= next_check:
-                    if check is not None:
-                        check()
-                    _set_run(run_id, heartbeat_at=utcnow())
-                    next_check = time.monotonic() + LEARNER_CHECK_S
-            handle(proc.finish())
-        except BaseException:
-            proc.terminate()
-            ops.info("run.learner.terminated", run_id=run_id, pid=proc.pid)
-            raise
-        code = proc.poll()
-    (work / "groups.jsonl").unlink(missing_ok=True)
+    try:
+        with launch.LearnerProcess(
+            launch.torchrun_argv(processes, spec_path), log_path, env
+        ) as proc:
+            ops.info("run.learner.started", run_id=run_id, processes=processes, pid=proc.pid,
+                     log=str(log_path))
+            _set_run(run_id, heartbeat_at=utcnow(), merge_metrics={
+                "learner": {"processes": processes, "pid": proc.pid, "log": str(log_path)}
+            })
+            next_check = time.monotonic() + LEARNER_CHECK_S
+            try:
+                while proc.poll() is None:
+                    handle(proc.events(timeout=LEARNER_POLL_S))
+                    if time.monotonic() >= next_check:
+                        if check is not None:
+                            check()
+                        _set_run(run_id, heartbeat_at=utcnow())
+                        next_check = time.monotonic() + LEARNER_CHECK_S
+                handle(proc.finish())
+            except BaseException:
+                started = time.monotonic()
+                proc.terminate()
+                ops.info("run.learner.terminated", run_id=run_id, pid=proc.pid,
+                         seconds=round(time.monotonic() - started, 2))
+                raise
+            code = proc.poll()
+    finally:
+        (work / launch.GROUPS_FILE).unlink(missing_ok=True)  # the rows are the record; keep the log
     ops.info("run.learner.exited", run_id=run_id, returncode=code)
     result_path = work / launch.RESULT_FILE
     if code != 0 or not result_path.exists():

@@ -48,6 +48,7 @@ from workers.learner.trainer import (
 
 PROGRESS_MARK = "@@tracelearn.progress "
 """Prefix of rank 0's per-step stdout line; the rest of the line is JSON."""
+GROUPS_FILE = "groups.jsonl"
 RESULT_FILE = "result.json"
 ERROR_FILES = "error-rank*.txt"
 
@@ -82,13 +83,13 @@ def write_round(
 ) -> Path:
     """Write the round's groups and spec under ``work`` (created); returns the spec's path."""
     work.mkdir(parents=True, exist_ok=True)
-    dump_groups_jsonl(groups, work / "groups.jsonl")
+    dump_groups_jsonl(groups, work / GROUPS_FILE)
     spec = RoundSpec(
         base_model=str(base_model),
         out_dir=str(out_dir),
         parent=str(parent) if parent is not None else None,
         config=config.to_dict(),
-        groups_path=str(work / "groups.jsonl"),
+        groups_path=str(work / GROUPS_FILE),
         result_path=str(work / RESULT_FILE),
     )
     path = work / "spec.json"

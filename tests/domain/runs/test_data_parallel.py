@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +151,19 @@ def test_stopping_the_worker_mid_run_hands_the_job_back_and_ends_every_learner_p
         run = wait_until(lambda: (r := _run(run_id)).progress > 0 and r, timeout=120)
         root = psutil.Process(run.metrics["learner"]["pid"])
         tree.extend([root, *root.children(recursive=True)])
+        stopped_at.append(time.monotonic())
         request_stop()  # TERM reaches the worker
 
+    stopped_at: list[float] = []
     stopper = threading.Thread(target=stop_after_the_first_steps, daemon=True)
     stopper.start()
     assert run_job(job_id, handle_train_job) == "handed-back"
+    handed_back_after = time.monotonic() - stopped_at[0]
     stopper.join(timeout=5)
 
+    # Within the check interval plus torchrun's own shutdown of its ranks, far below the 30 s
+    # after which they would be killed.
+    assert handed_back_after < 15, handed_back_after
     assert len(tree) >= 3  # torchrun and its two ranks were seen running
     assert not [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     job = _job(job_id)
@@ -164,6 +171,7 @@ def test_stopping_the_worker_mid_run_hands_the_job_back_and_ends_every_learner_p
     run = _run(run_id)
     assert (run.status, run.progress, run.output_snapshot_id) == (RunStatus.queued, 0.0, None)
     assert not (pg_settings.adapters_dir / name / f"run-{run_id}").exists()
+    assert not (Path(run.metrics["learner"]["log"]).parent / "groups.jsonl").exists()
 
 
 def test_a_learner_process_that_crashes_fails_the_run_with_its_last_lines(
