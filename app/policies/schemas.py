@@ -67,6 +67,13 @@ class TrainingSpec(BaseModel):
         description="Data trigger: non-zero-variance groups "
         "since the last run needed before a scheduled run starts.",
     )
+    processes: int = Field(
+        default=1,
+        ge=1,
+        description="Data-parallel learner processes per training run: 1 trains inside the train "
+        "job's process; N > 1 runs the round under `torchrun --nproc_per_node N` (at most one "
+        "per CPU of the machine that trains).",
+    )
 
 
 def _check_cron(value: str | None) -> str | None:

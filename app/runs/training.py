@@ -2,7 +2,8 @@
 
     start_run      validate the config, check there is data, create the TrainingRun + train job
     execute_run    build the learner's TrainingGroup dataclasses from rows, train starting from the
-                   serving adapter, write the adapter atomically, then in ONE transaction: the
+                   serving adapter (in this process, or under ``torchrun`` when the policy asks for
+                   ``processes`` > 1), write the adapter atomically, then in ONE transaction: the
                    candidate Snapshot (version N+1, ``{policy}-v{N+1}``, parent, sha256), lineage
                    rows in ``training_run_groups``, the run's metrics, and the eval job
     trainable_groups   graded, non-zero-variance train groups of the serving snapshot that no
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -51,11 +54,20 @@ from workers.learner import adapters
 log = logging.getLogger(__name__)
 
 PIPELINE_KEYS = frozenset(
-    {"min_groups", "traces_per_job", "traces_per_call", "grade_timeout_s", "max_groups"}
+    {"min_groups", "traces_per_job", "traces_per_call", "grade_timeout_s", "max_groups",
+     "processes"}
 )
 """Keys of ``policy.training_config`` that steer the pipeline, not the trainer."""
 ACTIVE_RUN = (RunStatus.queued, RunStatus.running)
 ProgressFn = Callable[[int, int, dict[str, float]], None]
+LEARNER_POLL_S = 0.5
+"""How long the train job waits for the learner processes' output between looks at them."""
+LEARNER_CHECK_S = 1.0
+"""How often the train job checks its lease and the stop flag while the learner processes run."""
+
+
+class LearnerFailed(RuntimeError):
+    """The learner processes exited without a result; the message ends with their last lines."""
 
 
 def train_job_key(run_id: int) -> str:
@@ -74,7 +86,10 @@ def trainer_config(policy: Policy, overrides: dict[str, Any] | None = None) -> A
     # validates configs and starts runs, never trains.
     from workers.learner.trainer import TrainerConfig, TrainerConfigError
 
+    if "processes" in (overrides or {}):
+        raise InvalidInput("processes is a policy setting (training.processes), not a run's")
     merged = dict(policy.training_config or {}) | dict(overrides or {})
+    learner_processes(merged)
     known = {f.name for f in dataclasses.fields(TrainerConfig)}
     unknown = set(merged) - known - PIPELINE_KEYS
     if unknown:
@@ -88,6 +103,16 @@ def trainer_config(policy: Policy, overrides: dict[str, Any] | None = None) -> A
         return TrainerConfig.from_dict(values)
     except (TrainerConfigError, TypeError, ValueError) as exc:
         raise InvalidInput(str(exc)) from exc
+
+
+def learner_processes(training_config: dict[str, Any]) -> int:
+    """``processes`` of a training config (default 1): how many data-parallel learner processes a
+    run uses. Raises ``InvalidInput`` unless it is an integer >= 1; the upper bound is the machine
+    that trains (checked by the train job, not by the API process that may run elsewhere)."""
+    value = training_config.get("processes", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInput(f"processes must be an integer >= 1, got {value!r}")
+    return value
 
 
 def _used_by_succeeded_run() -> Any:
@@ -251,12 +276,14 @@ def _output_dir(policy_name: str, run_id: int, group_digest: str) -> tuple[Path,
     return base / f"run-{run_id}-{uuid.uuid4().hex[:8]}", False
 
 
-def _set_run(run_id: int, **values: Any) -> None:
+def _set_run(run_id: int, *, merge_metrics: dict[str, Any] | None = None, **values: Any) -> None:
     with session_scope() as session:
         run = session.get(TrainingRun, run_id)
         if run is not None:
             for k, v in values.items():
                 setattr(run, k, v)
+            if merge_metrics:
+                run.metrics = dict(run.metrics or {}) | merge_metrics
 
 
 def execute_run(
@@ -267,7 +294,8 @@ def execute_run(
     enqueue_eval: bool = True,
 ) -> TrainingRun:
     """Train run ``run_id``; a run that already finished is returned untouched."""
-    from workers.learner.trainer import TrainerConfig, train  # torch: see trainer_config
+    from workers.learner import launch  # torch: see trainer_config
+    from workers.learner.trainer import TrainerConfig, train
 
     with session_scope() as session:
         run = session.get(TrainingRun, run_id)
@@ -280,6 +308,15 @@ def execute_run(
         if policy is None or parent is None:
             raise PermanentJobError(f"run {run_id}: its policy or parent snapshot is gone")
         max_groups = (policy.training_config or {}).get("max_groups")
+        try:
+            processes = learner_processes(policy.training_config or {})
+        except InvalidInput as exc:
+            raise PermanentJobError(exc.detail) from exc
+        if processes > launch.max_processes():
+            raise PermanentJobError(
+                f"the policy asks for {processes} learner processes; this machine runs at most "
+                f"{launch.max_processes()} (one per CPU)"
+            )
         config = TrainerConfig.from_dict(dict(run.config))
         groups = _learner_groups(session, policy, parent, max_groups,
                                  config.keep_zero_variance_groups)
@@ -297,7 +334,7 @@ def execute_run(
         if check is not None:
             check()  # between optimizer steps: a stopping worker hands the run back here
         _set_run(run_id, progress=step / max(1, total), heartbeat_at=utcnow(),
-                 metrics={"last_step": {k: float(v) for k, v in metrics.items()}})
+                 merge_metrics={"last_step": {k: float(v) for k, v in metrics.items()}})
         if progress is not None:
             progress(step, total, metrics)
 
@@ -306,8 +343,15 @@ def execute_run(
         metrics: dict[str, Any] = dict(manifest.get("metrics") or {})
         history: list[dict[str, float]] = []
     else:
-        result = train(groups, base_model, out_dir, config, parent=parent_path,
-                       progress=_progress)
+        if processes == 1:
+            result = train(groups, base_model, out_dir, config, parent=parent_path,
+                           progress=_progress)
+        else:
+            spec = launch.write_round(
+                _learner_work_dir(run_id), groups, base_model, out_dir, config, parent_path
+            )
+            result = _train_in_processes(run_id, processes, spec, check=check,
+                                         progress=_progress)
         if result.status != "succeeded" or result.manifest is None:
             _set_run(run_id, status=RunStatus.failed, finished_at=utcnow(),
                      error=result.failure_reason or "training failed", metrics=result.metrics)
@@ -319,6 +363,77 @@ def execute_run(
     return _record_success(
         run_id, out_dir, manifest, metrics, history, group_ids, enqueue_eval=enqueue_eval
     )
+
+
+def _learner_work_dir(run_id: int) -> Path:
+    """A fresh folder per attempt for the round's files and the learner processes' log."""
+    return get_settings().data_dir / "runs" / f"run-{run_id}-{uuid.uuid4().hex[:8]}"
+
+
+def _train_in_processes(
+    run_id: int,
+    processes: int,
+    spec_path: Path,
+    *,
+    check: Callable[[], None] | None,
+    progress: ProgressFn,
+) -> Any:
+    """Run the round under ``torchrun --nproc_per_node processes`` and return its ``TrainResult``.
+
+    The job keeps its lease while the ranks train: the lease keeper thread renews it, and this
+    loop calls ``check`` at least every ``LEARNER_CHECK_S`` (and at every step rank 0 reports), so
+    a stopping worker hands the job back within about a second and the ranks are terminated on
+    the way out. Their output goes to ``learner.log`` next to the spec and into the ops log."""
+    from workers.learner import launch  # torch: see trainer_config
+
+    work = spec_path.parent
+    log_path = work / "learner.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # torchrun's default of one thread per rank would leave cores idle when N < CPUs.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, launch.max_processes() // processes)))
+
+    def handle(events: list[Any]) -> None:
+        for event in events:
+            if isinstance(event, launch.Progress):
+                progress(event.step, event.total, event.metrics)
+            else:
+                ops.info("run.learner.output", run_id=run_id, line=event[:500])
+
+    try:
+        with launch.LearnerProcess(
+            launch.torchrun_argv(processes, spec_path), log_path, env
+        ) as proc:
+            ops.info("run.learner.started", run_id=run_id, processes=processes, pid=proc.pid,
+                     log=str(log_path))
+            _set_run(run_id, heartbeat_at=utcnow(), merge_metrics={
+                "learner": {"processes": processes, "pid": proc.pid, "log": str(log_path)}
+            })
+            next_check = time.monotonic() + LEARNER_CHECK_S
+            try:
+                while proc.poll() is None:
+                    handle(proc.events(timeout=LEARNER_POLL_S))
+                    if time.monotonic() >= next_check:
+                        if check is not None:
+                            check()
+                        _set_run(run_id, heartbeat_at=utcnow())
+                        next_check = time.monotonic() + LEARNER_CHECK_S
+                handle(proc.finish())
+            except BaseException:
+                started = time.monotonic()
+                proc.terminate()
+                ops.info("run.learner.terminated", run_id=run_id, pid=proc.pid,
+                         seconds=round(time.monotonic() - started, 2))
+                raise
+            code = proc.poll()
+    finally:
+        (work / launch.GROUPS_FILE).unlink(missing_ok=True)  # the rows are the record; keep the log
+    ops.info("run.learner.exited", run_id=run_id, returncode=code)
+    result_path = work / launch.RESULT_FILE
+    if code != 0 or not result_path.exists():
+        last_lines = launch.rank_errors(work) or proc.tail()
+        raise LearnerFailed(f"{processes} learner processes exited with code {code}; "
+                            f"last lines:\n{last_lines[-4000:]}")
+    return launch.read_result(result_path)
 
 
 def _record_success(
