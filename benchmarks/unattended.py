@@ -137,10 +137,10 @@ class MemorySampler:
             except psutil.Error:
                 pass
             with Session(engine) as s:
-                running = dict(s.execute(select(Job.kind, func.count()).where(
-                    Job.status == JobStatus.running).group_by(Job.kind)).tuples().all())
-            self.samples.append({"t": time.time(), "rss_mib": rss,
-                                 "running": {k.value: n for k, n in running.items()}})
+                running = {kind.value: n for kind, n in s.execute(
+                    select(Job.kind, func.count()).where(Job.status == JobStatus.running)
+                    .group_by(Job.kind)).all()}
+            self.samples.append({"t": time.time(), "rss_mib": rss, "running": running})
             self._stop.wait(self.every_s)
         engine.dispose()
 
@@ -180,7 +180,8 @@ def summarise(traffic: Traffic, sampler: MemorySampler, database_url: str, polic
                  "optimizer_steps": r.metrics.get("optimizer_steps"),
                  "seconds": r.metrics.get("seconds")}
                 for r in s.scalars(select(TrainingRun).order_by(TrainingRun.id))]
-        jobs = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+        jobs = {status.value: n for status, n in s.execute(
+            select(Job.status, func.count()).group_by(Job.status)).all()}
         failed = [{"key": j.key, "error": (j.error or "")[:300]}
                   for j in s.scalars(select(Job).where(Job.status == JobStatus.failed))]
     engine.dispose()
@@ -200,7 +201,7 @@ def summarise(traffic: Traffic, sampler: MemorySampler, database_url: str, polic
 
     return {
         "rounds": rounds, "runs": runs, "failed_jobs": failed,
-        "jobs_by_status": {k.value: n for k, n in jobs.items()},
+        "jobs_by_status": jobs,
         "verdicts": sum(r["status"] not in ("candidate", "evaluated") for r in rounds),
         "traces_posted": traffic.posted, "late_outcomes": traffic.late_outcomes,
         "requests": len(traffic.latencies), "request_errors": traffic.errors[:20],
