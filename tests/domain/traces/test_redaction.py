@@ -3,9 +3,19 @@ leave alone (random digit runs, clinical numbers, dates of therapy, versions, ti
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from app.traces.redaction import Redactor, iban_valid, luhn_valid
+from app.traces.redaction import (
+    RedactionMode,
+    Redactor,
+    find_spans,
+    hash_key,
+    iban_valid,
+    luhn_valid,
+    token,
+)
 
 REDACTED = [
     # cards: every common layout, checked with Luhn
@@ -83,3 +93,36 @@ def test_checksums_on_known_values() -> None:
 def test_finds_names_the_kinds_without_rewriting() -> None:
     assert Redactor().finds("user-jane@example.org") == ["EMAIL"]
     assert Redactor().finds("req-8f3a2c") == []
+
+
+def test_hash_tokens_are_one_per_value_whatever_its_layout() -> None:
+    key = hash_key("secret", "tenant-a")
+    r = Redactor(mode=RedactionMode.hash, key=key)
+    spaced = r.text("card 4111 1111 1111 1111, call +1 617 555 0142, Jane.Doe@Example.org")
+    dashed = r.text("card 4111-1111-1111-1111, call (617) 555-0142, jane.doe@example.org")
+    assert spaced == dashed
+    assert spaced == (f"card {token(key, 'CARD', '4111111111111111')}, call "
+                      f"{token(key, 'PHONE', '+16175550142')}, "
+                      f"{token(key, 'EMAIL', 'jane.doe@example.org')}")
+    assert re.fullmatch(r"\[CARD:[0-9a-f]{12}\]", token(key, "CARD", "4111111111111111"))
+    assert r.counts == {"CARD": 2, "PHONE": 2, "EMAIL": 2}
+
+
+def test_hash_tokens_differ_between_tenants_and_between_values() -> None:
+    a, b = hash_key("secret", "tenant-a"), hash_key("secret", "tenant-b")
+    assert token(a, "EMAIL", "x@example.org") != token(b, "EMAIL", "x@example.org")
+    assert token(a, "EMAIL", "x@example.org") != token(a, "EMAIL", "y@example.org")
+    assert hash_key("other", "tenant-a") != a
+
+
+def test_off_stores_text_as_sent_and_hash_needs_a_key() -> None:
+    r = Redactor(mode=RedactionMode.off)
+    assert r.text("SSN 123-45-6789") == "SSN 123-45-6789" and not r.counts
+    with pytest.raises(ValueError):
+        Redactor(mode=RedactionMode.hash)
+
+
+def test_spans_keep_the_keyword_that_gave_the_context() -> None:
+    text = "DOB: 03/14/1957, MRN: 00482913"
+    assert [(s.kind, text[s.start:s.end]) for s in find_spans(text)] == [
+        ("DOB", "03/14/1957"), ("MRN", "00482913")]
