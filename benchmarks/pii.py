@@ -445,6 +445,7 @@ CLINICAL_NEGATIVES = [
     "code 123 45 6789 from the kit",
     "lot 123456789",
     "barcode 9312345678907",
+    "EAN 5012345678908 on the reagent box",
     "OID 1.2.840.113619.2.55.3.604688119",
     "DICOM study 1.3.6.1.4.1.14519.5.2.1.6279.6001",
     "chr7:55,191,822 (GRCh38)",

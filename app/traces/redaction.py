@@ -8,8 +8,9 @@ checksum or a parser confirms a candidate where one exists, so random digit runs
   when ``python-stdnum`` accepts it: the country's length and format from the IBAN registry and
   the ISO 7064 mod-97 check (not its national bank-code lists, which lag behind new banks);
 - ``CARD``: 13–19 digits, unbroken or grouped by spaces or dashes, with the prefix of a card
-  network (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay, Maestro, Mir) and a valid
-  Luhn check digit; digits run on (a CVV) are tried off group by group;
+  network (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay, Maestro, Mir), a length that
+  network issues, and a valid Luhn check digit; digits run on (a CVV) are tried off group by
+  group;
 - ``SSN``: ``123-45-6789`` anywhere (the dashed layout is an SSN's own); ``123 45 6789`` and
   ``123456789`` only after an SSN keyword, because a bare nine-digit number is as often an
   order, a lot or an accession number, and destroying those would destroy data;
@@ -105,22 +106,27 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-_CARD_PREFIX = re.compile(
-    r"4"  # Visa
-    r"|5[1-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)"  # Mastercard
-    r"|3[47]"  # Amex
-    r"|6011|64[4-9]|65|62"  # Discover, UnionPay
-    r"|35(?:2[89]|[3-8]\d)"  # JCB
-    r"|30[0-5]|3[689]"  # Diners
-    r"|5[06-8]|6\d"  # Maestro
-    r"|220[0-4]"  # Mir
-)
+# Card networks: number prefix and the lengths the network issues. A length the network does
+# not issue is not its card, which keeps 13-digit product barcodes (EAN-13) out.
+_CARD_NETWORKS: list[tuple[re.Pattern[str], frozenset[int]]] = [
+    (re.compile(p), frozenset(lengths)) for p, lengths in (
+        (r"4", (13, 16, 19)),  # Visa
+        (r"5[1-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)", (16,)),  # Mastercard
+        (r"3[47]", (15,)),  # Amex
+        (r"6011|64[4-9]|65", (16, 19)),  # Discover
+        (r"62|81", (16, 17, 18, 19)),  # UnionPay
+        (r"35(?:2[89]|[3-8]\d)", (16, 19)),  # JCB
+        (r"30[0-5]|3[689]", (14, 16, 19)),  # Diners
+        (r"5[06-8]|6\d", (16, 19)),  # Maestro (its shorter numbers look like anything)
+        (r"220[0-4]", (16, 17, 18, 19)),  # Mir
+    )
+]
 
 
 def card_number(text: str) -> bool:
     digits = re.sub(r"[ -]", "", text)
-    return (13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) is not None
-            and luhn_valid(digits))
+    return any(prefix.match(digits) and len(digits) in lengths
+               for prefix, lengths in _CARD_NETWORKS) and luhn_valid(digits)
 
 
 def iban_valid(text: str) -> bool:
@@ -321,7 +327,6 @@ DETECTORS: dict[str, Finder] = {
         r"|\bP\.? ?O\.? Box \d{1,6}\b"
     )),
 }
-PATTERNS = DETECTORS  # the name the rest of the code knew
 DEFAULT_KINDS = tuple(DETECTORS)
 # Every detector needs a digit or an "@": one cheap search lets most short strings (metadata
 # leaves, answers) skip the scans.
