@@ -446,6 +446,8 @@ CLINICAL_NEGATIVES = [
     "lot 123456789",
     "barcode 9312345678907",
     "EAN 5012345678908 on the reagent box",
+    "ABG: pH 7.35, PaCO2 40, PaO2 80, HCO3 24",
+    "urine pH 6.0, SG 1.020, call back in 2 weeks",
     "OID 1.2.840.113619.2.55.3.604688119",
     "DICOM study 1.3.6.1.4.1.14519.5.2.1.6279.6001",
     "chr7:55,191,822 (GRCh38)",

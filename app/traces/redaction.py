@@ -207,7 +207,7 @@ _IP = re.compile(
 )
 
 # Phone numbers. "00" as an international prefix is read as "+" (same length, so offsets hold).
-_IDD_00 = re.compile(r"(?<![\w+])00(?=[1-9]\d)")
+_IDD_00 = re.compile(r"(?<![\w+.,])00(?=[1-9]\d)")
 _PHONE_KEYWORD = re.compile(
     r"(?i)\b(?:tel(?:ephone|efon|éfono|efono)?|t[ée]l[ée]phone|tél|phone|ph|mobile?|mob|cell"
     r"(?:phone|ulare)?|fax|call(?:ed)?|contact|reach(?:able)?(?: at)?|whatsapp|sms|handy"
