@@ -43,6 +43,7 @@ every user's traces and break retries; one that holds PII is refused instead (``
 
 from __future__ import annotations
 
+import bisect
 import enum
 import hashlib
 import hmac
@@ -260,7 +261,7 @@ def _find_phone(text: str) -> Iterator[Span]:
                for m in phonenumbers.PhoneNumberMatcher(probe[a:b], "US", leniency=_LENIENCY))
     for offset, m in matches:
         start, end = offset + m.start, offset + m.end
-        if any(s < end and start < e for s, e in seen):
+        if seen and start < seen[-1][1]:  # matches arrive in text order
             continue
         if probe[start] == "+" and text[start] == "0":
             start -= 1  # written "00…": the prefix goes with the number
@@ -272,8 +273,10 @@ def _find_phone(text: str) -> Iterator[Span]:
             start += 1  # "(212-555-0198)": the bracket belongs to the sentence
         seen.append((start, end))
         yield Span("PHONE", start, end, _e164(m.number))
+    taken = sorted(seen)
     for kw_end in sorted(keyword_ends):
-        if any(s <= kw_end < e for s, e in seen):
+        i = bisect.bisect_right(taken, (kw_end, len(text)))
+        if i and kw_end < taken[i - 1][1]:  # the keyword ends inside a number already found
             continue
         window = text[kw_end : kw_end + 32]
         if not window[:1].isdigit() and window[:1] != "(":
@@ -283,8 +286,11 @@ def _find_phone(text: str) -> Iterator[Span]:
                                                               leniency=_LENIENCY)), None)
             if match is not None and match.start == 0:
                 start, end = kw_end, kw_end + match.end
-                if not any(s < end and start < e for s, e in seen):
-                    seen.append((start, end))
+                i = bisect.bisect_left(taken, (start, 0))
+                clear = (i == len(taken) or end <= taken[i][0]) and (
+                    i == 0 or taken[i - 1][1] <= start)
+                if clear:
+                    taken.insert(i, (start, end))
                     yield Span("PHONE", start, end, _e164(match.number))
                 break
 
@@ -343,14 +349,23 @@ def find_spans(text: str, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Span]:
     work = text
     spans: list[Span] = []
     for kind in kinds:
-        for span in DETECTORS[kind](work):
-            if _HIDDEN in work[span.start : span.end]:
-                continue
-            spans.append(span)
-        for span in spans:
-            if span.kind == kind:
-                work = work[: span.start] + _HIDDEN * (span.end - span.start) + work[span.end :]
+        found = sorted((s for s in DETECTORS[kind](work) if _HIDDEN not in work[s.start : s.end]),
+                       key=lambda s: s.start)
+        if found:
+            spans += found
+            work = splice(work, found, lambda s: _HIDDEN * (s.end - s.start))
     return sorted(spans, key=lambda s: s.start)
+
+
+def splice(text: str, spans: list[Span], replacement: Callable[[Span], str]) -> str:
+    """``text`` with each span (in order, not overlapping) replaced, in one pass: a long text
+    with thousands of findings must not be copied once per finding."""
+    pieces, at = [], 0
+    for span in spans:
+        pieces += [text[at : span.start], replacement(span)]
+        at = span.end
+    pieces.append(text[at:])
+    return "".join(pieces)
 
 
 def hash_key(secret: str, tenant: str) -> bytes:
@@ -386,10 +401,8 @@ class Redactor:
         if self.mode is RedactionMode.off:
             return value
         spans = find_spans(value, self.kinds)
-        for span in reversed(spans):
-            value = value[: span.start] + self.placeholder(span) + value[span.end :]
-            self.counts[span.kind] += 1
-        return value
+        self.counts.update(s.kind for s in spans)
+        return splice(value, spans, self.placeholder)
 
     def finds(self, value: str) -> list[str]:
         """The kinds of PII in ``value``, without counting them."""
