@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
+from typer.testing import CliRunner
 
+from app.cli import cli
 from app.db import Database
 from app.models import AuditEvent
 
@@ -154,3 +156,26 @@ def test_an_external_id_holding_pii_is_refused_unless_redaction_is_off(
         assert assert_problem(r, 422)["type"].endswith("/pii-in-external-id")
     else:
         assert r.status_code == 201, r.text
+
+
+def test_the_cli_sets_a_tenants_mode_and_ingest_follows_it(
+    client: TestClient, admin_headers: H, policy_name: str, tenant: str
+) -> None:
+    result = CliRunner().invoke(cli, ["tenants", "set", "--tenant", tenant,
+                                      "--redaction-mode", "hash"])
+    assert result.exit_code == 0, result.output
+    assert client.get("/v1/tenant", headers=admin_headers).json()["redaction_mode"] == "hash"
+    shown = CliRunner().invoke(cli, ["tenants", "show", "--tenant", tenant])
+    assert "redaction_mode hash" in shown.output
+    tid = client.post("/v1/traces", json=trace_body("cli-1", policy_name, "mail a@example.org"),
+                      headers=admin_headers).json()["id"]
+    assert set(tokens(stored(client, admin_headers, tid)["messages"][0]["content"])) == {"EMAIL"}
+    bad = CliRunner().invoke(cli, ["tenants", "set", "--tenant", tenant, "--redaction-mode", "x"])
+    assert bad.exit_code != 0
+
+
+def test_tracelearn_settings_masks_the_pii_hash_secret(settings: Any) -> None:
+    settings.pii_hash_secret = "very-secret-pii-key"
+    result = CliRunner().invoke(cli, ["settings"])
+    assert result.exit_code == 0, result.output
+    assert "very-secret-pii-key" not in result.output and '"pii_hash_secret": "***"' in result.output
