@@ -233,13 +233,20 @@ def _keyword_ends(text: str) -> set[int]:
 # Only stretches with seven digits or more go through the matcher, which is slow (it parses
 # every digit run it meets, "80" and "12.5" included).
 _PHONE_STRETCH = re.compile(r"[+(]?\d[\d \t().\-/]*\d")
+_NANP_SHAPE = re.compile(r"(?<!\d)(?:1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)")
 _DATE_ONLY = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")
 
 
-def _phone_windows(probe: str) -> list[tuple[int, int]]:
+def _phone_windows(probe: str, keyword_ends: set[int]) -> list[tuple[int, int]]:
+    """Where the matcher should look: stretches written like a phone number — with a ``+``, in
+    the North-American shape, or right after a phone keyword. A table of plain digit groups
+    would otherwise have every group parsed (seconds for a long message)."""
     windows: list[tuple[int, int]] = []
     for m in _PHONE_STRETCH.finditer(probe):
-        if sum(ch.isdigit() for ch in m.group()) < 7 or _DATE_ONLY.fullmatch(m.group()):
+        stretch = m.group()
+        if sum(ch.isdigit() for ch in stretch) < 7 or _DATE_ONLY.fullmatch(stretch):
+            continue
+        if "+" not in stretch and not _NANP_SHAPE.search(stretch) and m.start() not in keyword_ends:
             continue
         # One character before, so the matcher sees a letter glued to the digits ("NCT0…"),
         # and room after for an extension ("ext. 204").
@@ -257,7 +264,7 @@ def _find_phone(text: str) -> Iterator[Span]:
     keyword_ends = {m.end() for m in _PHONE_KEYWORD.finditer(text)}
     seen: list[tuple[int, int]] = []
     probe = _IDD_00.sub(" +", text)
-    matches = ((a, m) for a, b in _phone_windows(probe)
+    matches = ((a, m) for a, b in _phone_windows(probe, keyword_ends)
                for m in phonenumbers.PhoneNumberMatcher(probe[a:b], "US", leniency=_LENIENCY))
     for offset, m in matches:
         start, end = offset + m.start, offset + m.end
