@@ -18,11 +18,12 @@ from app.receivers.langfuse.endpoints import router as langfuse_router
 from app.runs.endpoints import router as runs_router
 from app.settings import Settings, get_settings
 from app.snapshots.endpoints import router as snapshots_router
+from app.tenants.endpoints import router as tenant_router
 from app.traces.endpoints import router as traces_router
 from workers.celery_app import send_job
 
 API_ROUTERS = [traces_router, feedback_router, policies_router, snapshots_router,
-               runs_router, proxy_router]
+               runs_router, proxy_router, tenant_router]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.db import Base, BigIntId, JSONType, UtcDateTime, utcnow
+from app.traces.redaction import RedactionMode
 
 
 def _enum(cls: type[enum.Enum]) -> Enum:
@@ -148,6 +149,21 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = _ts(default=utcnow)
     revoked_at: Mapped[datetime | None] = _ts(nullable=True)
     last_used_at: Mapped[datetime | None] = _ts(nullable=True)
+
+
+class Tenant(Base):
+    """Settings that belong to a tenant rather than to one policy. A tenant exists as soon as
+    one of its API keys does; without a row it has the defaults, and the row is written the
+    first time an admin changes a setting."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    redaction_mode: Mapped[RedactionMode] = mapped_column(
+        _enum(RedactionMode), default=RedactionMode.mask
+    )
+    created_at: Mapped[datetime] = _ts(default=utcnow)
+    updated_at: Mapped[datetime] = _ts(default=utcnow, onupdate=utcnow)
 
 
 class Policy(Base):

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
         default="dev-insecure-change-me",
         description="Secret that signs dashboard session cookies. Set it in production.",
     )
+    pii_hash_secret: str | None = Field(
+        default=None,
+        description="Key of the HMAC behind `hash`-mode PII tokens (`[EMAIL:3fa2c1d4e5f6]`). "
+        "Default: the session secret. Changing it changes every token from then on.",
+    )
     session_max_age_s: int = Field(default=8 * 3600, ge=60, description="Dashboard session life.")
     retention_days: int | None = Field(
         default=None, ge=1, description="Delete traces older than this many days (None: keep)."

@@ -1,6 +1,7 @@
 """The `tracelearn` command line: one module per command group, each a thin shell over a service.
 
     db       schema migrations            keys      API keys
+    tenants  a tenant's settings (the PII redaction mode)
     api/up   serving                      demo      the whole loop on synthetic traces
     worker/beat/reaper/regenerate/train/tick       the pipeline (``pipeline``)
     model/train-offline                            the learner on its own (``workers.learner``)
@@ -15,6 +16,7 @@ from app.cli.demo import demo_app
 from app.cli.keys import keys_cli
 from app.cli.pipeline import pipeline_app
 from app.cli.serve import serve_app
+from app.cli.tenants import tenants_cli
 from app.jobs.service import register_sender
 from app.observability import quiet_libraries
 from workers.celery_app import send_job
@@ -27,6 +29,7 @@ cli.add_typer(demo_app)
 cli.add_typer(pipeline_app)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
+cli.add_typer(tenants_cli, name="tenants")
 cli.add_typer(model_app, name="model")
 cli.command("train-offline", help="Train an adapter offline from a JSONL of graded groups "
             "(also under torchrun).")(train_offline)

@@ -160,5 +160,7 @@ def up(host: str = "127.0.0.1", port: int = 8080) -> None:
 def show_settings() -> None:
     """Print the effective settings (secrets masked)."""
     data = get_settings().model_dump(mode="json")
-    data["session_secret"] = "***"
+    for secret in ("session_secret", "pii_hash_secret"):
+        if data.get(secret) is not None:
+            data[secret] = "***"
     typer.echo(json.dumps(data, indent=2))

@@ -17,7 +17,7 @@ from app.models import OutcomeOrigin, Trace
 from app.observability import FEEDBACK_TOTAL
 from app.settings import Settings
 from app.traces.outcomes import Decision, Label, label_time, set_outcomes
-from app.traces.service import redact_outcome_value, tenant_redacts
+from app.traces.service import outcome_redactor, redact_outcome_value
 from app.traces.strings import describe, problem_type, string_problems
 
 _item_adapter: TypeAdapter[FeedbackItem] = TypeAdapter(FeedbackItem)
@@ -84,7 +84,7 @@ def submit(
             ext_to_id[ext] = tid
 
     now = utcnow()
-    redacting = tenant_redacts(session, tenant) if parsed else False
+    redactor = outcome_redactor(session, tenant) if parsed else None
     labels: list[Label] = []
     accepted: list[tuple[int, int | None]] = []  # (index, trace id) per label, in order
     for index, item in parsed:
@@ -105,7 +105,7 @@ def submit(
             assert item.trace_external_id is not None
             ext = item.trace_external_id
         trace_id = ext_to_id.get(ext)
-        value = redact_outcome_value(item.value, redacting)
+        value = redact_outcome_value(item.value, redactor)
         labels.append(Label(trace_external_id=ext, name=item.name, value=value,
                             source=item.source, origin=OutcomeOrigin.feedback,
                             labelled_at=label_time(item.labelled_at, now), trace_id=trace_id))

@@ -1,28 +1,40 @@
 """PII redaction before storage: detected identifiers replaced by typed placeholders.
 
-Detectors run in order over each text, each replacing what it finds by ``[KIND]``; a checksum or
-a parser confirms a candidate where one exists, so random digit runs survive:
+Detectors run in order over each text; what one claims is hidden from the ones after it. A
+checksum or a parser confirms a candidate where one exists, so random digit runs survive:
 
 - ``EMAIL``;
-- ``IBAN``: two letters, two check digits, up to 30 letters/digits (spaced in fours or not),
-  kept only when the ISO 13616 mod-97 check holds;
+- ``IBAN``: two letters, two check digits and the account (spaced in fours or not), kept only
+  when ``python-stdnum`` accepts it: the country's length and format from the IBAN registry and
+  the ISO 7064 mod-97 check (not its national bank-code lists, which lag behind new banks);
 - ``CARD``: 13–19 digits, unbroken or grouped by spaces or dashes, with the prefix of a card
-  network (Visa 4, Mastercard 51–55/2221–2720, Amex 34/37, Discover 6011/644–649/65, JCB 35,
-  Diners 36/38) and a valid Luhn check digit;
+  network (Visa, Mastercard, Amex, Discover, JCB, Diners, UnionPay, Maestro, Mir), a length that
+  network issues, and a valid Luhn check digit; digits run on (a CVV) are tried off group by
+  group;
 - ``SSN``: ``123-45-6789`` anywhere (the dashed layout is an SSN's own); ``123 45 6789`` and
-  ``123456789`` only after an SSN keyword (``SSN``, ``social security (number|no)``, ``SS#``)
-  within a few characters, because a bare nine-digit number is as often an order, a lot or an
-  accession number, and destroying those would destroy data;
-- ``MRN`` (after its keyword) and ``DOB`` (a date after a birth keyword), as before: other dates
-  are clinical facts (dates of therapy) and stay;
-- ``IP``: IPv4 dotted quads with every part ≤ 255, and IPv6 addresses that parse;
-- ``PHONE``: North-American numbers (``(617) 555-0142``, ``617-555-0142``) and international
-  ones written with a ``+`` or ``00`` country prefix (``+44 20 7946 0958``), 8 to 15 digits;
-- ``ADDRESS``: a US street address — house number, capitalised street name, a street suffix
-  (``Street``, ``St``, ``Ave``, ``Rd``, ``Blvd``, ``Ln``, ``Dr``, …), an optional unit.
+  ``123456789`` only after an SSN keyword, because a bare nine-digit number is as often an
+  order, a lot or an accession number, and destroying those would destroy data;
+- ``MRN`` (an identifier after a medical-record keyword) and ``DOB`` (a date after a birth
+  keyword, in English, French, German, Spanish or Italian): other dates are clinical facts
+  (dates of therapy) and stay; the keyword stays too;
+- ``IP``: IPv4 dotted quads with every part ≤ 255 (not after "version", "build", "firmware"…), and IPv6
+  addresses that ``ipaddress`` parses;
+- ``PHONE``: ``phonenumbers`` finds numbers valid in their region's numbering plan: written
+  internationally (``+44 20 7946 0958``, ``0049 30 901820``) for any region, North-American
+  national ones with separators (``(617) 555-0142``), and after a phone keyword (``tel``,
+  ``call``, ``mobile``…) unbroken ones and the national layouts of common regions
+  (``Tel. 020 7946 0958``, ``Handy 0151 23456789``);
+- ``ADDRESS``: a US street address — house number, street name, a street suffix (``Street``,
+  ``St``, ``Ave``, ``Rd``, ``Blvd``, ``Ln``, ``Dr``, …), optional directional, unit, and
+  ``City, ST 12345`` — and PO boxes.
 
 Order matters: IBANs and cards before phones (their digit groups would otherwise be read as
-phone numbers), SSN/MRN/DOB before the generic phone pattern.
+phone numbers), SSN/MRN/DOB before the generic phone search.
+
+Three modes (per tenant, ``app.tenants``): ``mask`` writes ``[KIND]``; ``hash`` writes
+``[KIND:<12 hex>]``, an HMAC of the normalised value (digits only, an email lower-cased, a phone
+in E.164) under a per-tenant key, so the same person's number is the same token in every trace
+and across layouts while the value itself is not stored; ``off`` stores text as sent.
 
 Redaction applies to messages, the response, metadata values and outcome string values. An
 ``external_id`` is never rewritten: it is the idempotency key, and ``user-[EMAIL]`` would merge
@@ -31,24 +43,56 @@ every user's traces and break retries; one that holds PII is refused instead (``
 
 from __future__ import annotations
 
+import bisect
+import enum
+import hashlib
+import hmac
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import phonenumbers
+from stdnum import iban as stdnum_iban
+
+
+class RedactionMode(enum.StrEnum):
+    mask = "mask"
+    hash = "hash"
+    off = "off"
+
+
+@dataclass(frozen=True)
+class Span:
+    """One finding: ``text[start:end]`` is PII of ``kind``; ``value`` is its normalised form."""
+
+    kind: str
+    start: int
+    end: int
+    value: str
+
 
 _MONTH = (
     r"(?:Jan(?:uary)?|Feb(?:ruary)?|Mar(?:ch)?|Apr(?:il)?|May|Jun(?:e)?|Jul(?:y)?|Aug(?:ust)?|"
     r"Sep(?:t(?:ember)?)?|Oct(?:ober)?|Nov(?:ember)?|Dec(?:ember)?)"
 )
+_DAY = r"\d{1,2}(?:st|nd|rd|th)?"
 _DATE = (
-    r"(?:\d{4}-\d{2}-\d{2}|\d{1,2}/\d{1,2}/\d{2,4}|\d{1,2}-\d{1,2}-\d{2,4}|"
-    rf"{_MONTH}\.? \d{{1,2}},? \d{{4}}|\d{{1,2}} {_MONTH}\.? \d{{4}})"
+    r"(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[/.-]\d{1,2}[/.-](?:\d{4}|\d{2})"
+    rf"|{_MONTH}\.? {_DAY},? \d{{4}}|{_DAY} (?:of )?{_MONTH}\.?,? \d{{4}})"
 )
 _STREET_SUFFIX = (
     r"(?:Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|"
-    r"Terrace|Ter|Circle|Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq)"
+    r"Terrace|Ter|Circle|Cir|Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|Alley|Plaza)"
+)
+# Lower-case street names are accepted only before suffixes that are never a verb or a unit:
+# "a 2 hour drive" and "3 times a day" must survive.
+_LOWER_SUFFIX = r"(?:street|st|avenue|ave|road|rd|boulevard|blvd|lane|ln)"
+_STATE = (
+    r"(?:AL|AK|AZ|AR|CA|CO|CT|DE|DC|FL|GA|HI|ID|IL|IN|IA|KS|KY|LA|ME|MD|MA|MI|MN|MS|MO|MT|NE|"
+    r"NV|NH|NJ|NM|NY|NC|ND|OH|OK|OR|PA|RI|SC|SD|TN|TX|UT|VT|VA|WA|WV|WI|WY|PR)"
 )
 
 
@@ -63,123 +107,313 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-_CARD_PREFIX = re.compile(
-    r"4|5[1-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)|3[47]|6011|64[4-9]|65|35|3[068]"
-)
+# Card networks: number prefix and the lengths the network issues. A length the network does
+# not issue is not its card, which keeps 13-digit product barcodes (EAN-13) out.
+_CARD_NETWORKS: list[tuple[re.Pattern[str], frozenset[int]]] = [
+    (re.compile(p), frozenset(lengths)) for p, lengths in (
+        (r"4", (13, 16, 19)),  # Visa
+        (r"5[1-5]|2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)", (16,)),  # Mastercard
+        (r"3[47]", (15,)),  # Amex
+        (r"6011|64[4-9]|65", (16, 19)),  # Discover
+        (r"62|81", (16, 17, 18, 19)),  # UnionPay
+        (r"35(?:2[89]|[3-8]\d)", (16, 19)),  # JCB
+        (r"30[0-5]|3[689]", (14, 16, 19)),  # Diners
+        (r"5[06-8]|6\d", (16, 19)),  # Maestro (its shorter numbers look like anything)
+        (r"220[0-4]", (16, 17, 18, 19)),  # Mir
+    )
+]
 
 
 def card_number(text: str) -> bool:
     digits = re.sub(r"[ -]", "", text)
-    return (13 <= len(digits) <= 19 and _CARD_PREFIX.match(digits) is not None
-            and luhn_valid(digits))
+    return any(prefix.match(digits) and len(digits) in lengths
+               for prefix, lengths in _CARD_NETWORKS) and luhn_valid(digits)
 
 
 def iban_valid(text: str) -> bool:
-    """ISO 13616: country code and check digits moved to the end, letters as 10–35, mod 97 = 1."""
-    compact = text.replace(" ", "").upper()
-    if not 15 <= len(compact) <= 34:
-        return False
-    rearranged = compact[4:] + compact[:4]
-    return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
+    """Registry length and format for the country, and mod 97 = 1 (stdnum)."""
+    return bool(stdnum_iban.is_valid(text.replace(" ", "").replace("-", ""), check_country=False))
+
+
+def _digits(text: str) -> str:
+    return "".join(ch for ch in text if ch.isdigit())
 
 
 def _ipv6(text: str) -> bool:
     try:
-        ipaddress.IPv6Address(text)
+        ipaddress.IPv6Address(text.split("%", 1)[0])
     except ValueError:
         return False
     return True
 
 
-def _phone_digits(text: str) -> bool:
-    return 8 <= sum(ch.isdigit() for ch in text) <= 15
+Finder = Callable[[str], Iterator[Span]]
 
 
 @dataclass(frozen=True)
 class Detector:
-    """A pattern, and optionally a check a match must pass; a match with a ``pii`` group has
-    only that group replaced (the keyword that gave the context stays)."""
+    """A pattern, a check a match must pass and the normal form its hash token is made from.
 
+    A match with a ``pii`` group has only that group redacted (the keyword that gave the
+    context stays). ``groups``: the candidate may run on into digits that are not part of it
+    (a card's CVV, the next word of an IBAN); shorter prefixes, cut at a separator, are tried
+    until one passes the check."""
+
+    kind: str
     pattern: re.Pattern[str]
     check: Callable[[str], bool] | None = None
+    normal: Callable[[str], str] = str
+    groups: bool = False
+
+    def __call__(self, text: str) -> Iterator[Span]:
+        for match in self.pattern.finditer(text):
+            group = "pii" if match.groupdict().get("pii") is not None else 0
+            start, end = match.span(group)
+            passing = self._passing_end(text, start, end)
+            if passing is not None:
+                yield Span(self.kind, start, passing, self.normal(text[start:passing]))
+
+    def _passing_end(self, text: str, start: int, end: int) -> int | None:
+        if self.check is None:
+            return end
+        ends = [end]
+        if self.groups:
+            ends += [start + i for i in range(end - start - 1, 0, -1)
+                     if text[start + i] in " -" and text[start + i - 1] not in " -"]
+        for candidate in ends:
+            if self.check(text[start:candidate]):
+                return candidate
+        return None
 
 
-PATTERNS: dict[str, Detector] = {
-    "EMAIL": Detector(re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")),
-    "IBAN": Detector(
-        re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), iban_valid
-    ),
-    "CARD": Detector(re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])"), card_number),
-    "SSN": Detector(re.compile(
+_IPV4_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_VERSION_BEFORE = re.compile(r"(?i)(?:version|ver\.?|build|release|firmware|software|v)\s*$")
+
+
+def _find_ip(text: str) -> Iterator[Span]:
+    for match in _IP.finditer(text):
+        found = match.group(0)
+        if match.group("v4") is not None:
+            if _VERSION_BEFORE.search(text[max(0, match.start() - 10) : match.start()]):
+                continue
+        elif not _ipv6(found):
+            continue
+        yield Span("IP", match.start(), match.end(), found.lower())
+
+
+_IP = re.compile(
+    rf"(?P<v4>(?<![\w.])(?:{_IPV4_OCTET}\.){{3}}{_IPV4_OCTET}(?![\w]|\.\d))"
+    r"|(?<![\w:.])(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)(?:[0-9A-Fa-f]{0,4}:){2,7}"
+    r"(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?(?:%[\w.]+)?(?![\w:]|\.\d)"
+)
+
+# Phone numbers. "00" as an international prefix is read as "+" (same length, so offsets hold).
+_IDD_00 = re.compile(r"(?<![\w+.,])00(?=[1-9]\d)")
+_PHONE_KEYWORD = re.compile(
+    r"(?i)\b(?:tel(?:ephone|efon|éfono|efono)?|t[ée]l[ée]phone|tél|phone|ph|mobile?|mob|cell"
+    r"(?:phone|ulare)?|fax|call(?:ed)?|contact|reach(?:able)?(?: at)?|whatsapp|sms|handy"
+    r"|móvil|portable)\b\.?\s*(?:(?:is|at|on|number|no\.?|nr\.?|#)\s*)?:?\s*"
+)
+# National layouts tried after a phone keyword, in this order; internationally written numbers
+# need no list (their country code says where they belong).
+PHONE_REGIONS = ("US", "GB", "DE", "FR", "ES", "IT", "NL", "CH", "AU", "IN", "JP", "BR", "MX",
+                 "IE", "BE", "AT", "SE", "CA")
+_LENIENCY = phonenumbers.Leniency.VALID
+
+
+def _e164(number: phonenumbers.PhoneNumber) -> str:
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _keyword_ends(text: str) -> set[int]:
+    return {m.end() for m in _PHONE_KEYWORD.finditer(text)}
+
+
+# A stretch that could hold a phone number: digits and the separators numbers are written with.
+# Only stretches with seven digits or more go through the matcher, which is slow (it parses
+# every digit run it meets, "80" and "12.5" included).
+_PHONE_STRETCH = re.compile(r"[+(]?\d[\d \t().\-/]*\d")
+_NANP_SHAPE = re.compile(r"(?<!\d)(?:1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)")
+_DATE_ONLY = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")
+
+
+def _phone_windows(probe: str, keyword_ends: set[int]) -> list[tuple[int, int]]:
+    """Where the matcher should look: stretches written like a phone number — with a ``+``, in
+    the North-American shape, or right after a phone keyword. A table of plain digit groups
+    would otherwise have every group parsed (seconds for a long message)."""
+    windows: list[tuple[int, int]] = []
+    for m in _PHONE_STRETCH.finditer(probe):
+        stretch = m.group()
+        if sum(ch.isdigit() for ch in stretch) < 7 or _DATE_ONLY.fullmatch(stretch):
+            continue
+        if "+" not in stretch and not _NANP_SHAPE.search(stretch) and m.start() not in keyword_ends:
+            continue
+        # One character before, so the matcher sees a letter glued to the digits ("NCT0…"),
+        # and room after for an extension ("ext. 204").
+        start, end = max(0, m.start() - 1), min(len(probe), m.end() + 16)
+        if windows and start <= windows[-1][1]:
+            windows[-1] = (windows[-1][0], end)
+        else:
+            windows.append((start, end))
+    return windows
+
+
+def _find_phone(text: str) -> Iterator[Span]:
+    if sum(ch.isdigit() for ch in text) < 7:
+        return
+    keyword_ends = {m.end() for m in _PHONE_KEYWORD.finditer(text)}
+    seen: list[tuple[int, int]] = []
+    probe = _IDD_00.sub(" +", text)
+    matches = ((a, m) for a, b in _phone_windows(probe, keyword_ends)
+               for m in phonenumbers.PhoneNumberMatcher(probe[a:b], "US", leniency=_LENIENCY))
+    for offset, m in matches:
+        start, end = offset + m.start, offset + m.end
+        if seen and start < seen[-1][1]:  # matches arrive in text order
+            continue
+        if probe[start] == "+" and text[start] == "0":
+            start -= 1  # written "00…": the prefix goes with the number
+        separated = re.search(r"[\s().-]", m.raw_string) is not None
+        if "+" not in m.raw_string and not separated and start not in keyword_ends:
+            # An unbroken 10-digit run is as often an accession or an order number.
+            continue
+        if text[start] == "(" and ")" not in text[start:end]:
+            start += 1  # "(212-555-0198)": the bracket belongs to the sentence
+        seen.append((start, end))
+        yield Span("PHONE", start, end, _e164(m.number))
+    taken = sorted(seen)
+    for kw_end in sorted(keyword_ends):
+        i = bisect.bisect_right(taken, (kw_end, len(text)))
+        if i and kw_end < taken[i - 1][1]:  # the keyword ends inside a number already found
+            continue
+        window = text[kw_end : kw_end + 32]
+        if not window[:1].isdigit() and window[:1] != "(":
+            continue
+        for region in PHONE_REGIONS:
+            match = next(iter(phonenumbers.PhoneNumberMatcher(window, region,
+                                                              leniency=_LENIENCY)), None)
+            if match is not None and match.start == 0:
+                start, end = kw_end, kw_end + match.end
+                i = bisect.bisect_left(taken, (start, 0))
+                clear = (i == len(taken) or end <= taken[i][0]) and (
+                    i == 0 or taken[i - 1][1] <= start)
+                if clear:
+                    taken.insert(i, (start, end))
+                    yield Span("PHONE", start, end, _e164(match.number))
+                break
+
+
+DETECTORS: dict[str, Finder] = {
+    "EMAIL": Detector("EMAIL", re.compile(
+        r"(?<![\w.%+'-])[A-Za-z0-9._%+-]+(?:'[A-Za-z0-9._%+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"
+    ), normal=str.lower),
+    "IBAN": Detector("IBAN", re.compile(
+        r"\b[A-Z]{2}\d{2}(?:[ -]?[A-Z0-9]{4}){2,7}(?:[ -]?[A-Z0-9]{1,4})?\b"
+    ), iban_valid, lambda s: re.sub(r"[ -]", "", s).upper(), groups=True),
+    "CARD": Detector("CARD", re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,22}(?![\w-])"),
+                     card_number, _digits, groups=True),
+    "SSN": Detector("SSN", re.compile(
         r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"
-        r"|(?i:\b(?:SSN|social security(?: number| no\.?)?|SS#))\s*(?:is|:|#|no\.?)?\s*"
-        r"(?P<pii>(?!000|666|9\d\d)\d{3}(?P<sep> ?)(?!00)\d{2}(?P=sep)(?!0000)\d{4})\b"
+        r"|(?i:\b(?:SSN|social security(?: number| no\.?| #)?|SS#|SS no\.?))\s*(?:is|:|#|-|no\.?)?"
+        r"\s*(?P<pii>(?!000|666|9\d\d)\d{3}(?P<sep>[ -]?)(?!00)\d{2}(?P=sep)(?!0000)\d{4})\b"
+    ), normal=_digits),
+    "MRN": Detector("MRN", re.compile(
+        r"(?i:\b(?:MRN|medical record(?: number| no\.?| #)?|med(?:ical)? rec(?:ord)?(?: no\.?| #)?"
+        r"|record #|patient id|patient number|chart(?: number| no\.?| #)|hospital (?:number|no\.?)"
+        r"|NHS (?:number|no\.?)|Krankenakte|dossier)(?![A-Za-z]))\s*(?:is|:|#|no\.?|=)?\s*#?\s*"
+        r"(?P<pii>[A-Z]{0,3}-?\d{5,10}|\d{3} \d{3} \d{4})\b"
+    ), normal=lambda s: re.sub(r"[ -]", "", s).upper()),
+    "DOB": Detector("DOB", re.compile(
+        r"(?i:\b(?:DOB|D\.O\.B\.?|date of birth|birth ?date|born(?: on)?|b\.|geb(?:oren)?\.?(?: am)?"
+        r"|Geburtsdatum|née?(?: le)?|date de naissance|fecha de nacimiento|nacid[oa](?: el)?"
+        r"|data di nascita|nat[oa](?: il)?))\s*[:\-]?\s*"
+        rf"(?P<pii>(?i:{_DATE}))"
     )),
-    "MRN": Detector(re.compile(
-        r"\b(?:MRN|medical record(?: number| no\.?)?|record #|patient id)\s*[:#]?\s*[A-Z]{0,3}\d{5,10}\b",
-        re.IGNORECASE,
-    )),
-    "DOB": Detector(re.compile(
-        rf"\b(?:DOB|D\.O\.B\.|date of birth|born(?: on)?)\s*[:\-]?\s*{_DATE}", re.IGNORECASE
-    )),
-    "IP": Detector(re.compile(
-        r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-        r"(?![\d.]*\d)"
-        r"|(?<![\w:])(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{2,39}(?![\w:])"
-    ), lambda m: "." in m or _ipv6(m)),
-    "PHONE": Detector(re.compile(
-        r"(?<!\w)(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}\b"
-        r"|(?<![\w+])(?:\+|00)[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?!\w)"
-    ), _phone_digits),
-    "ADDRESS": Detector(re.compile(
-        r"\b\d{1,6}(?: [NSEW]\.?| North| South| East| West)?(?: [A-Z][a-z]+| \d{1,3}(?:st|nd|rd|th)){1,3} "
-        rf"{_STREET_SUFFIX}\b\.?(?:,? (?:Apt|Suite|Ste|Unit|#)\.? ?[A-Za-z0-9-]+)?"
+    "IP": _find_ip,
+    "PHONE": _find_phone,
+    "ADDRESS": Detector("ADDRESS", re.compile(
+        r"\b\d{1,6}[A-Z]?(?:-\d{1,4})?(?: (?:[NSEW]|N[EW]|S[EW])\.?| North| South| East| West)?"
+        rf"(?:(?: (?:[A-Z][a-z]+|[A-Z][a-z]*\.?|\d{{1,3}}(?:st|nd|rd|th))){{1,4}} {_STREET_SUFFIX}"
+        rf"|(?: [a-z]+){{1,2}} {_LOWER_SUFFIX})\b\.?"
+        r"(?: (?:N[EW]?|S[EW]?|E|W)\b\.?)?"
+        r"(?:,? (?:Apt|Apartment|Suite|Ste|Unit|Fl|Floor|Rm|Room|#)\.? ?#?[A-Za-z0-9-]+)?"
+        rf"(?:,? [A-Z][a-z]+(?: [A-Z][a-z]+){{0,2}},? {_STATE}(?: \d{{5}}(?:-\d{{4}})?)?\b)?"
+        r"|\bP\.? ?O\.? Box \d{1,6}\b"
     )),
 }
-DEFAULT_KINDS = tuple(PATTERNS)
+DEFAULT_KINDS = tuple(DETECTORS)
 # Every detector needs a digit or an "@": one cheap search lets most short strings (metadata
 # leaves, answers) skip the scans.
 _MAYBE_PII = re.compile(r"[0-9@]")
+# What a claimed span is overwritten with while later detectors run: not a word character, not
+# a digit, not a separator any pattern reads, so nothing can match across or into it.
+_HIDDEN = "\ue000"
 
 
-def _replace(kind: str, detector: Detector, value: str) -> tuple[str, int]:
-    found = 0
+def find_spans(text: str, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Span]:
+    """Every finding in ``text``, in text order; detectors earlier in ``kinds`` win overlaps."""
+    if not _MAYBE_PII.search(text):
+        return []
+    work = text
+    spans: list[Span] = []
+    for kind in kinds:
+        found = sorted((s for s in DETECTORS[kind](work) if _HIDDEN not in work[s.start : s.end]),
+                       key=lambda s: s.start)
+        if found:
+            spans += found
+            work = splice(work, found, lambda s: _HIDDEN * (s.end - s.start))
+    return sorted(spans, key=lambda s: s.start)
 
-    def sub(match: re.Match[str]) -> str:
-        nonlocal found
-        group = "pii" if match.groupdict().get("pii") is not None else 0
-        if detector.check is not None and not detector.check(match.group(group)):
-            return match.group(0)
-        found += 1
-        if group == 0:
-            return f"[{kind}]"
-        start, end = match.span("pii")
-        whole = match.group(0)
-        offset = match.start(0)
-        return whole[: start - offset] + f"[{kind}]" + whole[end - offset :]
 
-    return detector.pattern.sub(sub, value), found
+def splice(text: str, spans: list[Span], replacement: Callable[[Span], str]) -> str:
+    """``text`` with each span (in order, not overlapping) replaced, in one pass: a long text
+    with thousands of findings must not be copied once per finding."""
+    pieces, at = [], 0
+    for span in spans:
+        pieces += [text[at : span.start], replacement(span)]
+        at = span.end
+    pieces.append(text[at:])
+    return "".join(pieces)
+
+
+def hash_key(secret: str, tenant: str) -> bytes:
+    """The tenant's token key: tokens match within a tenant and never across tenants."""
+    return hmac.new(secret.encode(), f"pii-token\x00{tenant}".encode(), hashlib.sha256).digest()
+
+
+def token(key: bytes, kind: str, value: str) -> str:
+    digest = hmac.new(key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
+    return f"[{kind}:{digest[:12]}]"
 
 
 @dataclass
 class Redactor:
+    """Redacts text in ``mode``; ``key`` (from ``hash_key``) is needed for ``hash``."""
+
     kinds: tuple[str, ...] = DEFAULT_KINDS
     counts: Counter[str] = field(default_factory=Counter)
+    mode: RedactionMode = RedactionMode.mask
+    key: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is RedactionMode.hash and self.key is None:
+            raise ValueError("hash mode needs a key")
+
+    def placeholder(self, span: Span) -> str:
+        if self.mode is RedactionMode.hash:
+            assert self.key is not None
+            return token(self.key, span.kind, span.value)
+        return f"[{span.kind}]"
 
     def text(self, value: str) -> str:
-        if not _MAYBE_PII.search(value):
+        if self.mode is RedactionMode.off:
             return value
-        for kind in self.kinds:
-            value, n = _replace(kind, PATTERNS[kind], value)
-            if n:
-                self.counts[kind] += n
-        return value
+        spans = find_spans(value, self.kinds)
+        self.counts.update(s.kind for s in spans)
+        return splice(value, spans, self.placeholder)
 
     def finds(self, value: str) -> list[str]:
         """The kinds of PII in ``value``, without counting them."""
-        probe = Redactor(self.kinds)
-        probe.text(value)
-        return sorted(probe.counts)
+        return sorted({s.kind for s in find_spans(value, self.kinds)})
 
     def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [self.message(m) for m in messages]

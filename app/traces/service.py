@@ -34,8 +34,9 @@ from app.models import (
 )
 from app.observability import INGEST_TOTAL
 from app.settings import Settings
+from app.tenants import service as tenants
 from app.traces.outcomes import Label, set_outcomes
-from app.traces.redaction import Redactor
+from app.traces.redaction import RedactionMode, Redactor
 from app.traces.schemas import (
     BatchResult,
     DeletedTrace,
@@ -184,6 +185,10 @@ class _Pending:
     chash: str
     policy: Policy
     untrainable: str | None
+    mode: RedactionMode  # the tenant's; ``off`` where the policy does not redact
+
+    def redactor(self, tenant: str) -> Redactor | None:
+        return tenants.redactor(self.mode, tenant)
 
 
 def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -234,6 +239,7 @@ def ingest(
         valid.append((index, item))
 
     policies = _policies_by_name(session, tenant, {item.policy for _, item in valid})
+    tenant_mode = tenants.redaction_mode(session, tenant) if valid else RedactionMode.mask
     pending: list[_Pending] = []
     first_in_batch: dict[str, _Pending] = {}
     repeats: list[_Pending] = []
@@ -242,7 +248,8 @@ def ingest(
         if policy is None:
             results[index] = _invalid(index, item.model_dump(), f"unknown policy {item.policy!r}")
             continue
-        leaked = Redactor().finds(item.external_id) if policy.redaction_enabled else []
+        mode = tenant_mode if policy.redaction_enabled else RedactionMode.off
+        leaked = Redactor().finds(item.external_id) if mode is not RedactionMode.off else []
         if leaked:
             # Refused, not redacted: the external_id is the idempotency key, and rewriting it
             # would merge distinct traces (every `user-[EMAIL]`) and break retries.
@@ -251,8 +258,10 @@ def ingest(
                 f"({', '.join(leaked)}); send an opaque id (a UUID or a hash) instead",
                 type_="pii-in-external-id", title="PII in external_id")
             continue
+        # The hash is of the raw trace whatever the mode, so a retry is a duplicate even after
+        # the tenant's mode changed in between.
         p = _Pending(index, item, content_hash(item), policy,
-                     untrainable or untrainable_reason(item))
+                     untrainable or untrainable_reason(item), mode)
         if item.external_id in first_in_batch:
             repeats.append(p)
         else:
@@ -383,7 +392,7 @@ def _insert(
     now = utcnow()
     rows = []
     for p in items:
-        redactor = Redactor() if p.policy.redaction_enabled else None
+        redactor = p.redactor(tenant)
         item = p.item
         messages = dump_messages(item)
         response, metadata = _dump_response(item), item.metadata
@@ -418,7 +427,7 @@ def _insert(
                 "snapshot_id": snapshots.get((p.policy.id, p.item.model or "")),
                 "metadata": metadata,
                 "split": assign_split(tenant, p.item.external_id, settings.heldout_fraction),
-                "redactions": dict(redactor.counts) if redactor else {"disabled": True},
+                "redactions": _redaction_record(redactor),
                 "content_hash": p.chash,
                 "occurred_at": p.item.occurred_at,
                 "created_at": now,
@@ -440,6 +449,17 @@ def _insert(
     return out
 
 
+def _redaction_record(redactor: Redactor | None) -> dict[str, Any]:
+    """What the trace keeps about its redaction: counts per kind, and the mode when it is not
+    the default (``hash``), so a reader knows the tokens are linkable."""
+    if redactor is None:
+        return {"disabled": True}
+    counts: dict[str, Any] = dict(redactor.counts)
+    if redactor.mode is RedactionMode.hash:
+        counts["mode"] = RedactionMode.hash.value
+    return counts
+
+
 def _dump(value: Any) -> Any:
     if isinstance(value, list):
         return [_dump(v) for v in value]
@@ -458,23 +478,26 @@ def _store_inline_outcomes(
     for p, trace_id in created:
         o = p.item.outcome
         assert o is not None
-        value = redact_outcome_value(o.value, p.policy.redaction_enabled)
+        value = redact_outcome_value(o.value, p.redactor(principal.tenant))
         labels.append(Label(trace_external_id=p.item.external_id, name=o.name, value=value,
                             source=o.source, origin=OutcomeOrigin.inline, labelled_at=now,
                             trace_id=trace_id))
     set_outcomes(session, principal.tenant, principal.actor, labels)
 
 
-def redact_outcome_value(value: Any, enabled: bool) -> Any:
+def redact_outcome_value(value: Any, redactor: Redactor | None) -> Any:
     """An outcome's string value is free text too (a reviewer's note): redacted like messages."""
-    return Redactor().text(value) if enabled and isinstance(value, str) else value
+    return redactor.text(value) if redactor is not None and isinstance(value, str) else value
 
 
-def tenant_redacts(session: Session, tenant: str) -> bool:
-    """Whether any of the tenant's policies redacts: the rule for outcomes that arrive before
-    their trace (and so before their policy is known)."""
-    return bool(session.scalar(select(exists().where(
-        Policy.tenant == tenant, Policy.redaction_enabled.is_(True)))))
+def outcome_redactor(session: Session, tenant: str) -> Redactor | None:
+    """The redactor for outcomes that may arrive before their trace (and so before their policy
+    is known): the tenant's mode, when any of the tenant's policies redacts."""
+    mode = tenants.redaction_mode(session, tenant)
+    if mode is RedactionMode.off or not session.scalar(select(exists().where(
+            Policy.tenant == tenant, Policy.redaction_enabled.is_(True)))):
+        return None
+    return tenants.redactor(mode, tenant)
 
 
 def _join_pending_outcomes(

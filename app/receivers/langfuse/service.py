@@ -254,7 +254,7 @@ def _score(session: Session, principal: Principal, body: dict[str, Any]) -> None
         raise EventError(404, f"no generation of trace {body.get('traceId')!r} has arrived; "
                          "send a trace-level score after its generations")
     now = utcnow()
-    value = traces.redact_outcome_value(value, traces.tenant_redacts(session, principal.tenant))
+    value = traces.redact_outcome_value(value, traces.outcome_redactor(session, principal.tenant))
     set_outcomes(session, principal.tenant, principal.actor, [
         Label(trace_external_id=lf_id, name=name, value=value, source=OutcomeSource.api,
               origin=OutcomeOrigin.feedback, labelled_at=now, trace_id=trace_id)

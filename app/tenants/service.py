@@ -1,0 +1,61 @@
+"""Per-tenant settings: read with their defaults, changed by an admin (audited), and the PII
+redactor they call for."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from app.audit import record
+from app.auth.service import Principal
+from app.db import upsert_insert, utcnow
+from app.models import Tenant
+from app.settings import get_settings
+from app.tenants.schemas import TenantOut, TenantUpdate
+from app.traces.redaction import RedactionMode, Redactor, hash_key
+
+
+def redaction_mode(session: Session, tenant: str) -> RedactionMode:
+    row = session.get(Tenant, tenant)
+    return row.redaction_mode if row is not None else RedactionMode.mask
+
+
+def redactor(mode: RedactionMode, tenant: str) -> Redactor | None:
+    """The redactor for ``mode`` (None for ``off``); hash tokens are keyed per tenant, so the
+    same value gives the same token within a tenant and unrelated tokens across tenants."""
+    if mode is RedactionMode.off:
+        return None
+    if mode is RedactionMode.hash:
+        settings = get_settings()
+        secret = settings.pii_hash_secret or settings.session_secret
+        return Redactor(mode=mode, key=hash_key(secret, tenant))
+    return Redactor()
+
+
+def get_tenant(session: Session, tenant: str) -> TenantOut:
+    row = session.get(Tenant, tenant)
+    if row is None:
+        return TenantOut(name=tenant, redaction_mode=RedactionMode.mask, updated_at=None)
+    return TenantOut(name=row.name, redaction_mode=row.redaction_mode, updated_at=row.updated_at)
+
+
+def update_tenant(session: Session, principal: Principal, data: TenantUpdate) -> TenantOut:
+    before = get_tenant(session, principal.tenant)
+    changes = data.model_dump(exclude_unset=True, exclude_none=True)
+    if not changes:
+        return before
+    now = utcnow()
+    table = Tenant.__table__
+    # One statement whether or not the row exists yet: two admins changing a fresh tenant at
+    # once must not collide on the primary key.
+    session.execute(
+        upsert_insert(session, table)
+        .values(name=principal.tenant, created_at=now, updated_at=now,
+                **{"redaction_mode": before.redaction_mode.value} | changes)
+        .on_conflict_do_update(index_elements=["name"], set_={**changes, "updated_at": now})
+    )
+    session.expire_all()
+    after = get_tenant(session, principal.tenant)
+    record(session, principal.tenant, principal.actor, "tenant.update", "tenant",
+           principal.tenant, before=before.model_dump(mode="json"),
+           after=after.model_dump(mode="json"))
+    return after
