@@ -553,6 +553,16 @@ def find(session: Session, tenant: str, external_id: str) -> Trace | None:
     )
 
 
+def stored_external_ids(session: Session, tenant: str, external_ids: list[str]) -> set[str]:
+    """Which of ``external_ids`` the tenant already has (ids no database could hold are not)."""
+    storable = [e for e in external_ids if string_problem(e) is None]
+    found: set[str] = set()
+    for chunk in _chunks(storable):
+        found.update(session.scalars(select(Trace.external_id).where(
+            Trace.tenant == tenant, Trace.external_id.in_(chunk))))
+    return found
+
+
 def encode_cursor(last_id: int) -> str:
     return base64.urlsafe_b64encode(f"id:{last_id}".encode()).decode().rstrip("=")
 
