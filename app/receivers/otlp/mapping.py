@@ -16,6 +16,13 @@ so a span's conversation is read from the first of these that it carries:
    ``.content``, ``.tool_call_id``, ``.tool_calls.{j}.{id,name,arguments}`` and the same under
    ``gen_ai.completion.{i}`` with ``.finish_reason``.
 
+4. **Langfuse's attributes** (Langfuse v3+ SDKs, which export OTLP to
+   ``/api/public/otel/v1/traces``): a span with ``langfuse.observation.type = generation``,
+   ``langfuse.observation.input`` / ``.output`` (JSON, read as the Langfuse receiver reads a
+   generation's input and output), ``.model.name``, ``.model.parameters``, ``.usage_details``;
+   ``langfuse.observation.metadata.policy`` (or ``langfuse.trace.metadata.policy``) names the
+   policy.
+
 A GenAI span whose content was not captured (the instrumentations' default) still becomes a
 trace, with an empty conversation and ``trainable=false`` (``content_not_captured``, or
 ``model_error`` when the call failed): the model, usage and outcomes are still worth keeping.
@@ -38,6 +45,8 @@ from typing import Any
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from app.receivers.langfuse.service import messages_from, response_from, sampling_from, usage_from
+
 POLICY_ATTRIBUTE = "tracelearn.policy"
 """The span (or resource) attribute naming the policy a span's model call belongs to."""
 
@@ -53,6 +62,8 @@ _SAMPLING = {"gen_ai.request.temperature": "temperature", "gen_ai.request.top_p"
              "gen_ai.request.stop_sequences": "stop",
              "gen_ai.request.frequency_penalty": "frequency_penalty",
              "gen_ai.request.presence_penalty": "presence_penalty"}
+LANGFUSE = "langfuse.observation."
+_LANGFUSE_POLICY = ("langfuse.observation.metadata.policy", "langfuse.trace.metadata.policy")
 _FLAT = re.compile(r"gen_ai\.(prompt|completion)\.(\d+)\.(.+)")
 _FLAT_CALL = re.compile(r"tool_calls\.(\d+)\.(id|name|arguments)")
 
@@ -90,6 +101,10 @@ class SpanView:
         """Everything the client sent that could hold a string, for the hostile-string check."""
         return {"name": self.name, "attributes": self.attributes, "resource": self.resource,
                 "events": [{"name": e.name, "attributes": e.attributes} for e in self.events]}
+
+
+Conversation = tuple[list[dict[str, Any]], Any, str | None]
+"""(messages, response or None, finish reason or None)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +159,9 @@ def view(span: Span, resource: dict[str, Any]) -> SpanView:
 
 def skip_reason(span: SpanView) -> str | None:
     """Why a span is not a model call (None: it is one)."""
+    kind = span.attributes.get(LANGFUSE + "type")
+    if kind is not None and not any(k.startswith("gen_ai.") for k in span.attributes):
+        return None if kind == "generation" else f"a Langfuse {kind!r} observation"
     if not any(key.startswith("gen_ai.") for key in span.attributes):
         return "not a GenAI span"
     operation = span.attributes.get("gen_ai.operation.name")
@@ -154,8 +172,11 @@ def skip_reason(span: SpanView) -> str | None:
 
 def map_span(span: SpanView) -> MappedSpan:
     """The trace item for a model-call span; raises ``SpanRejected`` when it cannot be one."""
+    conversation: Conversation | None = None
+    if not any(k.startswith("gen_ai.") for k in span.attributes):
+        span, conversation = _as_genai(span)
     attrs = span.attributes
-    messages, response, finish = _conversation(span)
+    messages, response, finish = conversation or _conversation(span)
     untrainable = None
     if not messages or response is None:
         untrainable = "model_error" if span.failed else "content_not_captured"
@@ -195,17 +216,40 @@ def map_span(span: SpanView) -> MappedSpan:
         "response_id": attrs.get("gen_ai.response.id"),
         "finish_reasons": reasons,
     }.items() if v is not None}
-    hint = attrs.get(POLICY_ATTRIBUTE, span.resource.get(POLICY_ATTRIBUTE))
-    return MappedSpan(item=item, policy_hint=hint if isinstance(hint, str) else None,
+    hints = [attrs.get(POLICY_ATTRIBUTE), span.resource.get(POLICY_ATTRIBUTE),
+             *(attrs.get(key) for key in _LANGFUSE_POLICY)]
+    hint = next((h for h in hints if isinstance(h, str)), None)
+    return MappedSpan(item=item, policy_hint=hint,
                       models=models, untrainable=untrainable,
                       evaluations=[e for e in map(_evaluation, span.events) if e is not None])
 
 
-# ---------------------------------------------------------------- the conversation, three shapes
+# ------------------------------------------------------------------ the conversation, four shapes
 
-Conversation = tuple[list[dict[str, Any]], Any, str | None]
-"""(messages, response or None, finish reason or None)."""
-
+def _as_genai(span: SpanView) -> tuple[SpanView, Conversation]:
+    """A Langfuse generation span in GenAI terms, and its conversation (Langfuse's input and
+    output are OpenAI-shaped, not semconv messages)."""
+    attrs = span.attributes
+    source = {k: _json(attrs.get(LANGFUSE + k), LANGFUSE + k)
+              for k in ("input", "output", "model.parameters", "usage_details")}
+    converted: dict[str, Any] = {"gen_ai.operation.name": "chat"}
+    if isinstance(attrs.get(LANGFUSE + "model.name"), str):
+        converted["gen_ai.request.model"] = attrs[LANGFUSE + "model.name"]
+    for key, value in sampling_from(source["model.parameters"]).items():
+        theirs = next((t for t, ours in _SAMPLING.items() if ours == key), None)
+        if theirs is not None:
+            converted[theirs] = value
+    usage = usage_from(source["usage_details"])
+    if usage:
+        converted["gen_ai.usage.input_tokens"] = usage["prompt_tokens"]
+        converted["gen_ai.usage.output_tokens"] = usage["completion_tokens"]
+    messages = messages_from(source["input"]) if source["input"] is not None else []
+    if not isinstance(messages, list):
+        raise SpanRejected("langfuse.observation.input is not a list of messages")
+    output = response_from(source["output"]) if source["output"] is not None else None
+    return SpanView(trace_id=span.trace_id, span_id=span.span_id, name=span.name,
+                    attributes=attrs | converted, resource=span.resource, events=span.events,
+                    start_ns=span.start_ns, failed=span.failed), (messages, output, None)
 
 def _conversation(span: SpanView) -> Conversation:
     attrs = span.attributes

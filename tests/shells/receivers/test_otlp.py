@@ -214,6 +214,50 @@ def test_old_attribute_shapes_events_and_uncaptured_content_at_langfuses_endpoin
     assert failed is not None and failed["untrainable_reason"] == "model_error"
 
 
+def langfuse_generation(policy: str) -> Callable[[TracerProvider], None]:
+    """What the Langfuse v3+ SDKs export: their own attributes, no gen_ai.* ones; the policy in
+    the generation's metadata, as Langfuse users set it."""
+    def build(provider: TracerProvider) -> None:
+        tracer = provider.get_tracer("langfuse-sdk")
+        with tracer.start_as_current_span("weather") as trace_span:
+            trace_span.set_attribute("langfuse.observation.type", "span")
+            with tracer.start_as_current_span("chat") as span:
+                span.set_attributes({
+                    "langfuse.observation.type": "generation",
+                    "langfuse.observation.metadata.policy": policy,
+                    "langfuse.observation.model.name": "gpt-4o-mini",
+                    "langfuse.observation.model.parameters": json.dumps({"temperature": 0.3}),
+                    "langfuse.observation.input": json.dumps(
+                        [{"role": "user", "content": "Weather in Paris?"}]),
+                    "langfuse.observation.output": json.dumps(
+                        {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}),
+                    "langfuse.observation.usage_details": json.dumps({"input": 12, "output": 4}),
+                })
+    return build
+
+
+TOOL_CALL = {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+
+
+def test_a_langfuse_sdk_generation_span_becomes_a_trace(api_url, key, http, policy):
+    spans = record(langfuse_generation(policy), policy=None)
+    public = "_".join(key.split("_", 2)[:2])
+    basic = base64.b64encode(f"{public}:{key}".encode()).decode()
+    exporter = OTLPSpanExporter(endpoint=f"{api_url}/api/public/otel/v1/traces",
+                                headers={"Authorization": f"Basic {basic}"})
+    assert exporter.export(spans) is SpanExportResult.SUCCESS
+    generation, outer = spans  # children end first
+    got = stored(http, external_id(generation))
+    assert got is not None and got["policy"] == policy and got["model"] == "gpt-4o-mini"
+    assert got["messages"] == [{"role": "user", "content": "Weather in Paris?"}]
+    assert got["response"] == {"role": "assistant", "tool_calls": [TOOL_CALL]}
+    assert got["sampling_params"] == {"temperature": 0.3}
+    assert got["usage"] == {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}
+    assert got["trainable"] is True
+    assert stored(http, external_id(outer)) is None
+
+
 def post_protobuf(api_url: str, key: str, spans: list[ReadableSpan]) -> httpx.Response:
     return httpx.post(f"{api_url}/otlp/v1/traces",
                       content=encode_spans(spans).SerializeToString(),
