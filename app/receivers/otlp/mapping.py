@@ -7,7 +7,9 @@ so a span's conversation is read from the first of these that it carries:
    ``OTEL_SEMCONV_STABILITY_OPT_IN=gen_ai_latest_experimental`` and content capture
    ``span_only``): ``gen_ai.system_instructions``, ``gen_ai.input.messages``,
    ``gen_ai.output.messages`` — messages of typed parts (``text``, ``tool_call``,
-   ``tool_call_response``, ``uri``), and ``gen_ai.tool.definitions``;
+   ``tool_call_response``, ``uri``), and ``gen_ai.tool.definitions``; the same attributes on a
+   ``gen_ai.client.inference.operation.details`` event (content capture ``event_only``, where
+   the event is a log record joined to its span);
 2. **span events** (semconv 1.27–1.35 put on the span): ``gen_ai.system.message``,
    ``gen_ai.user.message``, ``gen_ai.assistant.message``, ``gen_ai.tool.message`` and
    ``gen_ai.choice``, their body in the event's attributes (or a JSON ``body`` attribute); also
@@ -47,11 +49,19 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 from app.receivers.langfuse.service import messages_from, response_from, sampling_from, usage_from
 
+CONTENT_NOT_CAPTURED = "content_not_captured"
 POLICY_ATTRIBUTE = "tracelearn.policy"
 """The span (or resource) attribute naming the policy a span's model call belongs to."""
 
 MODEL_CALLS = frozenset({"chat", "text_completion", "generate_content"})
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+DETAILS_EVENT = "gen_ai.client.inference.operation.details"
+"""The latest conventions' one event per call, carrying the JSON-attribute shape (emitted as a
+log record by util-genai's ``event_only`` / ``span_and_event`` content modes)."""
+CONVERSATION_EVENTS = frozenset({"gen_ai.system.message", "gen_ai.user.message",
+                                 "gen_ai.assistant.message", "gen_ai.tool.message",
+                                 "gen_ai.choice", "gen_ai.evaluation.result", DETAILS_EVENT})
+"""The GenAI events that may arrive as OTLP log records rather than on their span."""
 _MESSAGE_EVENTS = {"gen_ai.system.message": "system", "gen_ai.user.message": "user",
                    "gen_ai.assistant.message": "assistant", "gen_ai.tool.message": "tool"}
 _FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls",
@@ -179,7 +189,7 @@ def map_span(span: SpanView) -> MappedSpan:
     messages, response, finish = conversation or _conversation(span)
     untrainable = None
     if not messages or response is None:
-        untrainable = "model_error" if span.failed else "content_not_captured"
+        untrainable = "model_error" if span.failed else CONTENT_NOT_CAPTURED
     item: dict[str, Any] = {
         "external_id": span.external_id,
         "messages": messages or [{"role": "user", "content": ""}],
@@ -198,7 +208,7 @@ def map_span(span: SpanView) -> MappedSpan:
                 if attrs.get(theirs) is not None}
     if sampling:
         item["sampling_params"] = sampling
-    tools = _tools(attrs.get("gen_ai.tool.definitions"))
+    tools = _tools(content_attributes(span).get("gen_ai.tool.definitions"))
     if tools:
         item["tools"] = tools
     usage = _usage(attrs)
@@ -221,7 +231,7 @@ def map_span(span: SpanView) -> MappedSpan:
     hint = next((h for h in hints if isinstance(h, str)), None)
     return MappedSpan(item=item, policy_hint=hint,
                       models=models, untrainable=untrainable,
-                      evaluations=[e for e in map(_evaluation, span.events) if e is not None])
+                      evaluations=evaluations(span.events))
 
 
 # ------------------------------------------------------------------ the conversation, four shapes
@@ -251,9 +261,21 @@ def _as_genai(span: SpanView) -> tuple[SpanView, Conversation]:
                     attributes=attrs | converted, resource=span.resource, events=span.events,
                     start_ns=span.start_ns, failed=span.failed), (messages, output, None)
 
+def content_attributes(span: SpanView) -> dict[str, Any]:
+    """Where the JSON-attribute shape lives: the span, else its details event."""
+    if _JSON_KEYS & span.attributes.keys():
+        return span.attributes
+    details = next((e for e in span.events if e.name == DETAILS_EVENT
+                    and _JSON_KEYS & e.attributes.keys()), None)
+    return details.attributes if details is not None else span.attributes
+
+
+_JSON_KEYS = frozenset({"gen_ai.input.messages", "gen_ai.output.messages"})
+
+
 def _conversation(span: SpanView) -> Conversation:
-    attrs = span.attributes
-    if "gen_ai.input.messages" in attrs or "gen_ai.output.messages" in attrs:
+    attrs = content_attributes(span)
+    if _JSON_KEYS & attrs.keys():
         return _from_json_attributes(attrs)
     if any(e.name in _MESSAGE_EVENTS or e.name in ("gen_ai.choice", "gen_ai.content.prompt",
                                                    "gen_ai.content.completion")
@@ -360,17 +382,19 @@ def _response(message: dict[str, Any]) -> str | dict[str, Any]:
 
 
 def _from_events(events: list[EventView]) -> Conversation:
-    messages: list[dict[str, Any]] = []
+    messages: list[dict[str, Any] | None] = []
     response: Any = None
     finish: str | None = None
+    answered = False
     for event in events:
         body = _event_body(event)
         if event.name in _MESSAGE_EVENTS:
             messages.append(_chat_message(_MESSAGE_EVENTS[event.name], body))
-        elif event.name == "gen_ai.choice" and response is None:
+        elif event.name == "gen_ai.choice" and not answered:
+            answered = True
             message = _json(body.get("message"), "gen_ai.choice message")
-            response = _response(_chat_message("assistant", message if isinstance(
-                message, dict) else {}))
+            answer = _chat_message("assistant", message if isinstance(message, dict) else {})
+            response = _response(answer) if answer is not None else None
             finish = body.get("finish_reason") if isinstance(body.get("finish_reason"),
                                                              str) else None
         elif event.name == "gen_ai.content.prompt":
@@ -378,12 +402,16 @@ def _from_events(events: list[EventView]) -> Conversation:
                            "gen_ai.prompt"):
                 messages.append(_chat_message(m.get("role", "user") if isinstance(m, dict)
                                               else "user", m if isinstance(m, dict) else {}))
-        elif event.name == "gen_ai.content.completion" and response is None:
+        elif event.name == "gen_ai.content.completion" and not answered:
+            answered = True
             choices = _list(_json(event.attributes.get("gen_ai.completion"),
                                   "gen_ai.completion"), "gen_ai.completion")
-            if choices and isinstance(choices[0], dict):
-                response = _response(_chat_message("assistant", choices[0]))
-    return messages, response, finish
+            answer = _chat_message("assistant", choices[0]) if choices and isinstance(
+                choices[0], dict) else None
+            response = _response(answer) if answer is not None else None
+    if any(m is None for m in messages):
+        return [], response, finish  # the instrumentation withheld the content
+    return [m for m in messages if m is not None], response, finish
 
 
 def _event_body(event: EventView) -> dict[str, Any]:
@@ -391,26 +419,34 @@ def _event_body(event: EventView) -> dict[str, Any]:
     return body if isinstance(body, dict) else event.attributes
 
 
-def _chat_message(default_role: str, body: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI-shaped message from an event body; content withheld → no message content."""
+def _chat_message(default_role: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """An OpenAI-shaped message from an event body; None when the instrumentation withheld its
+    content (no content, or tool calls without their arguments)."""
     role = body.get("role") if body.get("role") in _ROLES else default_role
     out: dict[str, Any] = {"role": role, "content": body.get("content")}
-    calls = _json(body.get("tool_calls"), "tool_calls")
+    calls = _list(_json(body.get("tool_calls"), "tool_calls"), "tool_calls")
+    if any("arguments" not in _function(c) for c in calls):
+        return None
     if calls:
-        out["tool_calls"] = [_openai_call(c) for c in _list(calls, "tool_calls")]
+        out["tool_calls"] = [_openai_call(c) for c in calls]
+    elif out["content"] is None:
+        return None
     tool_call_id = body.get("id", body.get("tool_call_id"))
     if role == "tool" and tool_call_id is not None:
         out["tool_call_id"] = str(tool_call_id)
-    if out["content"] is None and not out.get("tool_calls"):
-        out["content"] = ""
     return out
 
 
-def _openai_call(call: Any) -> dict[str, Any]:
+def _function(call: Any) -> dict[str, Any]:
+    """A tool call's function (OpenAI nests it; flat shapes do not)."""
     if not isinstance(call, dict):
         raise SpanRejected("a tool call must be an object")
     nested = call.get("function")
-    function: dict[str, Any] = nested if isinstance(nested, dict) else call
+    return nested if isinstance(nested, dict) else call
+
+
+def _openai_call(call: Any) -> dict[str, Any]:
+    function = _function(call)
     return _call({"id": call.get("id"), "name": function.get("name"),
                   "arguments": function.get("arguments", {})})
 
@@ -421,17 +457,17 @@ def _from_flat_attributes(attrs: dict[str, Any]) -> Conversation:
         match = _FLAT.fullmatch(key)
         if match:
             grouped[match[1]].setdefault(int(match[2]), {})[match[3]] = value
-    messages = [_flat_message(fields, "user") for _, fields in sorted(grouped["prompt"].items())]
+    prompt = [_flat_message(fields, "user") for _, fields in sorted(grouped["prompt"].items())]
+    messages = [m for m in prompt if m is not None] if None not in prompt else []
     completions = [fields for _, fields in sorted(grouped["completion"].items())]
-    if not completions:
+    answer = _flat_message(completions[0], "assistant") if completions else None
+    if answer is None:
         return messages, None, None
-    first = completions[0]
-    finish = first.get("finish_reason")
-    return (messages, _response(_flat_message(first, "assistant")),
-            finish if isinstance(finish, str) else None)
+    finish = completions[0].get("finish_reason")
+    return messages, _response(answer), finish if isinstance(finish, str) else None
 
 
-def _flat_message(fields: dict[str, Any], default_role: str) -> dict[str, Any]:
+def _flat_message(fields: dict[str, Any], default_role: str) -> dict[str, Any] | None:
     calls: dict[int, dict[str, Any]] = {}
     for key, value in fields.items():
         match = _FLAT_CALL.fullmatch(key)
@@ -468,6 +504,10 @@ def _usage(attrs: dict[str, Any]) -> dict[str, int] | None:
 
 def _time(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+def evaluations(events: list[EventView]) -> list[Evaluation]:
+    return [e for e in map(_evaluation, events) if e is not None]
 
 
 def _evaluation(event: EventView) -> Evaluation | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import math
 import zlib
@@ -28,6 +29,10 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -39,12 +44,19 @@ from app.auth.service import Principal
 from app.db import utcnow
 from app.errors import DomainError, InvalidInput, PayloadTooLarge, printable
 from app.models import OutcomeOrigin, OutcomeSource, Policy
+from app.receivers.otlp import staging
 from app.receivers.otlp.mapping import (
+    CONTENT_NOT_CAPTURED,
+    CONVERSATION_EVENTS,
+    Evaluation,
+    EventView,
     MappedSpan,
     SpanRejected,
     SpanView,
     attributes,
+    evaluations,
     map_span,
+    plain,
     skip_reason,
     view,
 )
@@ -91,6 +103,30 @@ class ExportResult:
             answer.partial_success.error_message = self.error_message
         return answer
 
+    def logs_response(self) -> ExportLogsServiceResponse:
+        answer = ExportLogsServiceResponse()
+        if self.rejected:
+            answer.partial_success.rejected_log_records = self.rejected
+            answer.partial_success.error_message = self.error_message
+        return answer
+
+
+@dataclass(frozen=True)
+class Signal:
+    """Where an OTLP/JSON request keeps its items (the two spellings protobuf's JSON accepts)."""
+
+    message: type[Message]
+    resources: tuple[str, str]
+    scopes: tuple[str, str]
+    items: tuple[str, ...]
+    noun: str
+
+
+TRACES = Signal(ExportTraceServiceRequest, ("resourceSpans", "resource_spans"),
+                ("scopeSpans", "scope_spans"), ("spans",), "span")
+LOGS = Signal(ExportLogsServiceRequest, ("resourceLogs", "resource_logs"),
+              ("scopeLogs", "scope_logs"), ("logRecords", "log_records"), "log record")
+
 
 # ------------------------------------------------------------------------------------- decoding
 
@@ -125,15 +161,15 @@ def decompress(body: bytes, content_encoding: str, limit: int) -> bytes:
     return out
 
 
-def decode(body: bytes, kind: str, result: ExportResult) -> ExportTraceServiceRequest:
-    """The request; for JSON, spans holding refused strings are left out and counted in
+def decode(body: bytes, kind: str, result: ExportResult, signal: Signal = TRACES) -> Any:
+    """The request; for JSON, items holding refused strings are left out and counted in
     ``result`` (so one hostile span does not sink the others)."""
-    request = ExportTraceServiceRequest()
+    request = signal.message()
     if kind == PROTOBUF:
         try:
             request.ParseFromString(body)
         except DecodeError as exc:
-            raise UndecodableRequest(f"the body is not an ExportTraceServiceRequest: {exc}"
+            raise UndecodableRequest(f"the body is not an {signal.message.__name__}: {exc}"
                                      ) from exc
         return request
     try:
@@ -141,27 +177,30 @@ def decode(body: bytes, kind: str, result: ExportResult) -> ExportTraceServiceRe
     except ValueError as exc:
         raise UndecodableRequest("the body is not JSON") from exc
     if not isinstance(raw, dict):
-        raise UndecodableRequest("an OTLP/JSON body is an ExportTraceServiceRequest object")
+        raise UndecodableRequest(f"an OTLP/JSON body is an {signal.message.__name__} object")
     try:
-        json_format.ParseDict(_storable_json(raw, result), request, ignore_unknown_fields=True)
+        json_format.ParseDict(_storable_json(raw, result, signal), request,
+                              ignore_unknown_fields=True)
     except (json_format.ParseError, binascii.Error, TypeError, ValueError) as exc:
-        raise UndecodableRequest(printable(f"not an OTLP/JSON ExportTraceServiceRequest: {exc}"
-                                           )) from exc
+        raise UndecodableRequest(printable(
+            f"not an OTLP/JSON {signal.message.__name__}: {exc}")) from exc
     return request
 
 
-def _storable_json(raw: dict[str, Any], result: ExportResult) -> dict[str, Any]:
-    for resource_spans in _items(raw, "resourceSpans", "resource_spans"):
-        resource = resource_spans.get("resource")
-        for scope_spans in _items(resource_spans, "scopeSpans", "scope_spans"):
+def _storable_json(raw: dict[str, Any], result: ExportResult, signal: Signal) -> dict[str, Any]:
+    for resource in _items(raw, *signal.resources):
+        for scope in _items(resource, *signal.scopes):
+            key = next((k for k in signal.items if isinstance(scope.get(k), list)), None)
+            if key is None:
+                continue
             kept = []
-            for span in _items(scope_spans, "spans"):
-                problems = string_problems([resource, scope_spans.get("scope"), span])
+            for item in _items(scope, key):
+                problems = string_problems([resource.get("resource"), scope.get("scope"), item])
                 if problems:
-                    result.reject(_hex_id(span), f"a refused string: {describe(problems)}")
+                    result.reject(_hex_id(item), f"a refused string: {describe(problems)}")
                     continue
-                kept.append(_base64_ids(span))
-            scope_spans["spans"] = kept
+                kept.append(_base64_ids(item))
+            scope[key] = kept
     return raw
 
 
@@ -175,8 +214,8 @@ def _items(obj: Any, *keys: str) -> list[Any]:
     return []
 
 
-def _hex_id(span: dict[str, Any]) -> str:
-    value = span.get("spanId", span.get("span_id"))
+def _hex_id(item: dict[str, Any]) -> str:
+    value = item.get("spanId", item.get("span_id"))
     return printable(value)[:32] if isinstance(value, str) else "?"
 
 
@@ -228,6 +267,9 @@ def ingest_request(
         if skip_reason(span) is not None:
             result.skipped += 1
             continue
+        early = staging.events_for(session, principal.tenant, span.external_id)
+        if early:  # log events exported before their span
+            span = dataclasses.replace(span, events=[*span.events, *early])
         try:
             mapped.append((span, map_span(span)))
         except SpanRejected as exc:
@@ -256,7 +298,10 @@ def ingest_request(
                     continue
                 result.accepted += 1
                 result.trace_ids.append(item.id)
-                labels.extend(_labels(session, principal, m, item.id))
+                labels.extend(_labels(session, principal, m.item["external_id"],
+                                      m.evaluations, item.id))
+                if untrainable == CONTENT_NOT_CAPTURED:
+                    staging.keep_span(session, principal.tenant, span, item.id)
     set_outcomes(session, principal.tenant, principal.actor, labels)
     return result
 
@@ -290,14 +335,93 @@ def _policy_names(
                                                          Policy.name.in_(models))))
 
 
-def _labels(session: Session, principal: Principal, m: MappedSpan, trace_id: int) -> list[Label]:
+def _labels(
+    session: Session, principal: Principal, external_id: str, found: list[Evaluation],
+    trace_id: int,
+) -> list[Label]:
     """An evaluation is an explicit label (feedback origin): it outranks an inline outcome."""
-    if not m.evaluations:
+    if not found:
         return []
     redacts = traces.tenant_redacts(session, principal.tenant)
     now = utcnow()
-    return [Label(trace_external_id=m.item["external_id"], name=e.name,
+    return [Label(trace_external_id=external_id, name=e.name,
                   value=traces.redact_outcome_value(e.value, redacts),
                   source=OutcomeSource.eval, origin=OutcomeOrigin.feedback,
                   labelled_at=label_time(e.labelled_at, now), trace_id=trace_id)
-            for e in m.evaluations]
+            for e in found]
+
+
+# ---------------------------------------------------------------------------------- log events
+
+def ingest_logs(
+    session: Session, principal: Principal, request: ExportLogsServiceRequest,
+    settings: Settings, result: ExportResult | None = None,
+) -> ExportResult:
+    """GenAI events exported as log records: kept for their span, merged into it when it
+    arrives, or filling in the trace of a span stored without content; evaluation results
+    label a stored trace at once. Other log records are acknowledged and skipped."""
+    result = result or ExportResult()
+    by_span: dict[str, list[EventView]] = {}
+    for resource_logs in request.resource_logs:
+        for scope_logs in resource_logs.scope_logs:
+            for record in scope_logs.log_records:
+                attrs = attributes(record.attributes)
+                name = record.event_name or attrs.get("event.name")
+                if name not in CONVERSATION_EVENTS:
+                    result.skipped += 1
+                    continue
+                if len(record.trace_id) != 16 or len(record.span_id) != 8:
+                    result.reject("?", f"a {name} log record needs its span's trace and span id")
+                    continue
+                body = plain(record.body)
+                event = EventView(str(name), record.time_unix_nano or record.observed_time_unix_nano,
+                                  attrs | ({"body": body} if body is not None else {}))
+                span_id = record.span_id.hex()
+                problems = string_problems({"name": event.name, "attributes": event.attributes})
+                if problems:
+                    result.reject(span_id, f"a refused string: {describe(problems)}")
+                    continue
+                if _non_finite(event.attributes):
+                    result.reject(span_id, "a non-finite number (NaN or infinity)")
+                    continue
+                by_span.setdefault(f"otel-{record.trace_id.hex()}-{span_id}", []).append(event)
+    labels: list[Label] = []
+    for external_id, events in by_span.items():
+        every = staging.add_events(session, principal.tenant, external_id, events)
+        result.accepted += len(events)
+        span = staging.kept_span(session, principal.tenant, external_id)
+        if span is not None:
+            labels.extend(_fill(session, principal, dataclasses.replace(
+                span, events=[*span.events, *every]), settings, result))
+            continue
+        stored = traces.find(session, principal.tenant, external_id)
+        if stored is not None:
+            labels.extend(_labels(session, principal, external_id, evaluations(events),
+                                  stored.id))
+    set_outcomes(session, principal.tenant, principal.actor, labels)
+    return result
+
+
+def _fill(
+    session: Session, principal: Principal, span: SpanView, settings: Settings,
+    result: ExportResult,
+) -> list[Label]:
+    """The stored content-less trace of ``span``, filled in once its events bring content."""
+    try:
+        m = map_span(span)
+    except SpanRejected as exc:
+        result.reject(span.span_id, str(exc))
+        return []
+    stored = traces.find(session, principal.tenant, span.external_id)
+    if stored is None:
+        return []
+    if m.untrainable is None:
+        policy = session.get(Policy, stored.policy_id)
+        assert policy is not None
+        answer = traces.fill_withheld_content(
+            session, principal, m.item | {"policy": policy.name}, settings,
+            reason=CONTENT_NOT_CAPTURED)
+        if answer.status.value == "invalid":
+            result.reject(span.span_id, str((answer.error or {}).get("detail", "")))
+            return []
+    return _labels(session, principal, span.external_id, m.evaluations, stored.id)

@@ -17,9 +17,13 @@ from typing import Any
 import httpx
 import pytest
 from google.protobuf import json_format
+from opentelemetry._logs import LogRecord
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
@@ -359,34 +363,50 @@ def test_a_hostile_string_rejects_only_its_span(api_url, key, http, policy):
 INSTRUMENTED_CLIENT = textwrap.dedent("""
     import json, sys
     import openai
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.instrumentation.openai_v2 import OpenAIInstrumentor
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, SimpleLogRecordProcessor
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-    url, key, policy = sys.argv[1:4]
-    provider = TracerProvider(resource=Resource.create({"service.name": "instrumented"}))
+    url, key, policy, logs = sys.argv[1:5]
+    auth = {"Authorization": "Bearer " + key}
+    resource = Resource.create({"service.name": "instrumented"})
+    provider = TracerProvider(resource=resource)
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(
-        endpoint=url + "/otlp/v1/traces", headers={"Authorization": "Bearer " + key})))
-    OpenAIInstrumentor().instrument(tracer_provider=provider)
+        endpoint=url + "/otlp/v1/traces", headers=auth)))
+    logger_provider = LoggerProvider(resource=resource)
+    log_exporter = OTLPLogExporter(endpoint=url + "/otlp/v1/logs", headers=auth)
+    if logs == "logs-first":  # each event exported as it is emitted, before the span ends
+        logger_provider.add_log_record_processor(SimpleLogRecordProcessor(log_exporter))
+    elif logs == "span-first":  # events held back until after the span is exported
+        logger_provider.add_log_record_processor(
+            BatchLogRecordProcessor(log_exporter, schedule_delay_millis=600_000))
+    OpenAIInstrumentor().instrument(tracer_provider=provider, logger_provider=logger_provider)
     client = openai.OpenAI(api_key=key, base_url=url + "/v1", max_retries=0)
     out = client.chat.completions.create(
         model=policy, max_tokens=6, temperature=0.5,
         messages=[{"role": "system", "content": "Answer YES or NO."},
                   {"role": "user", "content": "ECOG 0. PFS > 180 d?"}])
     provider.shutdown()
+    logger_provider.shutdown()
     print(json.dumps({"id": out.id, "content": out.choices[0].message.content,
                       "finish_reason": out.choices[0].finish_reason}))
 """)
+GENAI_ENV = ("OTEL_SEMCONV", "OTEL_INSTRUMENTATION_GENAI")
 
 
-def run_instrumented_client(api_url: str, key: str, policy: str, env: dict[str, str]
-                            ) -> dict[str, Any]:
+def run_instrumented_client(api_url: str, key: str, policy: str, env: dict[str, str],
+                            logs: str = "none") -> dict[str, Any]:
     """The official openai client, instrumented by opentelemetry-instrumentation-openai-v2, in
     its own process (the instrumentation reads its settings from the environment once)."""
-    done = subprocess.run([sys.executable, "-c", INSTRUMENTED_CLIENT, api_url, key, policy],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(GENAI_ENV)}
+    done = subprocess.run([sys.executable, "-c", INSTRUMENTED_CLIENT, api_url, key, policy, logs],
+                          env=clean | env, cwd=REPO, capture_output=True, text=True,
+                          timeout=180)
     assert done.returncode == 0, done.stderr
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -399,8 +419,8 @@ def otel_traces(http: httpx.Client, policy: str) -> list[dict[str, Any]]:
 def test_the_openai_v2_instrumentation_through_our_proxy_sends_real_genai_spans(
     api_url, key, http, policy
 ):
-    env = os.environ | {"OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental",
-                        "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "span_only"}
+    env = {"OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental",
+           "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "span_only"}
     answer = run_instrumented_client(api_url, key, policy, env)
     [trace] = otel_traces(http, policy)
     assert trace["messages"] == [{"role": "system", "content": "Answer YES or NO."},
@@ -411,12 +431,73 @@ def test_the_openai_v2_instrumentation_through_our_proxy_sends_real_genai_spans(
     assert trace["trainable"] is True and trace["metadata"]["response_id"] == answer["id"]
 
 
+@pytest.mark.parametrize("logs", ["logs-first", "span-first"])
+def test_the_instrumentations_log_event_joins_its_span_whichever_arrives_first(
+    api_url, key, http, policy, logs
+):
+    """Content capture `event_only`: the span carries no content; the messages come as a
+    `gen_ai.client.inference.operation.details` log record to /otlp/v1/logs."""
+    env = {"OTEL_SEMCONV_STABILITY_OPT_IN": "gen_ai_latest_experimental",
+           "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "event_only"}
+    answer = run_instrumented_client(api_url, key, policy, env, logs)
+    [trace] = otel_traces(http, policy)
+    assert trace["messages"] == [{"role": "system", "content": "Answer YES or NO."},
+                                 {"role": "user", "content": "ECOG 0. PFS > 180 d?"}]
+    assert trace["response"] == answer["content"]
+    assert trace["finish_reason"] == answer["finish_reason"]
+    assert trace["trainable"] is True, trace["untrainable_reason"]
+
+
+def legacy_events(provider: TracerProvider, loggers: LoggerProvider, policy: str) -> None:
+    """What openai-v2 before util-genai emitted with content capture on: one log record per
+    message (`gen_ai.{role}.message`) and per choice (`gen_ai.choice`), in the span's context."""
+    logger = loggers.get_logger("opentelemetry.instrumentation.openai_v2")
+    with provider.get_tracer("openai_v2").start_as_current_span("chat gpt-4o") as span:
+        span.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.system": "openai",
+                             "gen_ai.request.model": "gpt-4o", "tracelearn.policy": policy})
+        logger.emit(LogRecord(event_name="gen_ai.system.message",
+                              body={"content": "Use the weather tool."}))
+        logger.emit(LogRecord(event_name="gen_ai.user.message",
+                              body={"content": "Weather in Paris?"}))
+        logger.emit(LogRecord(event_name="gen_ai.choice", body={
+            "index": 0, "finish_reason": "tool_calls",
+            "message": {"role": "assistant", "tool_calls": [TOOL_CALL]}}))
+        logger.emit(LogRecord(event_name="gen_ai.evaluation.result", attributes={
+            "gen_ai.evaluation.name": "tool_choice", "gen_ai.evaluation.score.value": 0.5}))
+
+
+def test_legacy_message_log_records_fill_in_a_span_stored_before_them(
+    api_url, key, http, policy
+):
+    auth = {"Authorization": f"Bearer {key}"}
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    loggers = LoggerProvider()
+    log_exporter = OTLPLogExporter(endpoint=f"{api_url}/otlp/v1/logs", headers=auth)
+    loggers.add_log_record_processor(
+        BatchLogRecordProcessor(log_exporter, schedule_delay_millis=600_000))
+    legacy_events(provider, loggers, policy)
+    [span] = spans.get_finished_spans()
+    span_exporter = OTLPSpanExporter(endpoint=f"{api_url}/otlp/v1/traces", headers=auth)
+    assert span_exporter.export([span]) is SpanExportResult.SUCCESS
+    before = stored(http, external_id(span))
+    assert before is not None and before["untrainable_reason"] == "content_not_captured"
+
+    loggers.shutdown()  # now the log records go out
+    after = stored(http, external_id(span))
+    assert after is not None and after["trainable"] is True
+    assert after["messages"] == [{"role": "system", "content": "Use the weather tool."},
+                                 {"role": "user", "content": "Weather in Paris?"}]
+    assert after["response"] == {"tool_calls": [TOOL_CALL]}
+    assert after["finish_reason"] == "tool_calls"
+    assert [(o["name"], o["value"]) for o in after["outcomes"]] == [("tool_choice", 0.5)]
+
+
 def test_the_instrumentation_without_content_capture_gives_an_untrainable_trace(
     api_url, key, http, policy
 ):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("OTEL_SEMCONV", "OTEL_INSTRUMENTATION_GENAI"))}
-    run_instrumented_client(api_url, key, policy, env)
+    run_instrumented_client(api_url, key, policy, {}, logs="logs-first")
     [trace] = otel_traces(http, policy)
     assert trace["trainable"] is False
     assert trace["untrainable_reason"] == "content_not_captured"
