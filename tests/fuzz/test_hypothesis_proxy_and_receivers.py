@@ -159,3 +159,34 @@ def test_any_otlp_json_export_is_answered_below_500_and_rejected_spans_store_not
 
     run()
     assert 200 in answered, answered
+
+
+def test_any_otlp_json_log_export_is_answered_below_500(
+    client: TestClient, database: Database, make_key: Callable[..., str]
+) -> None:
+    tenant = f"h-{uuid.uuid4().hex[:8]}"
+    headers = {"Authorization": f"Bearer {make_key(tenant)}", "content-type": "application/json"}
+    value = (any_text.map(lambda s: {"stringValue": s}) | st.floats().map(
+        lambda f: {"doubleValue": f}) | json_values.map(lambda v: {"stringValue": v}))
+    record = st.fixed_dictionaries({
+        "traceId": st.just(uuid.uuid4().hex),
+        "spanId": st.binary(min_size=8, max_size=8).map(bytes.hex),
+        "eventName": st.sampled_from(["gen_ai.user.message", "gen_ai.choice",
+                                      "gen_ai.client.inference.operation.details",
+                                      "gen_ai.evaluation.result"]) | any_text,
+        "body": value,
+        "attributes": st.dictionaries(any_text, value, max_size=3).map(
+            lambda d: [{"key": k, "value": v} for k, v in d.items()]),
+    })
+    answered: list[int] = []
+
+    @given(records=st.lists(record, min_size=1, max_size=3))
+    @settings(max_examples=30, deadline=None, suppress_health_check=SUPPRESS, derandomize=True)
+    def run(records: list[Any]) -> None:
+        body = {"resourceLogs": [{"scopeLogs": [{"logRecords": records}]}]}
+        r = client.post("/otlp/v1/logs", content=body_bytes(body), headers=headers)
+        assert r.status_code < 500, r.text[:500]
+        answered.append(r.status_code)
+
+    run()
+    assert 200 in answered, answered
