@@ -6,8 +6,9 @@ imported is validated, redacted and stored exactly as if it had been posted.
 
     openai-jsonl  one conversation a line (OpenAI fine-tuning format; app/transfer/openai_jsonl)
     langfuse      Langfuse ingestion events, one a line (or a JSON file `{"batch": [...]}`)
-    otlp-json     OTLP/JSON ExportTraceServiceRequests, one a line (the OTel Collector's file
-                  exporter writes this), or one request in a `.json` file
+    otlp-json     OTLP/JSON export requests, one a line (the OTel Collector's file exporter
+                  writes this; traces, and logs for GenAI events sent as log records), or one
+                  request in a `.json` file
 
 Idempotent and resumable: every record has a stable external id, each batch is committed on its
 own, and an OpenAI JSONL line already stored is skipped before it is validated again — an
@@ -195,14 +196,20 @@ def _import_otlp(
     session: Session, principal: Principal, batch: list[_Record], settings: Settings,
     report: ImportReport,
 ) -> None:
+    """Each record is a traces request (``resourceSpans``) or a logs request (``resourceLogs``,
+    the collector's logs file: GenAI events joining their spans)."""
     for record in batch:
         result = otlp.ExportResult()
+        is_logs = isinstance(record.value, dict) and (
+            "resourceLogs" in record.value or "resource_logs" in record.value)
+        signal = otlp.LOGS if is_logs else otlp.TRACES
         try:
-            request = otlp.decode(json.dumps(record.value).encode(), otlp.JSON, result)
+            request = otlp.decode(json.dumps(record.value).encode(), otlp.JSON, result, signal)
         except DomainError as exc:
             report.reject(record.where, exc.detail)
             continue
-        result = otlp.ingest_request(session, principal, request, settings, result)
+        ingest = otlp.ingest_logs if is_logs else otlp.ingest_request
+        result = ingest(session, principal, request, settings, result)
         report.created += result.accepted
         report.skipped += result.skipped
         if result.rejected:

@@ -199,7 +199,10 @@ def _storable_json(raw: dict[str, Any], result: ExportResult, signal: Signal) ->
                 if problems:
                     result.reject(_hex_id(item), f"a refused string: {describe(problems)}")
                     continue
-                kept.append(_base64_ids(item))
+                try:
+                    kept.append(_base64_ids(item))
+                except ValueError:
+                    result.reject(_hex_id(item), "trace and span ids are hex strings")
             scope[key] = kept
     return raw
 

@@ -222,3 +222,28 @@ def test_a_langfuse_event_file_imports_through_the_langfuse_receiver(
     [trace] = listed(client, admin_headers, policy_name)
     assert trace["external_id"] == "g1" and trace["response"] == "Hello"
     assert [(o["name"], o["value"]) for o in trace["outcomes"]] == [("ok", 1)]
+
+
+def test_a_collector_logs_line_fills_in_the_span_it_belongs_to(
+    database, settings, tenant, policy_name, client, admin_headers, tmp_path
+):
+    def attr(key: str, value: str) -> dict[str, Any]:
+        return {"key": key, "value": {"stringValue": value}}
+    ids = {"traceId": "1af7651916cd43dd8448eb211c80319c", "spanId": "c7ad6b7169203331"}
+    span_line = {"resourceSpans": [{"scopeSpans": [{"spans": [ids | {
+        "name": "chat", "attributes": [attr("gen_ai.operation.name", "chat"),
+                                       attr("tracelearn.policy", policy_name)]}]}]}]}
+    logs_line = {"resourceLogs": [{"scopeLogs": [{"logRecords": [
+        ids | {"eventName": "gen_ai.user.message",
+               "body": {"kvlistValue": {"values": [attr("content", "Hi")]}}},
+        ids | {"eventName": "gen_ai.choice", "body": {"kvlistValue": {"values": [
+            attr("finish_reason", "stop"),
+            {"key": "message", "value": {"kvlistValue": {"values": [
+                attr("role", "assistant"), attr("content", "Hello")]}}}]}}},
+    ]}]}]}
+    path = write_jsonl(tmp_path / "collector.jsonl", [span_line, logs_line])
+    report = run_import(database, settings, tenant, path, ImportFormat.otlp_json)
+    assert (report.created, report.rejected) == (3, 0)  # the span and its two events
+    [trace] = listed(client, admin_headers, policy_name)
+    assert trace["messages"] == [{"role": "user", "content": "Hi"}]
+    assert trace["response"] == "Hello" and trace["trainable"] is True

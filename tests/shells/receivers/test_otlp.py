@@ -349,18 +349,20 @@ def test_a_json_encoded_request_is_stored_and_answered_in_json(api_url, key, htt
     assert [(o["name"], o["value"]) for o in got["outcomes"]] == [("helpful", "yes")]
 
 
-def test_a_hostile_string_rejects_only_its_span(api_url, key, http, policy):
+def test_a_hostile_string_or_a_bad_id_rejects_only_its_span(api_url, key, http, policy):
     body = json_request(policy, "aaaaaaaaaaaaaaa1")
     good = json_request(policy, "aaaaaaaaaaaaaaa2")["resourceSpans"][0]["scopeSpans"][0]["spans"]
     body["resourceSpans"][0]["scopeSpans"][0]["spans"][0]["name"] = "chat \ud800"
-    body["resourceSpans"][0]["scopeSpans"][0]["spans"].extend(good)
+    bad_id = json_request(policy, "not-hex")["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    body["resourceSpans"][0]["scopeSpans"][0]["spans"].extend(good + bad_id)
     payload = json.dumps(body).encode()  # ensure_ascii: the lone surrogate travels as \ud800
     r = http.post("/otlp/v1/traces", content=payload,
                   headers={"Content-Type": "application/json"})
     assert r.status_code == 200, r.text
     answer = json_format.Parse(r.text, ExportTraceServiceResponse())
-    assert answer.partial_success.rejected_spans == 1
+    assert answer.partial_success.rejected_spans == 2
     assert "lone surrogate" in answer.partial_success.error_message
+    assert "ids are hex" in answer.partial_success.error_message
     assert stored(http, "otel-5b8efff798038103d269b633813fc60c-aaaaaaaaaaaaaaa2") is not None
 
 
