@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import threading
 import time
@@ -93,3 +95,38 @@ def require(scope: Scope) -> Callable[..., Principal]:
 
     _dependency.required_scope = scope  # type: ignore[attr-defined]
     return _dependency
+
+
+def _receiver_key(header: str) -> str | None:
+    """The API key in a Bearer header, or in a Basic one as Langfuse's SDKs send their key pair:
+    public key ``tl_<prefix>``, secret key the whole API key (or the part after the prefix)."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip() or None
+    if scheme.lower() != "basic":
+        return None
+    try:
+        public, _, secret = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return secret if secret.startswith(f"{public}_") else f"{public}_{secret}"
+
+
+def receiver_principal(
+    request: Request, session: Session = Depends(get_session, scope="function")
+) -> Principal:
+    """The receivers' auth (Langfuse, OTLP): Bearer or Basic, mapped onto our scoped keys; the
+    key needs the ``ingest`` scope."""
+    raw = _receiver_key(request.headers.get("authorization", ""))
+    principal = authenticate(session, raw) if raw else None
+    if principal is None:
+        raise Unauthorized("send `Authorization: Bearer <tracelearn API key>`, or Basic auth "
+                           "with public key `tl_<prefix>` and the API key as the secret key")
+    rate_limiter.check(principal.key_id, get_settings().rate_limit_per_minute)
+    if Scope.ingest not in principal.scopes and Scope.admin not in principal.scopes:
+        raise Forbidden("this route needs the 'ingest' scope")
+    request.state.principal = principal
+    return principal
+
+
+receiver_principal.required_scope = Scope.ingest  # type: ignore[attr-defined]

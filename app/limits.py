@@ -22,7 +22,9 @@ from app.errors import PROBLEM_JSON, problem_body
 from app.traces.strings import describe, problem_type, string_problems
 
 PER_ITEM_PATHS = frozenset({"/v1/traces", "/v1/feedback", "/v1/chat/completions",
-                            "/api/public/ingestion"})
+                            "/api/public/ingestion", "/otlp/v1/traces",
+                            "/api/public/otel/v1/traces", "/otlp/v1/logs",
+                            "/api/public/otel/v1/logs"})
 """Routes whose services check every string per item (batches) or answer in their own shape
 (the OpenAI proxy)."""
 

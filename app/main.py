@@ -15,6 +15,7 @@ from app.policies.endpoints import router as policies_router
 from app.problems import install_error_handlers
 from app.proxy.endpoints import router as proxy_router
 from app.receivers.langfuse.endpoints import router as langfuse_router
+from app.receivers.otlp.endpoints import router as otlp_router
 from app.runs.endpoints import router as runs_router
 from app.settings import Settings, get_settings
 from app.snapshots.endpoints import router as snapshots_router
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in API_ROUTERS:
         app.include_router(router, prefix="/v1")
     app.include_router(langfuse_router)
+    app.include_router(otlp_router)
     install_docs(app)
     install_dashboard(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,

@@ -5,6 +5,7 @@
     api/up   serving                      demo      the whole loop on synthetic traces
     worker/beat/reaper/regenerate/train/tick       the pipeline (``pipeline``)
     model/train-offline                            the learner on its own (``workers.learner``)
+    import/export                                  traces in other tools' formats (``transfer``)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from app.cli.keys import keys_cli
 from app.cli.pipeline import pipeline_app
 from app.cli.serve import serve_app
 from app.cli.tenants import tenants_cli
+from app.cli.transfer import transfer_app
 from app.jobs.service import register_sender
 from app.observability import quiet_libraries
 from workers.celery_app import send_job
@@ -27,6 +29,7 @@ cli = typer.Typer(help="tracelearn: better LoRA adapters from production traces.
 cli.add_typer(serve_app)
 cli.add_typer(demo_app)
 cli.add_typer(pipeline_app)
+cli.add_typer(transfer_app)
 cli.add_typer(db_cli, name="db")
 cli.add_typer(keys_cli, name="keys")
 cli.add_typer(tenants_cli, name="tenants")

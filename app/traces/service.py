@@ -214,29 +214,11 @@ def ingest(
     results: dict[int, ItemResult] = {}
     valid: list[tuple[int, TraceIn]] = []
     for index, raw in enumerate(raw_items):
-        hostile = _string_problems(raw, generated_response)
-        if hostile:
-            results[index] = hostile_item(index, raw, hostile)
-            continue
-        try:
-            item = _trace_adapter.validate_python(raw)
-        except ValidationError as exc:
-            errs = [
-                {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
-                for e in exc.errors(include_url=False, include_input=False)
-            ]
-            results[index] = _invalid(index, raw, "the trace did not validate", errs)
-            continue
-        problem = _check_limits(item, settings)
-        if problem:
-            results[index] = _invalid(index, raw, problem)
-            continue
-        media = inline_media(item)
-        if media:
-            results[index] = _invalid(index, raw, media, type_="inline-media-unsupported",
-                                      title="Inline media is not stored")
-            continue
-        valid.append((index, item))
+        checked = _validate(index, raw, settings, generated_response)
+        if isinstance(checked, ItemResult):
+            results[index] = checked
+        else:
+            valid.append((index, checked))
 
     policies = _policies_by_name(session, tenant, {item.policy for _, item in valid})
     tenant_mode = tenants.redaction_mode(session, tenant) if valid else RedactionMode.mask
@@ -323,6 +305,68 @@ def ingest(
     return BatchResult(results=ordered, counts=counts)
 
 
+def _validate(
+    index: int, raw: Any, settings: Settings, generated_response: bool
+) -> TraceIn | ItemResult:
+    """The item, or its ``invalid`` result: refused strings, schema, limits, inline media."""
+    hostile = _string_problems(raw, generated_response)
+    if hostile:
+        return hostile_item(index, raw, hostile)
+    try:
+        item = _trace_adapter.validate_python(raw)
+    except ValidationError as exc:
+        errs = [
+            {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        return _invalid(index, raw, "the trace did not validate", errs)
+    problem = _check_limits(item, settings)
+    if problem:
+        return _invalid(index, raw, problem)
+    media = inline_media(item)
+    if media:
+        return _invalid(index, raw, media, type_="inline-media-unsupported",
+                        title="Inline media is not stored")
+    return item
+
+
+_CONTENT_COLUMNS = ("messages", "response", "response_message", "request", "finish_reason",
+                    "usage", "trainable", "untrainable_reason", "model", "snapshot_id",
+                    "metadata", "redactions", "content_hash")
+
+
+def fill_withheld_content(
+    session: Session, principal: Principal, raw: Any, settings: Settings, *, reason: str
+) -> ItemResult:
+    """Give a trace stored without its conversation (``untrainable_reason == reason``) the
+    content that arrived after it — an OTLP span exported before the log events that carry
+    its messages. Only such a trace changes (no rollout was ever made from it: it was not
+    trainable); any other stored trace, or none, is left alone and answered ``duplicate``."""
+    checked = _validate(0, raw, settings, False)
+    if isinstance(checked, ItemResult):
+        return checked
+    row = session.scalar(select(Trace).where(
+        Trace.tenant == principal.tenant, Trace.external_id == checked.external_id
+    ).with_for_update())
+    if row is None or row.untrainable_reason != reason:
+        return ItemResult(index=0, external_id=checked.external_id, status=ItemStatus.duplicate,
+                          id=row.id if row else None, split=row.split if row else None)
+    policy = session.get(Policy, row.policy_id)
+    assert policy is not None
+    mode = (tenants.redaction_mode(session, principal.tenant) if policy.redaction_enabled
+            else RedactionMode.off)
+    pending = _Pending(0, checked, content_hash(checked), policy, untrainable_reason(checked),
+                       mode)
+    values = _row_values(pending, principal.tenant, settings,
+                         _served_snapshots(session, {checked.model or ""}), utcnow())
+    session.execute(update(Trace).where(Trace.id == row.id).values(
+        {getattr(Trace, "meta" if name == "metadata" else name): values[name]
+         for name in _CONTENT_COLUMNS}))
+    session.expire(row)
+    return ItemResult(index=0, external_id=checked.external_id, status=ItemStatus.created,
+                      id=row.id, split=row.split)
+
+
 def _texts(item: TraceIn) -> Iterator[str]:
     for m in item.messages:
         if isinstance(m.content, str):
@@ -390,49 +434,7 @@ def _insert(
 ) -> dict[str, tuple[int, Split]]:
     snapshots = _served_snapshots(session, {p.item.model for p in items if p.item.model})
     now = utcnow()
-    rows = []
-    for p in items:
-        redactor = p.redactor(tenant)
-        item = p.item
-        messages = dump_messages(item)
-        response, metadata = _dump_response(item), item.metadata
-        if redactor is not None:
-            messages = redactor.messages(messages)
-            response = (redactor.text(response) if isinstance(response, str)
-                        else redactor.message(response))
-            metadata = redactor.value(metadata)
-        request = {
-            name: getattr(item, name) if name in ("tool_choice", "parallel_tool_calls")
-            else _dump(getattr(item, name))
-            for name in _REQUEST_FIELDS if name in item.model_fields_set
-        }
-        rows.append(
-            {
-                "tenant": tenant,
-                "external_id": item.external_id,
-                "policy_id": p.policy.id,
-                "messages": messages,
-                "response": response if isinstance(response, str)
-                else response.get("content") or "",
-                "response_message": None if isinstance(response, str) else response,
-                "request": request,
-                "finish_reason": item.finish_reason,
-                "usage": _dump(item.usage),
-                "tags": item.tags,
-                "user_id": item.user_id,
-                "session_id": item.session_id,
-                "trainable": p.untrainable is None,
-                "untrainable_reason": p.untrainable,
-                "model": item.model,
-                "snapshot_id": snapshots.get((p.policy.id, p.item.model or "")),
-                "metadata": metadata,
-                "split": assign_split(tenant, p.item.external_id, settings.heldout_fraction),
-                "redactions": _redaction_record(redactor),
-                "content_hash": p.chash,
-                "occurred_at": p.item.occurred_at,
-                "created_at": now,
-            }
-        )
+    rows = [_row_values(p, tenant, settings, snapshots, now) for p in items]
     out: dict[str, tuple[int, Split]] = {}
     table = Trace.__table__
     # One statement compiled once and cached; the rows go as executemany parameters, which
@@ -447,6 +449,52 @@ def _insert(
         for row_id, ext, split in session.execute(stmt, list(chunk)):
             out[ext] = (row_id, Split(split))
     return out
+
+
+def _row_values(
+    p: _Pending, tenant: str, settings: Settings, snapshots: dict[tuple[int, str], int],
+    now: datetime,
+) -> dict[str, Any]:
+    """The ``traces`` row of a validated item: redacted as its policy says."""
+    redactor = p.redactor(tenant)
+    item = p.item
+    messages = dump_messages(item)
+    response, metadata = _dump_response(item), item.metadata
+    if redactor is not None:
+        messages = redactor.messages(messages)
+        response = (redactor.text(response) if isinstance(response, str)
+                    else redactor.message(response))
+        metadata = redactor.value(metadata)
+    request = {
+        name: getattr(item, name) if name in ("tool_choice", "parallel_tool_calls")
+        else _dump(getattr(item, name))
+        for name in _REQUEST_FIELDS if name in item.model_fields_set
+    }
+    return {
+        "tenant": tenant,
+        "external_id": item.external_id,
+        "policy_id": p.policy.id,
+        "messages": messages,
+        "response": response if isinstance(response, str)
+        else response.get("content") or "",
+        "response_message": None if isinstance(response, str) else response,
+        "request": request,
+        "finish_reason": item.finish_reason,
+        "usage": _dump(item.usage),
+        "tags": item.tags,
+        "user_id": item.user_id,
+        "session_id": item.session_id,
+        "trainable": p.untrainable is None,
+        "untrainable_reason": p.untrainable,
+        "model": item.model,
+        "snapshot_id": snapshots.get((p.policy.id, p.item.model or "")),
+        "metadata": metadata,
+        "split": assign_split(tenant, p.item.external_id, settings.heldout_fraction),
+        "redactions": _redaction_record(redactor),
+        "content_hash": p.chash,
+        "occurred_at": p.item.occurred_at,
+        "created_at": now,
+    }
 
 
 def _redaction_record(redactor: Redactor | None) -> dict[str, Any]:
@@ -574,6 +622,16 @@ def find(session: Session, tenant: str, external_id: str) -> Trace | None:
     return session.scalar(
         select(Trace).where(Trace.tenant == tenant, Trace.external_id == external_id)
     )
+
+
+def stored_external_ids(session: Session, tenant: str, external_ids: list[str]) -> set[str]:
+    """Which of ``external_ids`` the tenant already has (ids no database could hold are not)."""
+    storable = [e for e in external_ids if string_problem(e) is None]
+    found: set[str] = set()
+    for chunk in _chunks(storable):
+        found.update(session.scalars(select(Trace.external_id).where(
+            Trace.tenant == tenant, Trace.external_id.in_(chunk))))
+    return found
 
 
 def encode_cursor(last_id: int) -> str:

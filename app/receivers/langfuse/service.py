@@ -170,20 +170,18 @@ def _trace_item(
     item: dict[str, Any] = {
         "external_id": gen_id,
         "policy": _policy_name(session, tenant, gen_meta, trace_meta, body.get("model")),
-        "messages": _messages(body["input"]),
-        "response": _response(body["output"]),
+        "messages": messages_from(body["input"]),
+        "response": response_from(body["output"]),
         "metadata": {**trace_meta, **gen_meta, "source": "langfuse",
                      "langfuse_trace_id": body.get("traceId"),
                      "langfuse_name": body.get("name")},
     }
     if isinstance(body.get("model"), str):
         item["model"] = body["model"]
-    params = body.get("modelParameters")
-    if isinstance(params, dict):
-        sampling = {k: v for k, v in params.items() if k in _SAMPLING_KEYS and v is not None}
-        if sampling:
-            item["sampling_params"] = sampling
-    usage = _usage(body.get("usageDetails") or body.get("usage"))
+    sampling = sampling_from(body.get("modelParameters"))
+    if sampling:
+        item["sampling_params"] = sampling
+    usage = usage_from(body.get("usageDetails") or body.get("usage"))
     if usage:
         item["usage"] = usage
     for ours, theirs in (("user_id", "userId"), ("session_id", "sessionId"), ("tags", "tags")):
@@ -214,7 +212,16 @@ def _policy_name(
                      "its model")
 
 
-def _messages(value: Any) -> Any:
+# The shapes of a Langfuse generation's fields, shared with the OTLP receiver (Langfuse's OTel
+# attributes carry the same values as JSON).
+
+def sampling_from(params: Any) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        return {}
+    return {k: v for k, v in params.items() if k in _SAMPLING_KEYS and v is not None}
+
+
+def messages_from(value: Any) -> Any:
     if isinstance(value, dict) and "messages" in value:
         value = value["messages"]
     if isinstance(value, str):
@@ -222,13 +229,13 @@ def _messages(value: Any) -> Any:
     return value  # validated (and refused with the reason) by the traces service
 
 
-def _response(value: Any) -> Any:
+def response_from(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: value[k] for k in _RESPONSE_KEYS if value.get(k) is not None}
     return value
 
 
-def _usage(value: Any) -> dict[str, int] | None:
+def usage_from(value: Any) -> dict[str, int] | None:
     if not isinstance(value, dict):
         return None
     pairs = (("input", "output", "total"), ("promptTokens", "completionTokens", "totalTokens"),

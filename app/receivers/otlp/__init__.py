@@ -1,0 +1,1 @@
+"""OpenTelemetry OTLP/HTTP trace receiver (`/otlp/v1/traces`, `/api/public/otel/v1/traces`)."""

@@ -1,0 +1,1 @@
+"""Import and export of traces in the formats other tools use."""
