@@ -362,20 +362,28 @@ def _data_words(session: Session, policy: Policy, run: TrainingRun,
         RolloutGroup.status == GroupStatus.graded,
     ).subquery()
     total = session.scalar(select(func.count()).select_from(graded)) or 0
-    flat = session.scalar(select(func.count()).select_from(graded).where(
-        graded.c.zero_variance.is_(True), graded.c.id.not_in(list(group_ids) or [-1])
-    )) or 0
-    other = max(0, total - used - flat)
     if total <= used:
         return text
+    unused = graded.c.id.not_in(select(training_run_groups.c.group_id)
+                                .where(training_run_groups.c.training_run_id == run.id))
+    flat = session.scalar(select(func.count()).select_from(graded).where(
+        unused, graded.c.zero_variance.is_(True)
+    )) or 0
+    elsewhere = session.scalar(select(func.count()).select_from(graded).where(
+        unused, graded.c.zero_variance.is_not(True),
+        graded.c.id.in_(select(training_run_groups.c.group_id)
+                        .where(training_run_groups.c.training_run_id != run.id)),
+    )) or 0
+    rest = max(0, total - used - flat - elsewhere)
     parts = []
     if flat:
         parts.append(f"{flat} had no reward variance (all {group_size} completions scored the "
                      "same, so there is nothing to prefer and they teach nothing)")
-    if other:
-        parts.append(f"{other} were used by another run or beyond the round's group cap")
-    return (text + f" {source} has {total} graded groups in all; "
-            + ("; ".join(parts) or "the rest were not used") + ".")
+    if elsewhere:
+        parts.append(f"{elsewhere} had trained an earlier run")
+    if rest:
+        parts.append(f"{rest} were graded after this run started or beyond its group cap")
+    return text + f" {source} has {total} graded groups in all; " + "; ".join(parts) + "."
 
 
 def snapshot_page(session: Session, tenant: str, snapshot_id: int) -> SnapshotPage:

@@ -97,9 +97,10 @@ TRAINING_ROWS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def training_settings(stored: Mapping[str, Any], effective: Mapping[str, Any] | None
-                      ) -> list[Setting]:
-    """The learner rows: the policy's value, else the value the last run used (its default)."""
+def training_settings(stored: Mapping[str, Any], effective: Mapping[str, Any] | None,
+                      *, all_rows: bool = True) -> list[Setting]:
+    """The learner rows: the policy's value, else the value the last run used (its default);
+    ``all_rows=False`` leaves out what neither has."""
     rows = []
     for key, label, meaning in TRAINING_ROWS:
         if key in stored:
@@ -107,7 +108,7 @@ def training_settings(stored: Mapping[str, Any], effective: Mapping[str, Any] | 
         elif effective is not None and key in effective:
             rows.append(Setting("training", label, value_text(effective[key]), meaning,
                                 default=True))
-        elif key != "max_groups":
+        elif all_rows and key != "max_groups":
             rows.append(Setting("training", label, "learner default", meaning, default=True))
     return rows
 
@@ -162,7 +163,7 @@ def policy_settings(
 
 def run_settings(config: Mapping[str, Any]) -> list[Setting]:
     """A training run's config (the learner's full, effective one) as rows."""
-    rows = training_settings(config, None)
+    rows = training_settings(config, None, all_rows=False)
     extra = (("group_size", "completions per trace (G)", "as sampled"),
              ("temperature", "sampling temperature", "π_ref's log-probs are at this temperature"),
              ("ref_logprobs", "π_ref log-probs", "sampler's stored (behaviour) or re-scored"),
