@@ -19,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope, authenticate
-from app.dashboard import service
+from app.dashboard import service, words
 from app.dashboard.session import (
     COOKIE,
     COOKIE_PATH,
@@ -44,6 +44,7 @@ templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters["age"] = service.age
 templates.env.filters["pct"] = lambda v: "—" if v is None else f"{float(v):.1%}"
 templates.env.filters["num"] = lambda v: "—" if v is None else f"{float(v):.3f}"
+templates.env.filters["change"] = words.audit_change
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 

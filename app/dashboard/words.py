@@ -178,3 +178,15 @@ def pretty_json(value: Any) -> str:
 
 def count(n: int, singular: str, plural: str | None = None) -> str:
     return f"{n} {singular if n == 1 else (plural or singular + 's')}"
+
+
+def audit_change(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """An audit row's before → after in a few words: a status, an outcome, what serves."""
+    if "value" in after and "name" in after:  # outcome.set
+        new = f"{after['name']}: {value_text(after['value'])} ({after.get('source', '?')})"
+        if "value" in before:
+            return f"{value_text(before['value'])} ({before.get('source', '?')}) → {new}"
+        return f"→ {new}"
+    old = before.get("status", before.get("serving_snapshot_id", ""))
+    new_value = after.get("status", after.get("served_name", after.get("serving_snapshot_id", "")))
+    return f"{value_text(old) if old != '' else ''} → {value_text(new_value)}"

@@ -308,3 +308,18 @@ def test_policy_page_shows_the_settings_that_matter_with_the_json_behind_a_toggl
     charts = html[html.index('id="training-charts"'):].split("</div>")[0]
     assert f"→ {policy_name}-v1" in charts  # the run's line, named by what it made
     assert f'<td>{policy_name}-v0</td>' in html  # parents by name, not id
+
+
+def test_audit_log_shows_outcome_changes_in_words(
+    client, signed_in, admin_headers, policy_name
+):
+    item = _post_clinical_traces(client, admin_headers, policy_name, 1)[0]
+    r = client.post("/v1/feedback", headers=admin_headers, json={"outcomes": [{
+        "trace_external_id": item["external_id"], "name": "pfs_gt_180d",
+        "value": not item["outcome"]["value"]}]})
+    assert r.status_code < 300, r.text
+    rows = client.get("/dashboard/audit/rows", params={"action": "outcome.set"}).text
+    old, new = ("no", "yes") if not item["outcome"]["value"] else ("yes", "no")
+    assert f"→ pfs_gt_180d: {old} (" in rows  # the inline label, when the trace came
+    assert f"{old} (" in rows and f") → pfs_gt_180d: {new} (" in rows  # the feedback's change
+    assert "{&#39;" not in rows and "{'" not in rows
