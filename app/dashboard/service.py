@@ -339,7 +339,9 @@ def _lineage_words(
         elif e.action == "snapshot.retired":
             out.append(f"On {when} it was {e.reason or 'retired'}.")
         elif e.action == "snapshot.rolled_back":
-            out.append(f"On {when} {e.actor} rolled it back ({e.reason or 'no reason given'}).")
+            # The transition's reason names what serves instead ("rolled back to X").
+            out.append(f"On {when} {e.actor} {e.reason or 'rolled it back'}; it will not serve "
+                       "again without a fresh evaluation and approval.")
         elif e.action in ("snapshot.rejected", "snapshot.superseded", "snapshot.failed"):
             verdict = e.action.removeprefix("snapshot.")
             out.append(f"On {when} it was {verdict} by {e.actor}: {e.reason or 'no reason'}.")

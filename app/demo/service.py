@@ -11,6 +11,7 @@ Everything but the HTTP ingest runs in this process against the settings' databa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from app.auth.service import create_key
 from app.db import Database, get_database, session_scope, set_database
 from app.install import prepare
 from app.models import Snapshot
-from app.policies.schemas import GateSpec
+from app.policies.schemas import POLICY_NAME, GateSpec
 from app.runs.pipeline import run_policy_pipeline
 from app.settings import Settings, set_settings
 from app.snapshots.evaluation import EvalOptions, evaluate_snapshot
@@ -110,10 +111,15 @@ def _refused(r: httpx.Response, doing: str, *, key_made_here: bool = False) -> D
 
 
 def check_key(client: httpx.Client, *, key_made_here: bool = False) -> None:
-    """The key is accepted (an authenticated GET); scopes are checked where each is needed."""
+    """The key is accepted (an authenticated GET) and may ingest: an empty batch is refused for
+    its scope (403) before its body is looked at (422), so the probe writes nothing. The admin
+    scope is needed only to create a policy, and checked there."""
     r = client.get("/v1/policies")
     if r.status_code != 200:
-        raise _refused(r, "list policies", key_made_here=key_made_here)
+        raise _refused(r, "read policies", key_made_here=key_made_here)
+    r = client.post("/v1/traces", json={"traces": []})
+    if r.status_code in (401, 403):
+        raise _refused(r, "ingest traces", key_made_here=key_made_here)
 
 
 def _gate_words(gate: dict[str, Any]) -> str:
@@ -206,6 +212,9 @@ def run_demo(
     """
     if url is None and serve is None:
         raise ValueError("run_demo needs the url of a running API or a way to serve one")
+    if re.fullmatch(POLICY_NAME, policy) is None:
+        raise DemoRefused(f"{policy!r} is not a policy name: use lowercase letters, digits and "
+                          "'-', at most 48, starting with a letter or digit")
     report: DemoProgress = progress or (lambda stage, done, total: None)
     notice: Notice = say or (lambda line: None)
     set_settings(settings)

@@ -323,3 +323,27 @@ def test_audit_log_shows_outcome_changes_in_words(
     assert f"→ pfs_gt_180d: {old} (" in rows  # the inline label, when the trace came
     assert f"{old} (" in rows and f") → pfs_gt_180d: {new} (" in rows  # the feedback's change
     assert "{&#39;" not in rows and "{'" not in rows
+
+
+def test_lineage_words_follow_a_snapshot_through_replacement_and_rollback(
+    client, signed_in, policy_name, candidate, database
+):
+    sid = candidate()
+    client.post(f"/dashboard/snapshots/{sid}/approve", data={"csrf_token": signed_in})
+    client.post(f"/dashboard/policies/{policy_name}/rollback",
+                data={"reason": "canary complaints", "csrf_token": signed_in})
+    with database.session() as s:
+        from sqlalchemy import select
+
+        v0 = s.scalars(select(Snapshot).where(Snapshot.served_name == f"{policy_name}-v0")).one()
+        v0_id = v0.id
+    html = client.get(f"/dashboard/snapshots/{v0_id}").text
+    words = html[html.index('id="lineage-words"'):].split("</div>")[0]
+    assert f"{policy_name}-v0 is the base model of {policy_name}, with no adapter." in words
+    assert f"it was replaced by {policy_name}-v1." in words
+    assert re.search(rf"it replaced {policy_name}-v1 when \S+ rolled back to it "
+                     r"\(canary complaints\)", words), words
+    v1 = client.get(f"/dashboard/snapshots/{sid}").text
+    v1_words = v1[v1.index('id="lineage-words"'):].split("</div>")[0]
+    assert re.search(rf"\S+ rolled back to {policy_name}-v0; it will not serve again without a "
+                     "fresh evaluation and approval", v1_words), v1_words
