@@ -6,6 +6,7 @@ import re
 import time
 import xml.etree.ElementTree as ET
 
+import pytest
 from markupsafe import escape
 
 from app.dashboard.session import COOKIE, sign
@@ -189,6 +190,24 @@ def _post_clinical_traces(client, headers, policy: str, n: int) -> list[dict]:
     return items
 
 
+def _section(html: str, element_id: str, end: str = "</div>") -> str:
+    """The page from the element with ``element_id`` to the first ``end`` after it."""
+    return html[html.index(f'id="{element_id}"'):].split(end)[0]
+
+
+@pytest.fixture
+def trained_candidate(client, candidate, database, admin_headers, policy_name):
+    """A candidate of ``policy_name`` made by a recorded training run on real posted traces."""
+
+    def _make(used: int, flat: int, steps: int) -> int:
+        _post_clinical_traces(client, admin_headers, policy_name, used + flat)
+        sid = candidate()
+        add_training_run(database, sid, used=used, flat=flat, steps=steps)
+        return int(sid)
+
+    return _make
+
+
 def _polyline_points(svg: str) -> list[int]:
     root = ET.fromstring(svg)
     return [len(p.get("points", "").split()) for p in root.iter(f"{SVG}polyline")]
@@ -253,35 +272,31 @@ def test_disagreements_name_the_case_and_give_the_outcome_in_words(
 
 
 def test_training_section_charts_every_optimizer_step_and_explains_the_data(
-    client, signed_in, candidate, database, admin_headers, policy_name
+    client, signed_in, trained_candidate, policy_name
 ):
-    _post_clinical_traces(client, admin_headers, policy_name, 9)
-    sid = candidate()
-    add_training_run(database, sid, used=6, flat=3, steps=24)
+    sid = trained_candidate(used=6, flat=3, steps=24)
     html = client.get(f"/dashboard/snapshots/{sid}").text
     assert ("Trained on 6 rollout groups: one per train trace, each holding the 4 completions "
             f"{policy_name}-v0 generated for that trace") in html
     assert f"{policy_name}-v0 has 9 graded groups in all; 3 had no reward variance" in html
-    charts = html[html.index('id="training-charts"'):].split("</div>")[0]
+    charts = _section(html, "training-charts")
     svgs = [f"<svg{part.split('</svg>')[0]}</svg>" for part in charts.split("<svg")[1:]]
     assert len(svgs) == 3  # loss, reward, KL
     assert all(_polyline_points(svg) == [24] for svg in svgs)  # one line of 24 steps each
     assert "optimizer step" in charts and "KL(π_ref ‖ πθ)" in charts
-    settings = html[html.index('id="run-settings"'):].split("</table>")[0]
+    settings = _section(html, "run-settings", "</table>")
     assert "groups per optimizer step" in settings and "steps per round = epochs" in settings
     assert '<details class="json"><summary>Full training config (JSON)</summary>' in html
 
 
 def test_lineage_is_told_in_words_after_approval(
-    client, signed_in, candidate, database, admin_headers, policy_name
+    client, signed_in, trained_candidate, policy_name
 ):
-    _post_clinical_traces(client, admin_headers, policy_name, 4)
-    sid = candidate()
-    add_training_run(database, sid, used=4, flat=0, steps=8)
+    sid = trained_candidate(used=4, flat=0, steps=8)
     client.post(f"/dashboard/snapshots/{sid}/approve",
                 data={"comment": "fewer unparseable answers", "csrf_token": signed_in})
     html = client.get(f"/dashboard/snapshots/{sid}").text
-    words = html[html.index('id="lineage-words"'):].split("</div>")[0]
+    words = _section(html, "lineage-words")
     assert (f"{policy_name}-v1 was trained from {policy_name}-v0&#39;s rollouts of 4 traces "
             "(OAPL, training run") in words
     assert "8 optimizer steps over 2 epochs" in words
@@ -291,13 +306,11 @@ def test_lineage_is_told_in_words_after_approval(
 
 
 def test_policy_page_shows_the_settings_that_matter_with_the_json_behind_a_toggle(
-    client, signed_in, candidate, database, admin_headers, policy_name
+    client, signed_in, trained_candidate, policy_name
 ):
-    _post_clinical_traces(client, admin_headers, policy_name, 4)
-    sid = candidate()
-    add_training_run(database, sid, used=4, flat=0, steps=12)
+    trained_candidate(used=4, flat=0, steps=12)
     html = client.get(f"/dashboard/policies/{policy_name}").text
-    table = html[html.index('id="settings"'):].split("</table>")[0]
+    table = _section(html, "settings", "</table>")
     for fragment in ("completions per trace (G)", "temperature", "max tokens", "grader",
                      "epochs", "groups per optimizer step", "learning rate", "primary metric",
                      "significant gain required", "not set (opt-in)"):
@@ -305,7 +318,7 @@ def test_policy_page_shows_the_settings_that_matter_with_the_json_behind_a_toggl
     assert '<details class="json" id="config-json">' in html
     assert "&#34;primary_metric&#34;: &#34;correct&#34;" in html or \
         '"primary_metric": "correct"' in html
-    charts = html[html.index('id="training-charts"'):].split("</div>")[0]
+    charts = _section(html, "training-charts")
     assert f"→ {policy_name}-v1" in charts  # the run's line, named by what it made
     assert f'<td>{policy_name}-v0</td>' in html  # parents by name, not id
 
@@ -338,12 +351,12 @@ def test_lineage_words_follow_a_snapshot_through_replacement_and_rollback(
         v0 = s.scalars(select(Snapshot).where(Snapshot.served_name == f"{policy_name}-v0")).one()
         v0_id = v0.id
     html = client.get(f"/dashboard/snapshots/{v0_id}").text
-    words = html[html.index('id="lineage-words"'):].split("</div>")[0]
+    words = _section(html, "lineage-words")
     assert f"{policy_name}-v0 is the base model of {policy_name}, with no adapter." in words
     assert f"it was replaced by {policy_name}-v1." in words
     assert re.search(rf"it replaced {policy_name}-v1 when \S+ rolled back to it "
                      r"\(canary complaints\)", words), words
     v1 = client.get(f"/dashboard/snapshots/{sid}").text
-    v1_words = v1[v1.index('id="lineage-words"'):].split("</div>")[0]
+    v1_words = _section(v1, "lineage-words")
     assert re.search(rf"\S+ rolled back to {policy_name}-v0; it will not serve again without a "
                      "fresh evaluation and approval", v1_words), v1_words
