@@ -23,9 +23,13 @@ def demo_cmd(
     key: Annotated[str | None, typer.Option(
         help="Admin key for --url (default: a new key for tenant 'demo').")] = None,
     traces: Annotated[int, typer.Option(min=10, help="Synthetic clinical traces to post.")] = 300,
-    group_size: Annotated[int, typer.Option(min=2, help="Completions per train trace (G).")] = 8,
-    max_tokens: Annotated[int, typer.Option(min=8, help="Completion length cap.")] = 80,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic traces.")] = 0,
+    group_size: Annotated[int, typer.Option(
+        min=2, help="Completions per train trace (G), for a policy the demo creates.")] = 8,
+    max_tokens: Annotated[int, typer.Option(
+        min=8, help="Completion length cap, for a policy the demo creates.")] = 80,
+    seed: Annotated[int, typer.Option(
+        help="Seed of the synthetic traces (another one posts new traces to a policy an "
+             "earlier demo used).")] = 0,
     policy: Annotated[str, typer.Option(
         help="Policy to post to and train: used as configured if it exists, otherwise created "
              "with the default gate.")] = DEFAULT_POLICY,
