@@ -9,7 +9,7 @@ from rich.table import Table
 
 from app.cli.progress import console, progress_bar, stage_reporter
 from app.cli.serve import local_api
-from app.demo.service import run_demo
+from app.demo.service import DEFAULT_POLICY, DemoRefused, run_demo
 from app.settings import get_settings
 
 demo_app = typer.Typer()
@@ -23,19 +23,31 @@ def demo_cmd(
     key: Annotated[str | None, typer.Option(
         help="Admin key for --url (default: a new key for tenant 'demo').")] = None,
     traces: Annotated[int, typer.Option(min=10, help="Synthetic clinical traces to post.")] = 300,
-    group_size: Annotated[int, typer.Option(min=2, help="Completions per train trace (G).")] = 8,
-    max_tokens: Annotated[int, typer.Option(min=8, help="Completion length cap.")] = 80,
-    seed: Annotated[int, typer.Option(help="Seed of the synthetic traces.")] = 0,
+    group_size: Annotated[int, typer.Option(
+        min=2, help="Completions per train trace (G), for a policy the demo creates.")] = 8,
+    max_tokens: Annotated[int, typer.Option(
+        min=8, help="Completion length cap, for a policy the demo creates.")] = 80,
+    seed: Annotated[int, typer.Option(
+        help="Seed of the synthetic traces (another one posts new traces to a policy an "
+             "earlier demo used).")] = 0,
+    policy: Annotated[str, typer.Option(
+        help="Policy to post to and train: used as configured if it exists, otherwise created "
+             "with the default gate.")] = DEFAULT_POLICY,
 ) -> None:
     """Run the whole loop once on synthetic clinical traces, ending at a gated candidate.
 
     Posts traces over HTTP, regenerates, grades, trains one OAPL round, evaluates against the
     champion and gates; the candidate is left awaiting approval (or rejected, with the reason)
     on the dashboard."""
-    with progress_bar() as bar:
-        result = run_demo(get_settings(), stage_reporter(bar), url=url, serve=local_api, key=key,
-                          n_traces=traces, group_size=group_size, max_tokens=max_tokens,
-                          seed=seed)
+    try:
+        with progress_bar() as bar:
+            result = run_demo(get_settings(), stage_reporter(bar), url=url, serve=local_api,
+                              key=key, n_traces=traces, group_size=group_size,
+                              max_tokens=max_tokens, seed=seed, policy=policy,
+                              say=lambda line: console.print(line, highlight=False))
+    except DemoRefused as exc:
+        console.print(f"[red]demo refused:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
     if result.error:
         console.print(f"[red]demo stopped:[/red] {result.error}")
         raise typer.Exit(1)

@@ -50,6 +50,14 @@ def _frame(width: int, height: int, title: str, body: list[str], label: str) -> 
     )
 
 
+def _tick(v: float, step: float) -> str:
+    """A gridline label with as many decimals as the step needs (0.005 steps: 3), no more."""
+    digits = max(0, math.ceil(-math.log10(step) - 1e-9))
+    if abs(step * 10**digits - round(step * 10**digits)) > 1e-9:
+        digits += 1
+    return f"{v:.{digits}f}" if abs(v) > step * 1e-6 else "0"
+
+
 def _axes(x0: int, y0: int, x1: int, y1: int, lo: float, hi: float, step: float) -> list[str]:
     """Left axis with a labelled gridline every ``step`` from ``lo`` (bottom) to ``hi`` (top)."""
     out = [f'<line x1="{x0}" y1="{y1}" x2="{x1}" y2="{y1}" stroke="#999"/>',
@@ -60,18 +68,19 @@ def _axes(x0: int, y0: int, x1: int, y1: int, lo: float, hi: float, step: float)
         y = y1 - (y1 - y0) * i / n
         out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x1}" y2="{y:.1f}" stroke="#eee"/>')
         out.append(
-            f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end" {FONT}>{_fmt(v)}</text>'
+            f'<text x="{x0 - 4}" y="{y + 4:.1f}" text-anchor="end" {FONT}>{_tick(v, step)}</text>'
         )
     return out
 
 
 def _legend(names: Sequence[str], x: int, y: int) -> list[str]:
     out = []
+    xx = float(x)
     for i, name in enumerate(names):
         color = PALETTE[i % len(PALETTE)]
-        xx = x + i * 120
-        out.append(f'<rect x="{xx}" y="{y - 8}" width="10" height="10" fill="{color}"/>')
-        out.append(f'<text x="{xx + 14}" y="{y + 1}" {FONT}>{escape(name)}</text>')
+        out.append(f'<rect x="{xx:.0f}" y="{y - 8}" width="10" height="10" fill="{color}"/>')
+        out.append(f'<text x="{xx + 14:.0f}" y="{y + 1}" {FONT}>{escape(name)}</text>')
+        xx += max(60.0, 6.2 * len(name) + 28)  # ~6 px per character at 11 px
     return out
 
 
@@ -81,8 +90,11 @@ def line_chart(
     title: str,
     width: int = 420,
     height: int = 200,
+    x_label: str = "",
+    max_markers: int = 40,
 ) -> str:
-    """One polyline per named series of (x, y) points; empty series are skipped."""
+    """One polyline per named series of (x, y) points; empty series are skipped. Points get a
+    hoverable marker while a series has at most ``max_markers`` of them (a long run is a line)."""
     data = {k: [(float(x), float(y)) for x, y in v if math.isfinite(float(y))]
             for k, v in series.items()}
     data = {k: v for k, v in data.items() if v}
@@ -110,13 +122,19 @@ def line_chart(
             f'<polyline points="{coords}" fill="none" stroke="{color}" stroke-width="2">'
             f"<title>{escape(name)}</title></polyline>"
         )
-        for x, y in pts:
+        for x, y in (pts if len(pts) <= max_markers else []):
             body.append(
                 f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{color}">'
                 f"<title>{escape(name)} @ {_fmt(x)}: {_fmt(y)}</title></circle>"
             )
-    body.append(f'<text x="{x0}" y="{height - 22}" {FONT}>{_fmt(xlo)}</text>')
-    body.append(f'<text x="{x1}" y="{height - 22}" text-anchor="end" {FONT}>{_fmt(xhi)}</text>')
+    def tick(x: float) -> str:
+        return str(int(x)) if x.is_integer() else _fmt(x)
+
+    body.append(f'<text x="{x0}" y="{height - 22}" {FONT}>{tick(xlo)}</text>')
+    body.append(f'<text x="{x1}" y="{height - 22}" text-anchor="end" {FONT}>{tick(xhi)}</text>')
+    if x_label:
+        body.append(f'<text x="{(x0 + x1) / 2:.0f}" y="{height - 22}" text-anchor="middle" '
+                    f'{FONT} fill="#666">{escape(x_label)}</text>')
     body += _legend(list(data), x0, height - 6)
     return _frame(width, height, title, body, title)
 

@@ -7,7 +7,6 @@ services as the API (``app.snapshots.service``), so the dashboard and the API ca
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope, authenticate
-from app.dashboard import service
+from app.dashboard import service, words
 from app.dashboard.session import (
     COOKIE,
     COOKIE_PATH,
@@ -45,8 +44,7 @@ templates = Jinja2Templates(directory=str(HERE / "templates"))
 templates.env.filters["age"] = service.age
 templates.env.filters["pct"] = lambda v: "—" if v is None else f"{float(v):.1%}"
 templates.env.filters["num"] = lambda v: "—" if v is None else f"{float(v):.3f}"
-templates.env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True,
-                                                              default=str)
+templates.env.filters["change"] = words.audit_change
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
@@ -189,11 +187,8 @@ def policy_page(
     name: str,
     user: DashboardUser = Depends(current_user),
 ) -> Response:
-    row, snaps = service.policy_row(session, user.principal.tenant, name)
-    events = snapshots.list_audit_events(session, user.principal.tenant, limit=15).items
-    ids = {str(s.id) for s in snaps} | {str(row.policy.id)}
-    events = [e for e in events if e.entity_id in ids]
-    return _render(request, "policy.html", user, row=row, snaps=snaps, events=events)
+    page = service.policy_page(session, user.principal.tenant, name)
+    return _render(request, "policy.html", user, page=page)
 
 
 @router.get("/snapshots/{snapshot_id}", response_class=HTMLResponse)
@@ -204,10 +199,7 @@ def snapshot_page(
     user: DashboardUser = Depends(current_user),
 ) -> Response:
     page = service.snapshot_page(session, user.principal.tenant, snapshot_id)
-    events = snapshots.list_audit_events(
-        session, user.principal.tenant, entity_type="snapshot", entity_id=str(snapshot_id)
-    ).items
-    return _render(request, "snapshot.html", user, page=page, events=events)
+    return _render(request, "snapshot.html", user, page=page)
 
 
 def _audit_filters(request: Request) -> dict[str, str]:

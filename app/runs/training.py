@@ -436,6 +436,21 @@ def _train_in_processes(
     return launch.read_result(result_path)
 
 
+HISTORY_POINTS = 400
+"""Per-step rows kept on a run for the dashboard's curves (a JSON column: bounded)."""
+
+
+def thin_history(history: list[dict[str, float]], limit: int = HISTORY_POINTS
+                 ) -> list[dict[str, float]]:
+    """At most ``limit`` rows spread evenly over the whole run, first and last included, so a
+    long round's curves still start at step 1 (keeping only the tail hid how a run began)."""
+    if len(history) <= limit:
+        return list(history)
+    last = len(history) - 1
+    picks = sorted({round(i * last / (limit - 1)) for i in range(limit)})
+    return [history[i] for i in picks]
+
+
 def _record_success(
     run_id: int,
     out_dir: Path,
@@ -479,7 +494,8 @@ def _record_success(
         run.group_ids_digest = adapters.group_ids_digest(group_ids)
         run.status, run.progress, run.finished_at = RunStatus.succeeded, 1.0, utcnow()
         run.output_snapshot_id = snapshot.id
-        run.metrics = dict(run.metrics or {}) | {"summary": metrics, "history": history[-50:]}
+        run.metrics = dict(run.metrics or {}) | {"summary": metrics,
+                                                 "history": thin_history(history)}
         run.error = None
         record(
             session, policy.tenant, "system:train", "snapshot.create", "snapshot", snapshot.id,

@@ -31,6 +31,14 @@ class GateDecision:
     """Why it failed (empty when it passed)."""
     checks: dict[str, Any] = field(default_factory=dict)
     """The numbers each check compared, for the dashboard and the audit log."""
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    """Every threshold of the gate, in words, as ``{check, threshold, value, verdict}`` with
+    verdict ``pass``, ``fail`` or ``off`` (an opt-in threshold the policy does not set)."""
+
+
+def _row(check: str, threshold: str, value: str, passed: bool | None) -> dict[str, Any]:
+    verdict = "off" if passed is None else "pass" if passed else "fail"
+    return {"check": check, "threshold": threshold, "value": value, "verdict": verdict}
 
 
 def _value(metrics: Mapping[str, Any], name: str) -> float:
@@ -64,14 +72,21 @@ def decide(
     g = GateSpec.model_validate(dict(gate))
     primary = g.primary_metric
     reasons: list[str] = []
+    rows: list[dict[str, Any]] = []
     checks: dict[str, Any] = {"n": n, "primary_metric": primary}
 
+    rows.append(_row("held-out prompts evaluated", f"≥ {g.min_eval_n}", str(n),
+                     n >= g.min_eval_n))
     if n < g.min_eval_n:
         reasons.append(f"eval n {n} is below the minimum {g.min_eval_n}")
 
     parse = _value(candidate, "parse_rate")
     checks["parse_rate"] = parse
-    if g.min_parse_rate is not None and parse < g.min_parse_rate - EPS:
+    floor_ok = None if g.min_parse_rate is None else parse >= g.min_parse_rate - EPS
+    rows.append(_row("parse rate (absolute floor)",
+                     "not set (opt-in)" if g.min_parse_rate is None
+                     else f"≥ {g.min_parse_rate:.3f}", f"{parse:.3f}", floor_ok))
+    if floor_ok is False:
         reasons.append(f"parse rate {parse:.3f} is below the minimum {g.min_parse_rate:.3f}")
 
     cand_p, champ_p = _value(candidate, primary), _value(champion, primary)
@@ -84,24 +99,39 @@ def decide(
         # JSON (and so the audit log) has no infinity; a gain from zero is reported as null.
         rel_gain=rel if math.isfinite(rel) else None,
     )
-    if g.require_significant_gain:
+    significance = f"{primary} gain over the champion is significant"
+    if not g.require_significant_gain:
+        rows.append(_row(significance, "not required", f"{gain:+.3f}", None))
+    else:
         ci = (paired or {}).get(primary)
         if ci is None:
             reasons.append(f"no paired comparison of {primary} to test the gain on")
+            rows.append(_row(significance, "paired 95% CI lower bound > 0",
+                             "no paired comparison", False))
         else:
             low, high = float(ci["ci_low"]), float(ci["ci_high"])
             checks["primary_ci"] = [low, high]
+            rows.append(_row(significance, "paired 95% CI lower bound > 0",
+                             f"{gain:+.3f}, CI [{low:+.3f}, {high:+.3f}]", low > 0))
             if low <= 0:
                 reasons.append(
                     f"{primary} gain {gain:+.3f} ({champ_p:.3f} → {cand_p:.3f}) is not "
                     f"significant: paired 95% CI [{low:+.3f}, {high:+.3f}] includes 0"
                 )
-    if g.min_abs_gain is not None and gain < g.min_abs_gain - EPS:
+    abs_ok = None if g.min_abs_gain is None else gain >= g.min_abs_gain - EPS
+    rows.append(_row(f"{primary} gain (absolute)",
+                     "not set (opt-in)" if g.min_abs_gain is None else f"≥ {g.min_abs_gain:+.3f}",
+                     f"{gain:+.3f} ({champ_p:.3f} → {cand_p:.3f})", abs_ok))
+    if abs_ok is False:
         reasons.append(
             f"{primary} gain {gain:+.3f} ({champ_p:.3f} → {cand_p:.3f}) is below the minimum "
             f"{g.min_abs_gain:+.3f}"
         )
-    if g.min_rel_gain is not None and rel < g.min_rel_gain - EPS:
+    rel_ok = None if g.min_rel_gain is None else rel >= g.min_rel_gain - EPS
+    rows.append(_row(f"{primary} gain (relative)",
+                     "not set (opt-in)" if g.min_rel_gain is None else f"≥ {g.min_rel_gain:+.1%}",
+                     f"{rel:+.1%}" if math.isfinite(rel) else "from zero", rel_ok))
+    if rel_ok is False:
         reasons.append(
             f"{primary} relative gain {rel:+.1%} is below the minimum {g.min_rel_gain:+.1%}"
         )
@@ -113,10 +143,12 @@ def decide(
             continue
         drop = _value(champion, name) - _value(candidate, name)
         regressions[name] = drop
+        rows.append(_row(f"{name} change vs the champion", f"≥ {-limit:+.3f}",
+                         f"{-drop:+.3f}", drop <= limit + EPS))
         if drop > limit + EPS:
             reasons.append(f"{name} regressed by {drop:.3f}, more than the allowed {limit:.3f}")
     checks["secondary_regressions"] = regressions
-    return GateDecision(passed=not reasons, reasons=reasons, checks=checks)
+    return GateDecision(passed=not reasons, reasons=reasons, checks=checks, rows=rows)
 
 
 def apply_gate(
@@ -130,6 +162,8 @@ def apply_gate(
                       evaluation.comparison.get("paired"))
     evaluation.gate_passed = decision.passed
     evaluation.gate_reasons = decision.reasons
+    # The rows as decided: the policy's gate may change later, the verdict on this page may not.
+    evaluation.comparison = dict(evaluation.comparison) | {"gate_rows": decision.rows}
     if snapshot.status is SnapshotStatus.candidate:
         transition(
             session,

@@ -8,10 +8,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 
 from app.db import Database
-from app.models import Evaluation, Policy, Snapshot, SnapshotStatus
+from app.models import (
+    Evaluation,
+    GroupStatus,
+    Policy,
+    RolloutGroup,
+    RunStatus,
+    Snapshot,
+    SnapshotStatus,
+    Trace,
+    TrainingRun,
+    training_run_groups,
+)
 from app.policies.service import served_name
 from workers.inference.base import SamplingParams
 from workers.inference.serving import EngineCompletion, EngineUnavailable, LocalServingEngine
@@ -86,7 +97,8 @@ def add_snapshot(
         return snap.id
 
 
-def add_evaluation(database: Database, snapshot_id: int, gain: float = 0.1) -> int:
+def add_evaluation(database: Database, snapshot_id: int, gain: float = 0.1,
+                   example_id: str = "clin-1") -> int:
     """A stored evaluation (what the eval job writes) with the champion slightly behind."""
 
     def metrics(correct: float, parse: float, reward: float) -> dict[str, Any]:
@@ -124,7 +136,7 @@ def add_evaluation(database: Database, snapshot_id: int, gain: float = 0.1) -> i
                                                "mean_reward": 0.5},
                          "champion": {"correct": 0.5, "parse_rate": 0.5, "mean_reward": 0.0}}}},
             examples=[{
-                "prompt_id": "clin-1", "prompt": "64-year-old man, ECOG 1 …",
+                "prompt_id": example_id, "prompt": "64-year-old man, ECOG 1 …",
                 "outcome": {"pfs_gt_180d": True},
                 "candidate": {"text": "Overall: favorable.\nANSWER: YES", "reward": 1.0,
                               "correct": True, "parse_ok": True},
@@ -138,6 +150,46 @@ def add_evaluation(database: Database, snapshot_id: int, gain: float = 0.1) -> i
         s.add(row)
         s.flush()
         return row.id
+
+
+def add_training_run(
+    database: Database, snapshot_id: int, *, used: int, flat: int, steps: int = 24
+) -> int:
+    """A succeeded training run that made ``snapshot_id`` (what the train job records): graded
+    groups from the parent snapshot on the policy's first ``used + flat`` traces, ``used`` of
+    them trained on and ``flat`` with equal rewards; a per-step history of ``steps`` rows."""
+    with database.session() as s:
+        snap = s.get(Snapshot, snapshot_id)
+        assert snap is not None and snap.parent_id is not None
+        traces = list(s.scalars(select(Trace.id).where(Trace.policy_id == snap.policy_id)
+                                .order_by(Trace.id).limit(used + flat)))
+        assert len(traces) == used + flat, "post the traces first"
+        groups = [RolloutGroup(trace_id=t, snapshot_id=snap.parent_id, group_size=4,
+                               status=GroupStatus.graded, zero_variance=i >= used,
+                               grader_version="contract-1.0")
+                  for i, t in enumerate(traces)]
+        s.add_all(groups)
+        s.flush()
+        history = [{"step": float(k), "epoch": float(1 + (k - 1) * 2 // steps),
+                    "loss": 0.5 / k, "train_reward": -0.8 + 0.03 * k,
+                    "mean_log_ratio": -0.002 * k} for k in range(1, steps + 1)]
+        run = TrainingRun(
+            policy_id=snap.policy_id, algorithm="oapl", status=RunStatus.succeeded,
+            config={"algorithm": "oapl", "epochs": 2, "groups_per_step": 4, "lr": 0.002,
+                    "lr_schedule": "constant", "beta1": 1.0, "beta2": 0.1, "lora_rank": 8,
+                    "keep_zero_variance_groups": False, "group_size": 4, "temperature": 1.0},
+            parent_snapshot_id=snap.parent_id, output_snapshot_id=snap.id,
+            trace_ids=traces[:used],
+            metrics={"summary": {"optimizer_steps": steps, "epochs": 2.0, "groups_used": used,
+                                 "groups_dropped_zero_variance": flat},
+                     "history": history},
+        )
+        s.add(run)
+        s.flush()
+        s.execute(insert(training_run_groups),
+                  [{"training_run_id": run.id, "group_id": g.id} for g in groups[:used]])
+        snap.training_run_id = run.id
+        return run.id
 
 
 class DownEngine:

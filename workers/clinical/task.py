@@ -30,7 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -220,6 +220,19 @@ LDH_UKAT_PER_U = 1 / 60
 
 def _biomarker_phrase(case: Case) -> str:
     return "no actionable biomarker" if case.biomarker == "none" else f"{case.biomarker} positive"
+
+
+def case_title(case: Mapping[str, Any]) -> str | None:
+    """A case in a few words, e.g. "75-year-old woman · stage IV squamous · EGFR positive ·
+    osimertinib (line 2)": what a reviewer recognises a prompt by. None when ``case`` (a stored
+    trace's ``metadata.case``) lacks the fields."""
+    try:
+        c = Case(**{f: case[f] for f in Case.__dataclass_fields__})
+    except (KeyError, TypeError):
+        return None
+    person = {"female": "woman", "male": "man"}.get(str(c.sex), str(c.sex))
+    return (f"{c.age}-year-old {person} · stage {c.stage} {c.histology} · "
+            f"{_biomarker_phrase(c)} · {c.regimen} (line {c.line})")
 
 
 def narrative(case: Case) -> str:

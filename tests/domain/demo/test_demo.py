@@ -34,7 +34,7 @@ def test_demo_posts_regenerates_trains_evaluates_and_gates_a_candidate(demo_sett
     assert result.error is None, result.error
     assert result.traces_posted == 30 and result.heldout > 0
     assert result.groups > 0 and result.run_id is not None
-    assert result.served_name == "clinical-demo-v1"
+    assert result.served_name == "clinical-v1"
     # The gate decides; either way the decision and the numbers are recorded.
     assert result.status in ("awaiting_approval", "rejected")
     assert set(result.before) >= {"correct", "parse_rate", "mean_reward", "pass@1"}
@@ -58,7 +58,8 @@ def test_demo_command_prints_before_and_after_and_where_to_review(demo_settings)
     for stage in ("ingest", "regenerate", "grade", "train", "evaluate"):
         assert stage in out
     assert "champion (before)" in out and "candidate (after)" in out and "parse_rate" in out
-    assert "candidate clinical-demo-v1:" in out
+    assert "creating policy clinical with the default gate" in out
+    assert "candidate clinical-v1:" in out
     assert "awaiting_approval" in out or "rejected" in out
     assert "/dashboard/snapshots/" in out
 

@@ -107,3 +107,30 @@ def test_default_gate_rejects_a_parse_rate_regression_beyond_the_tolerance():
 def test_default_gate_without_a_paired_comparison_cannot_pass():
     d = decide({}, cand(), CHAMPION, n=40)
     assert d.reasons == ["no paired comparison of correct to test the gain on"]
+
+
+def test_every_threshold_is_a_row_with_its_value_and_verdict():
+    d = decide({}, cand(parse=0.80), CHAMPION, n=40, paired=paired(0.05, 0.15))
+    rows = {r["check"]: (r["threshold"], r["value"], r["verdict"]) for r in d.rows}
+    assert rows == {
+        "held-out prompts evaluated": ("≥ 20", "40", "pass"),
+        "parse rate (absolute floor)": ("not set (opt-in)", "0.800", "off"),
+        "correct gain over the champion is significant": (
+            "paired 95% CI lower bound > 0", "+0.100, CI [+0.050, +0.150]", "pass"),
+        "correct gain (absolute)": ("not set (opt-in)", "+0.100 (0.500 → 0.600)", "off"),
+        "correct gain (relative)": ("not set (opt-in)", "+20.0%", "off"),
+        "mean_reward change vs the champion": ("≥ -0.050", "+0.050", "pass"),
+        "parse_rate change vs the champion": ("≥ -0.050", "-0.100", "fail"),
+    }
+    # One failed row per reason.
+    assert sum(r["verdict"] == "fail" for r in d.rows) == len(d.reasons) == 1
+
+
+def test_opt_in_thresholds_show_their_setting_when_set():
+    d = decide(GATE, cand(parse=0.79), CHAMPION, n=19)
+    rows = {r["check"]: (r["threshold"], r["verdict"]) for r in d.rows}
+    assert rows["parse rate (absolute floor)"] == ("≥ 0.800", "fail")
+    assert rows["held-out prompts evaluated"] == ("≥ 20", "fail")
+    assert rows["correct gain (absolute)"] == ("≥ +0.020", "pass")
+    assert rows["correct gain (relative)"] == ("≥ +5.0%", "pass")
+    assert rows["correct gain over the champion is significant"] == ("not required", "off")

@@ -35,3 +35,19 @@ def test_empty_data_says_so():
 def test_axis_range_lands_on_round_steps():
     assert _nice_range(0.0, 0.75) == (0.0, 0.8, 0.2)
     assert _nice_range(-1.0, 1.0) == (-1.0, 1.0, 0.5)
+
+
+def test_gridline_labels_keep_the_decimals_their_step_needs():
+    # A reward curve flat around -0.58: five distinct labels, not "-0.57, -0.57, -0.58…".
+    svg = line_chart({"run": [(1, -0.571), (2, -0.589)]}, title="reward")
+    labels = [t.text for t in ET.fromstring(svg).iter(f"{SVG}text")
+              if t.get("text-anchor") == "end" and t.text and t.text.startswith("-0.5")]
+    assert len(labels) == len(set(labels)) >= 4, labels
+
+
+def test_a_long_run_is_a_line_without_a_marker_per_step():
+    svg = line_chart({"run": [(k, 1 / k) for k in range(1, 201)]}, title="loss",
+                     x_label="optimizer step")
+    root = ET.fromstring(svg)
+    assert len(root.findall(f"{SVG}polyline")) == 1 and not root.findall(f"{SVG}circle")
+    assert "optimizer step" in svg and ">200<" in svg  # integer step ticks
