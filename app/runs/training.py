@@ -45,6 +45,7 @@ from app.models import (
     training_run_groups,
 )
 from app.observability import ops
+from app.policies.schemas import DEFAULT_MAX_GROUPS
 from app.policies.service import sampling_params, served_name
 from app.settings import get_settings
 from app.snapshots.evaluation import eval_job_key
@@ -307,7 +308,7 @@ def execute_run(
         parent = session.get(Snapshot, run.parent_snapshot_id) if run.parent_snapshot_id else None
         if policy is None or parent is None:
             raise PermanentJobError(f"run {run_id}: its policy or parent snapshot is gone")
-        max_groups = (policy.training_config or {}).get("max_groups")
+        max_groups = (policy.training_config or {}).get("max_groups", DEFAULT_MAX_GROUPS)
         try:
             processes = learner_processes(policy.training_config or {})
         except InvalidInput as exc:

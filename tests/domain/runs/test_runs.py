@@ -23,6 +23,7 @@ from app.models import (
     TrainingRun,
     training_run_groups,
 )
+from app.policies.schemas import DEFAULT_MAX_GROUPS, TrainingSpec
 from app.rollouts.service import finish_group
 from app.runs.pipeline import run_policy_pipeline
 from app.settings import Settings
@@ -137,3 +138,26 @@ def test_zero_variance_groups_train_only_when_the_policy_keeps_them(
     # only when the policy keeps them.
     assert trained.trainable_groups == 2
     assert trained.metrics["summary"]["groups_used"] == (4 if keep else 2)
+
+
+def test_a_run_takes_at_most_max_groups_oldest_first_and_leaves_the_rest_for_the_next_round(
+    sqlite_settings: Settings, model_dir: Path
+) -> None:
+    name, _ = seed_policy(sqlite_settings, model_dir, n_traces=4, group_size=4, max_tokens=16,
+                          grader=VARIED_GRADER, training={"min_groups": 1, "max_groups": 3})
+    assert run_policy_pipeline(name, train=False).groups_graded == 4
+    vary_rewards(name)
+    trained = run_policy_pipeline(name)
+    assert trained.run_status == "succeeded", trained.error
+    assert trained.metrics["summary"]["groups_used"] == 3
+    with session_scope() as s:
+        policy = s.scalars(select(Policy).where(Policy.name == name)).one()
+        oldest = list(s.scalars(select(RolloutGroup.trace_id).join(Trace).where(
+            Trace.policy_id == policy.id).order_by(RolloutGroup.id).limit(3)))
+        run = s.scalars(select(TrainingRun).where(TrainingRun.policy_id == policy.id)).one()
+        assert sorted(run.trace_ids) == sorted(oldest)
+
+
+def test_a_policy_caps_its_rounds_at_128_groups_unless_told_otherwise() -> None:
+    assert TrainingSpec().max_groups == DEFAULT_MAX_GROUPS == 128
+    assert TrainingSpec(max_groups=None).max_groups is None
