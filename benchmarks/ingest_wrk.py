@@ -42,7 +42,7 @@ from benchmarks.ingest import PG_ADMIN_DSN, create_database, drop_database, setu
 LUA = Path(__file__).resolve().with_name("ingest_wrk.lua")
 REPO = Path(__file__).resolve().parents[1]
 # Issue 14: wrk, Postgres, one `tracelearn api` process, rate limit off, before this change.
-ISSUE_REFERENCE = {
+ISSUE_REFERENCE: dict[int, dict[str, float | None]] = {
     1: {"requests_per_s": 167, "p50_ms": 5.6, "p99_ms": 16},
     10: {"requests_per_s": 129, "p50_ms": None, "p99_ms": 177},
     50: {"requests_per_s": 120, "p50_ms": 397, "p99_ms": 715},
@@ -153,14 +153,15 @@ def run(connections: list[int], duration_s: int, out_dir: str | Path | None) -> 
         shutil.rmtree(data_dir, ignore_errors=True)
     by_c = {lv["connections"]: lv for lv in ingest}
     lo, hi = min(by_c), max(by_c)
-    ratios = {
+    ratios: dict[str, Any] = {
         f"ingest_rps_at_{hi}_vs_{lo}": round(by_c[hi]["requests_per_s"]
                                              / max(by_c[lo]["requests_per_s"], 1e-9), 3),
         f"ingest_p99_ms_at_{hi}": by_c[hi].get("p99_ms"),
     }
     if hi in ISSUE_REFERENCE:
+        reference_rps = ISSUE_REFERENCE[hi]["requests_per_s"] or 1.0
         ratios[f"ingest_rps_at_{hi}_vs_issue_reference"] = round(
-            by_c[hi]["requests_per_s"] / ISSUE_REFERENCE[hi]["requests_per_s"], 3)
+            by_c[hi]["requests_per_s"] / reference_rps, 3)
     result = {
         "machine": info | {"loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "config": {"connections": connections, "duration_s": duration_s,
