@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import (
@@ -22,6 +22,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from app.settings import Settings, get_settings
@@ -98,7 +99,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cur.close()
 
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
+    # No pre-ping: it costs a round trip on every checkout, i.e. on every request. Connections
+    # are recycled before anything between us and the server would drop them idle, and one
+    # that died anyway (a database restart) fails its first statement, which the pool turns
+    # into "invalidate every older connection" and ``first_statement`` retries once.
+    kwargs.setdefault("pool_recycle", 1800)
     if "poolclass" not in kwargs:
         kwargs.setdefault("pool_size", 10)
         kwargs.setdefault("max_overflow", 20)
@@ -152,6 +157,24 @@ def set_database(database: Database | None) -> None:
 def session_scope() -> Iterator[Session]:
     with get_database().session() as session:
         yield session
+
+
+T = TypeVar("T")
+
+
+def first_statement(session: Session, run: Callable[[], T]) -> T:
+    """Run the first statement of ``session``'s transaction, once more on a new connection when
+    the pooled one turned out dead: nothing ran in the transaction yet, so beginning it again
+    is safe. Anything later in a transaction is not retried (what it wrote may be lost), and
+    fails as it always did (503 + Retry-After)."""
+    fresh = not session.in_transaction()
+    try:
+        return run()
+    except DBAPIError as exc:
+        if not (fresh and exc.connection_invalidated):
+            raise
+        session.rollback()
+        return run()
 
 
 def upsert_insert(session: Session, table: Any) -> Any:

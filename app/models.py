@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Enum,
@@ -470,3 +471,15 @@ class LangfuseObservation(Base):
     )
     created_at: Mapped[datetime] = _ts(default=utcnow)
     updated_at: Mapped[datetime] = _ts(default=utcnow, onupdate=utcnow)
+
+
+class CacheGeneration(Base):
+    """A counter per process cache (``app.cache``), bumped by database triggers in the same
+    transaction as any change to the rows that cache holds, so every process sees a change on
+    its next request however it was made (API, CLI, a worker, plain SQL)."""
+
+    __tablename__ = "cache_generations"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    generation: Mapped[int] = mapped_column(BigInteger)
+

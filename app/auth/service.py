@@ -1,7 +1,8 @@
 """API keys: created once and shown once, stored only as a SHA-256 hash.
 
 A key looks like ``tl_<prefix>_<secret>``; the prefix is stored in clear to find the row without
-scanning, the whole key is hashed for the comparison.
+scanning, the whole key is hashed for the comparison. Keys are cached per process by prefix
+(``app.cache``): a create, revoke or scope change reaches every process on its next request.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.cache import GenerationCache
 from app.db import utcnow
 from app.errors import InvalidInput, NotFound
 from app.models import ApiKey
@@ -85,20 +87,40 @@ def create_key(session: Session, tenant: str, scopes: list[str] | str, name: str
     return CreatedKey(id=row.id, tenant=tenant, scopes=row.scopes, secret=raw)
 
 
+@dataclass(frozen=True)
+class _LiveKey:
+    key_hash: str
+    principal: Principal
+
+
+_live_keys: GenerationCache[str, _LiveKey] = GenerationCache("api_keys")
+
+
+def _load_live_keys(session: Session, prefixes: set[str]) -> dict[str, _LiveKey]:
+    rows = session.scalars(
+        select(ApiKey).where(ApiKey.prefix.in_(prefixes), ApiKey.revoked_at.is_(None))
+    )
+    return {
+        row.prefix: _LiveKey(row.key_hash, Principal(
+            key_id=row.id, tenant=row.tenant, scopes=frozenset(Scope(s) for s in row.scopes),
+            name=row.name,
+        ))
+        for row in rows
+    }
+
+
 def authenticate(session: Session, raw: str) -> Principal | None:
     """The principal for a presented key, or None when it is unknown, malformed or revoked."""
     parts = raw.split("_", 2)
     if len(parts) != 3 or parts[0] != "tl":
         return None
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[1]))
-    if row is None or row.revoked_at is not None:
+    prefix = parts[1]
+    live = _live_keys.get_many(
+        session, [prefix], lambda missing: _load_live_keys(session, missing)
+    ).get(prefix)
+    if live is None or not hmac.compare_digest(live.key_hash, hash_key(raw)):
         return None
-    if not hmac.compare_digest(row.key_hash, hash_key(raw)):
-        return None
-    return Principal(
-        key_id=row.id, tenant=row.tenant, scopes=frozenset(Scope(s) for s in row.scopes),
-        name=row.name,
-    )
+    return live.principal
 
 
 def list_keys(session: Session, tenant: str | None = None) -> list[ApiKey]:

@@ -13,11 +13,12 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
-from sqlalchemy import delete, exists, func, select, update
+from sqlalchemy import Boolean, ColumnClause, delete, exists, func, literal_column, select, update
 from sqlalchemy.orm import Session
 
 from app.audit import record
 from app.auth.service import Principal
+from app.cache import GenerationCache
 from app.db import upsert_insert, utcnow
 from app.errors import InvalidInput, NotFound, PayloadTooLarge, problem_body
 from app.models import (
@@ -253,7 +254,7 @@ def ingest(
     # Insert first (ON CONFLICT DO NOTHING RETURNING): new traces, the common case, then need no
     # lookup round trip. Whatever was not inserted already existed (or lost a race with a
     # concurrent request) and is classified against the stored row.
-    inserted = _insert(session, tenant, pending, settings) if pending else {}
+    inserted, awaited = _insert(session, tenant, pending, settings) if pending else ({}, set())
     not_inserted = [p.item.external_id for p in pending if p.item.external_id not in inserted]
     existing = _existing(session, tenant, not_inserted) if not_inserted else {}
 
@@ -292,8 +293,8 @@ def ingest(
         (p, inserted[p.item.external_id][0])
         for p in pending if p.item.outcome is not None and p.item.external_id in inserted
     ])
-    if inserted:
-        _join_pending_outcomes(session, tenant, inserted)
+    if awaited:
+        _join_pending_outcomes(session, tenant, {ext: inserted[ext] for ext in awaited})
 
     ordered = [results[i] for i in range(len(raw_items))]
     counts = {s.value: 0 for s in ItemStatus}
@@ -396,11 +397,32 @@ def _check_limits(item: TraceIn, settings: Settings) -> str | None:
     return None
 
 
+# Both caches follow the ``policies`` counter, which policy changes and snapshots' served names
+# bump (``app.cache``). The policies are transient copies, never attached to a session: a cached
+# instance is shared by concurrent requests, and a session's rollback would expire it under them.
+_policies: GenerationCache[tuple[str, str], Policy] = GenerationCache("policies")
+_snapshots_by_served_name: GenerationCache[str, tuple[tuple[int, int], ...]] = GenerationCache(
+    "policies"
+)
+_POLICY_COLUMNS = [(attr.key, attr.columns[0]) for attr in Policy.__mapper__.column_attrs]
+
+
+def _load_policies(
+    session: Session, tenant: str, names: set[tuple[str, str]]
+) -> dict[tuple[str, str], Policy]:
+    rows = session.execute(select(*(column for _, column in _POLICY_COLUMNS)).where(
+        Policy.tenant == tenant, Policy.name.in_([name for _, name in names])))
+    copies = (Policy(**{key: row._mapping[column] for key, column in _POLICY_COLUMNS})
+              for row in rows)
+    return {(tenant, p.name): p for p in copies}
+
+
 def _policies_by_name(session: Session, tenant: str, names: set[str]) -> dict[str, Policy]:
     if not names:
         return {}
-    rows = session.scalars(select(Policy).where(Policy.tenant == tenant, Policy.name.in_(names)))
-    return {p.name: p for p in rows}
+    found = _policies.get_many(session, {(tenant, name) for name in names},
+                               lambda missing: _load_policies(session, tenant, missing))
+    return {name: policy for (_, name), policy in found.items()}
 
 
 def _existing(
@@ -418,37 +440,60 @@ def _existing(
     return found
 
 
-def _served_snapshots(session: Session, names: set[str]) -> dict[tuple[int, str], int]:
-    if not names:
-        return {}
+def _load_served_snapshots(
+    session: Session, names: set[str]
+) -> dict[str, tuple[tuple[int, int], ...]]:
     rows = session.execute(
         select(Snapshot.policy_id, Snapshot.served_name, Snapshot.id).where(
             Snapshot.served_name.in_(names)
         )
     )
-    return {(pid, name): sid for pid, name, sid in rows}
+    found: dict[str, list[tuple[int, int]]] = {}
+    for pid, name, sid in rows:
+        found.setdefault(name, []).append((pid, sid))
+    return {name: tuple(pairs) for name, pairs in found.items()}
+
+
+def _served_snapshots(session: Session, names: set[str]) -> dict[tuple[int, str], int]:
+    if not names:
+        return {}
+    found = _snapshots_by_served_name.get_many(
+        session, names, lambda missing: _load_served_snapshots(session, missing))
+    return {(pid, name): sid for name, pairs in found.items() for pid, sid in pairs}
 
 
 def _insert(
     session: Session, tenant: str, items: list[_Pending], settings: Settings
-) -> dict[str, tuple[int, Split]]:
+) -> tuple[dict[str, tuple[int, Split]], set[str]]:
+    """The rows inserted by external_id, and those of them whose outcomes arrived first."""
     snapshots = _served_snapshots(session, {p.item.model for p in items if p.item.model})
     now = utcnow()
     rows = [_row_values(p, tenant, settings, snapshots, now) for p in items]
     out: dict[str, tuple[int, Split]] = {}
+    awaited: set[str] = set()
     table = Trace.__table__
+    # Whether an outcome is waiting for the row comes back with the insert, so the UPDATE that
+    # attaches it runs only when one is (rarely): a new trace costs one statement.
+    # Spelled out: SQLAlchemy renders RETURNING columns unqualified and would not correlate.
+    outcome_waiting: ColumnClause[bool] = literal_column(
+        "EXISTS (SELECT 1 FROM outcomes WHERE outcomes.tenant = traces.tenant"
+        " AND outcomes.trace_external_id = traces.external_id AND outcomes.trace_id IS NULL)",
+        Boolean(),
+    )
     # One statement compiled once and cached; the rows go as executemany parameters, which
     # SQLAlchemy sends as multi-row INSERTs ("insertmanyvalues"), so a chunk is one round trip
     # without recompiling a 6,500-parameter VALUES clause per request.
     stmt = (
         upsert_insert(session, table)
         .on_conflict_do_nothing(index_elements=["tenant", "external_id"])
-        .returning(table.c.id, table.c.external_id, table.c.split)
+        .returning(table.c.id, table.c.external_id, table.c.split, outcome_waiting)
     )
     for chunk in _chunks(rows):
-        for row_id, ext, split in session.execute(stmt, list(chunk)):
+        for row_id, ext, split, waiting in session.execute(stmt, list(chunk)):
             out[ext] = (row_id, Split(split))
-    return out
+            if waiting:
+                awaited.add(ext)
+    return out, awaited
 
 
 def _row_values(

@@ -1,0 +1,88 @@
+"""Process caches of rows that rarely change (API keys, policies), exact on every request.
+
+Each cache belongs to a counter in ``cache_generations`` that database triggers bump in the
+transaction that changes its rows (migration 0007). A request reads every counter in one
+statement, its first (``generations``); a cache whose counter moved is emptied before use. So a
+revoked key is refused on the very next request in every process, and a request that finds what
+it needs cached makes no lookup round trip at all.
+
+Entries are loaded in the same transaction after the counters were read, so they are at least
+as new as the generation they are filed under; a change committed in between only empties the
+cache once more on the next request.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from typing import Generic, TypeVar, cast
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.db import first_statement
+from app.models import CacheGeneration
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+_SESSION_KEY = "cache.generations"
+_ABSENT = object()
+
+
+def generations(session: Session) -> dict[str, int]:
+    """Every counter, read once per transaction (by its first statement when the request's
+    dependencies ask first, as ``current_principal`` does)."""
+    held = session.info.get(_SESSION_KEY)
+    if held is not None and held[0] is session.get_transaction():
+        return dict(held[1])
+    rows = first_statement(session, lambda: session.execute(
+        select(CacheGeneration.name, CacheGeneration.generation)).tuples().all())
+    counters = dict(rows)
+    session.info[_SESSION_KEY] = (session.get_transaction(), counters)
+    return counters
+
+
+class GenerationCache(Generic[K, V]):
+    """Values by key for one counter, per database (tests and tools point one process at
+    several); "not found" is cached too, and the whole cache is dropped past ``max_entries`` so
+    a stream of unknown keys cannot grow it without bound."""
+
+    def __init__(self, counter: str, max_entries: int = 10_000) -> None:
+        self.counter = counter
+        self.max_entries = max_entries
+        self._lock = threading.Lock()
+        self._by_database: dict[str, tuple[int, dict[K, object]]] = {}
+
+    def get_many(
+        self, session: Session, keys: Iterable[K], load: Callable[[set[K]], dict[K, V]]
+    ) -> dict[K, V]:
+        """The values of ``keys`` that exist; ``load`` fetches the missing ones (returning only
+        those found) in ``session``'s transaction."""
+        wanted = set(keys)
+        generation = generations(session).get(self.counter)
+        if generation is None:  # a database without the counter: no caching, never stale
+            return load(wanted)
+        database = str(session.get_bind().engine.url)
+        with self._lock:
+            held_generation, entries = self._by_database.get(database, (generation, {}))
+            if held_generation != generation or len(entries) > self.max_entries:
+                entries = {}
+            self._by_database[database] = (generation, entries)
+            found: dict[K, object] = {k: entries[k] for k in wanted if k in entries}
+        missing = wanted - found.keys()
+        if missing:
+            loaded = load(missing)
+            fresh = {k: loaded.get(k, _ABSENT) for k in missing}
+            with self._lock:
+                # Filed only under the generation they were loaded at: a newer one already
+                # seen by another request wins.
+                current = self._by_database.get(database)
+                if current is not None and current[0] == generation:
+                    current[1].update(fresh)
+            found.update(fresh)
+        return {k: cast(V, v) for k, v in found.items() if v is not _ABSENT}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_database.clear()
