@@ -1,7 +1,7 @@
 """Process caches of rows that rarely change (API keys, policies), exact on every request.
 
 Each cache belongs to a counter in ``cache_generations`` that database triggers bump in the
-transaction that changes its rows (migration 0007). A request reads every counter in one
+transaction that changes its rows (migration 0008). A request reads every counter in one
 statement, its first (``generations``); a cache whose counter moved is emptied before use. So a
 revoked key is refused on the very next request in every process, and a request that finds what
 it needs cached makes no lookup round trip at all.

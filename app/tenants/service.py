@@ -3,20 +3,31 @@ redactor they call for."""
 
 from __future__ import annotations
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.audit import record
 from app.auth.service import Principal
+from app.cache import GenerationCache
 from app.db import upsert_insert, utcnow
 from app.models import Tenant
 from app.settings import get_settings
 from app.tenants.schemas import TenantOut, TenantUpdate
 from app.traces.redaction import RedactionMode, Redactor, hash_key
 
+# Read on every ingest: cached per process under the ``policies`` counter, which a trigger on
+# ``tenants`` bumps (migration 0008), so a mode change applies from the very next request.
+_modes: GenerationCache[str, RedactionMode] = GenerationCache("policies")
+
+
+def _load_modes(session: Session, names: set[str]) -> dict[str, RedactionMode]:
+    return dict(session.execute(
+        select(Tenant.name, Tenant.redaction_mode).where(Tenant.name.in_(names))).tuples().all())
+
 
 def redaction_mode(session: Session, tenant: str) -> RedactionMode:
-    row = session.get(Tenant, tenant)
-    return row.redaction_mode if row is not None else RedactionMode.mask
+    found = _modes.get_many(session, [tenant], lambda names: _load_modes(session, names))
+    return found.get(tenant, RedactionMode.mask)
 
 
 def redactor(mode: RedactionMode, tenant: str) -> Redactor | None:

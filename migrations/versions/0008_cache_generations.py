@@ -5,8 +5,8 @@ the first statement of every request; a changed counter empties that cache. Trig
 the transaction that changes the rows, so a revoked key fails on the very next request in every
 process, whoever revoked it (API, CLI, a worker, plain SQL), and no code path can forget to bump.
 
-``api_keys`` counts any change to ``api_keys``; ``policies`` any change to ``policies`` and the
-served names of ``snapshots`` (the ingest path maps a trace's ``model`` to its snapshot), but not
+``api_keys`` counts any change to ``api_keys``; ``policies`` any change to ``policies`` and
+``tenants`` (a tenant's redaction mode, read on every ingest) and the served names of ``snapshots`` (the ingest path maps a trace's ``model`` to its snapshot), but not
 snapshot status updates, which workers make often and which no cache holds.
 
 The counters start at a random value so that two databases (a dropped and recreated one under the
@@ -14,8 +14,8 @@ same URL) never share a generation. On SQLite, a later ``batch_alter_table`` on 
 ``policies`` or ``snapshots`` recreates the table and drops its triggers: such a migration must
 create them again (``tests/shells/api/test_cache_generations.py`` checks they exist at head).
 
-Revision ID: 0007_cache_generations
-Revises: 0006_outcome_precedence
+Revision ID: 0008_cache_generations
+Revises: 0007_tenant_redaction_mode
 Create Date: 2026-12-02 09:00:00
 """
 
@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0007_cache_generations"
-down_revision: str | None = "0006_outcome_precedence"
+revision: str = "0008_cache_generations"
+down_revision: str | None = "0007_tenant_redaction_mode"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -35,6 +35,7 @@ WATCHED: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("api_keys", "api_keys", None),
     ("policies", "policies", None),
     ("snapshots", "policies", ("served_name", "policy_id")),
+    ("tenants", "policies", None),
 )
 
 
