@@ -3,7 +3,7 @@
     db       schema migrations            keys      API keys
     api/up   serving                      demo      the whole loop on synthetic traces
     worker/beat/reaper/regenerate/train/tick       the pipeline (``pipeline``)
-    model/train-offline                            the learner on its own (``workers.learner``)
+    model    the bundled tiny model       train-offline  the learner on its own
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import typer
 from app.cli.db import db_cli
 from app.cli.demo import demo_app
 from app.cli.keys import keys_cli
+from app.cli.model import model_app
 from app.cli.pipeline import pipeline_app
 from app.cli.serve import serve_app
 from app.jobs.service import register_sender
 from app.observability import quiet_libraries
 from workers.celery_app import send_job
-from workers.learner.commands import model_app, train_offline
+from workers.learner.commands import train_offline
 
 cli = typer.Typer(help="tracelearn: better LoRA adapters from production traces.",
                   no_args_is_help=True)

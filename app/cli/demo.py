@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from app.cli.progress import console, progress_bar, stage_reporter
+from app.cli.progress import console, stage_progress
 from app.cli.serve import local_api
 from app.demo.service import run_demo
 from app.settings import get_settings
@@ -32,8 +32,8 @@ def demo_cmd(
     Posts traces over HTTP, regenerates, grades, trains one OAPL round, evaluates against the
     champion and gates; the candidate is left awaiting approval (or rejected, with the reason)
     on the dashboard."""
-    with progress_bar() as bar:
-        result = run_demo(get_settings(), stage_reporter(bar), url=url, serve=local_api, key=key,
+    with stage_progress() as report:
+        result = run_demo(get_settings(), report, url=url, serve=local_api, key=key,
                           n_traces=traces, group_size=group_size, max_tokens=max_tokens,
                           seed=seed)
     if result.error:

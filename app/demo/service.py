@@ -125,7 +125,7 @@ def run_demo(
     if get_database().settings is not settings:
         set_database(Database(settings))
     report("model", 0, 1)
-    prepare(settings, lambda done, total: report("model", done, total))
+    prepare(settings, lambda stage, done, total: report(f"model: {stage}", done, total))
     report("model", 1, 1)
 
     server = serve(settings) if url is None and serve is not None else nullcontext(url or "")
