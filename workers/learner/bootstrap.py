@@ -18,8 +18,8 @@ package (``workers.learner.bundled``), so a first start need not build at all.
 Sizes (parameters include the tied embedding) and build time on this 2-core CPU (each build
 records its own ``seconds_total`` in the model's ``bootstrap.json``):
     test   ~  60 k params, vocab 384,  ~10 s   (unit tests)
-    tiny   481 k params, vocab 768, 400 SFT steps × 32 demos of ~135 tokens: 472 s measured
-           with a CI run sharing the two cores (110% CPU), so about 4-5 minutes on an idle box
+    tiny   481 k params, vocab 768, 400 SFT steps × 32 demos of ~135 tokens: on one thread
+           (every build) 14 min with the box's load average near 9; shipped in the package
     small  ~ 4.6 M params, vocab 1024 (more capacity, slower benchmark)
 """
 
@@ -231,7 +231,15 @@ def bootstrap_model(
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cache))
         try:
-            _build(cfg, tmp, progress or (lambda stage, done, total: None))
+            threads = torch.get_num_threads()
+            # One thread: float sums come out in one order whatever the core count, so a rebuild
+            # is the same bytes (two threads gave other weights, with the same loss curve). It is
+            # also the quicker way through on a busy box (14 min vs 39 min measured).
+            torch.set_num_threads(1)
+            try:
+                _build(cfg, tmp, progress or (lambda stage, done, total: None))
+            finally:
+                torch.set_num_threads(threads)
             try:
                 os.rename(tmp, cached)
             except OSError:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 from workers.clinical import task
 
-CODE_VERSION = "bootstrap-2"
-"""Bumped whenever the build code changes what it produces; part of every cache key."""
+CODE_VERSION = "bootstrap-3"
+"""Bumped whenever the build code changes what it produces; part of every cache key.
+bootstrap-3: built on one thread (bitwise the same on any machine)."""
 
 
 @dataclass(frozen=True)
