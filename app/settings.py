@@ -76,8 +76,9 @@ class Settings(BaseSettings):
     # Model and serving
     base_model_dir: Path | None = Field(
         default=None,
-        description="Base model for new policies. Default: the bundled tiny model, built on first "
-        "use under `<data_dir>/models/tiny`.",
+        description="Base model for new policies. Default: the bundled tiny model, copied on first "
+        "use from the package to `<data_dir>/models/tiny` (built instead when the shipped copy "
+        "does not match the build recipe).",
     )
     model_cache: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "tracelearn" / "models",

@@ -4,7 +4,7 @@
     tenants  a tenant's settings (the PII redaction mode)
     api/up   serving                      demo      the whole loop on synthetic traces
     worker/beat/reaper/regenerate/train/tick       the pipeline (``pipeline``)
-    model/train-offline                            the learner on its own (``workers.learner``)
+    model    the bundled tiny model       train-offline  the learner on its own
     import/export                                  traces in other tools' formats (``transfer``)
 """
 
@@ -15,6 +15,7 @@ import typer
 from app.cli.db import db_cli
 from app.cli.demo import demo_app
 from app.cli.keys import keys_cli
+from app.cli.model import model_app
 from app.cli.pipeline import pipeline_app
 from app.cli.serve import serve_app
 from app.cli.tenants import tenants_cli
@@ -22,7 +23,7 @@ from app.cli.transfer import transfer_app
 from app.jobs.service import register_sender
 from app.observability import quiet_libraries
 from workers.celery_app import send_job
-from workers.learner.commands import model_app, train_offline
+from workers.learner.commands import train_offline
 
 cli = typer.Typer(help="tracelearn: better LoRA adapters from production traces.",
                   no_args_is_help=True)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from app.cli.progress import console, progress_bar, stage_reporter
+from app.cli.progress import console, stage_progress
 from app.cli.serve import local_api
 from app.demo.service import DEFAULT_POLICY, DemoRefused, run_demo
 from app.settings import get_settings
@@ -40,10 +40,10 @@ def demo_cmd(
     champion and gates; the candidate is left awaiting approval (or rejected, with the reason)
     on the dashboard."""
     try:
-        with progress_bar() as bar:
-            result = run_demo(get_settings(), stage_reporter(bar), url=url, serve=local_api,
-                              key=key, n_traces=traces, group_size=group_size,
-                              max_tokens=max_tokens, seed=seed, policy=policy,
+        with stage_progress() as report:
+            result = run_demo(get_settings(), report, url=url, serve=local_api, key=key,
+                              n_traces=traces, group_size=group_size, max_tokens=max_tokens,
+                              seed=seed, policy=policy,
                               say=lambda line: console.print(line, highlight=False))
     except DemoRefused as exc:
         console.print(f"[red]demo refused:[/red] {exc}", highlight=False)

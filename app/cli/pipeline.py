@@ -19,7 +19,7 @@ import typer
 from sqlalchemy import select
 
 from app.cli.processes import ALL_QUEUES, beat_argv, settings_env, worker_argv
-from app.cli.progress import console, progress_bar, stage_reporter
+from app.cli.progress import console, stage_progress
 from app.db import session_scope
 from app.errors import DomainError
 from app.jobs.service import run_job
@@ -82,9 +82,8 @@ def regenerate_cmd(
 ) -> None:
     """Regenerate and grade the policy's pending traces from its serving snapshot."""
     if wait:
-        with progress_bar() as bar:
-            result = run_policy_pipeline(policy, progress=stage_reporter(bar), train=False,
-                                         max_traces=limit)
+        with stage_progress() as report:
+            result = run_policy_pipeline(policy, progress=report, train=False, max_traces=limit)
         console.print(f"{result.groups_created} groups: {result.groups_graded} graded, "
                       f"{result.groups_failed} failed")
         return
@@ -131,12 +130,11 @@ def train_cmd(
     if not wait:
         console.print(f"training run {run_id} queued")
         return
-    with progress_bar() as bar:
-        task = bar.add_task(f"run {run_id}", total=None)
+    with stage_progress() as report:
 
         def handler(ctx: Any) -> dict[str, Any]:
             r = execute_run(run_id, check=ctx.check,
-                            progress=lambda s, t, m: bar.update(task, completed=s, total=t))
+                            progress=lambda s, t, m: report(f"run {run_id}", s, t))
             return {"status": r.status.value}
 
         outcome = run_job(job_id, handler)

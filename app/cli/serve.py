@@ -18,8 +18,8 @@ import typer
 import uvicorn
 
 from app.cli.processes import EmbeddedWorkers, start_embedded_workers
-from app.cli.progress import console, single_bar
-from app.install import model_build_needed, prepare
+from app.cli.progress import console, stage_progress
+from app.install import model_build_reason, prepare
 from app.main import create_app
 from app.settings import Settings, get_settings
 
@@ -96,9 +96,12 @@ def run_embedded(settings: Settings, host: str, port: int) -> None:
         raise CannotStart(f"port {port} on {host} is already in use; stop what listens there or "
                           "pass --port")
     lock = _claim_data_dir(settings)
-    if model_build_needed(settings):
-        with single_bar("building the bundled tiny model (first run only)") as update:
-            model_dir = prepare(settings, update)
+    build_reason = model_build_reason(settings)
+    if build_reason is not None:
+        console.print(f"building the bundled tiny model (first run only, a few minutes): "
+                      f"{build_reason}", markup=False, highlight=False)
+        with stage_progress("building the bundled model") as report:
+            model_dir = prepare(settings, report)
     else:
         model_dir = prepare(settings)
     handle: EmbeddedWorkers | None = start_embedded_workers(

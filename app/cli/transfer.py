@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from app.cli.progress import console, single_bar
+from app.cli.progress import console, stage_progress
 from app.db import get_database
 from app.settings import get_settings
 from app.transfer.service import ExportFormat, ImportFormat, export_file, import_file, operator
@@ -34,10 +34,11 @@ def import_command(
     batch_size: Annotated[int, typer.Option(help="Records per committed batch.")] = 500,
 ) -> None:
     """Import a file through the same path as HTTP ingest; running it again adds nothing."""
-    with single_bar(f"importing {file.name}") as update:
+    stage = f"importing {file.name}"
+    with stage_progress() as progress:
         report = import_file(get_database(), operator(tenant, "import"), file, format,
                              get_settings(), policy=policy, batch_size=batch_size,
-                             progress=update)
+                             progress=lambda done, total: progress(stage, done, total))
     for problem in report.problems:
         console.print(f"[yellow]{problem}[/yellow]", markup=False)
     typer.echo(json.dumps({"records": report.records, "created": report.created,
@@ -58,7 +59,8 @@ def export_command(
         "accepts), without outcomes and rollout groups.")] = False,
 ) -> None:
     """Export traces with their outcomes and graded rollout groups (rewards included)."""
-    with single_bar(f"exporting to {file.name}") as update:
+    stage = f"exporting to {file.name}"
+    with stage_progress() as progress:
         written = export_file(get_database(), tenant, file, format, policy=policy, bare=bare,
-                              progress=update)
+                              progress=lambda done, total: progress(stage, done, total))
     typer.echo(json.dumps({"traces": written, "file": str(file)}))

@@ -228,7 +228,7 @@ def run_demo(
             with httpx.Client(base_url=url, timeout=10, headers=_bearer(key)) as probe:
                 check_key(probe)
     report("model", 0, 1)
-    prepare(settings, lambda done, total: report("model", done, total))
+    prepare(settings, lambda stage, done, total: report(f"model: {stage}", done, total))
     report("model", 1, 1)
 
     server = serve(settings) if url is None and serve is not None else nullcontext(url or "")

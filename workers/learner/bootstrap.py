@@ -9,23 +9,23 @@ point: it rarely follows the contract and is rarely correct end-to-end. The demo
 the tokenizer) are written in the task's SEEN styles, mixed; the unseen style
 (``task.UNSEEN_STYLE``) is never shown to the model before evaluation.
 
-Results are cached by a content hash of (config, code version, task corpus version — which covers
-the set of styles) under
-``cache_dir`` (default ``$TRACELEARN_MODEL_CACHE`` or ``~/.cache/tracelearn/models``), so the
-second call with the same arguments returns in milliseconds.
+Results are cached by a content hash of the recipe (``workers.learner.recipe``: config, code
+version, task corpus version — which covers the set of styles) under ``cache_dir`` (default
+``~/.cache/tracelearn/models``; the service passes its ``model_cache`` setting), so the second call
+with the same arguments returns in milliseconds. The default recipe's build is also shipped in the
+package (``workers.learner.bundled``), so a first start need not build at all.
 
 Sizes (parameters include the tied embedding) and build time on this 2-core CPU (each build
 records its own ``seconds_total`` in the model's ``bootstrap.json``):
     test   ~  60 k params, vocab 384,  ~10 s   (unit tests)
-    tiny   481 k params, vocab 768, 400 SFT steps × 32 demos of ~135 tokens: 472 s measured
-           with a CI run sharing the two cores (110% CPU), so about 4-5 minutes on an idle box
+    tiny   481 k params, vocab 768, 400 SFT steps × 32 demos of ~135 tokens: on one thread
+           (every build) 14 min with the box's load average near 9; shipped in the package
     small  ~ 4.6 M params, vocab 1024 (more capacity, slower benchmark)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -34,7 +34,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from workers.clinical import task
+from workers.graders.contract import parse_answer
+from workers.inference.base import SamplingParams
 from workers.inference.chat import encode_prompt
+from workers.inference.local import LocalBackend
+from workers.learner.recipe import CODE_VERSION, SIZES, BootstrapConfig, ModelSize
 
-CODE_VERSION = "bootstrap-2"
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n"
@@ -53,52 +55,9 @@ CHAT_TEMPLATE = (
 )
 MANIFEST = "bootstrap.json"
 
-
-@dataclass(frozen=True)
-class ModelSize:
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-
-SIZES: dict[str, ModelSize] = {
-    "test": ModelSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=384),
-    "tiny": ModelSize(hidden=96, layers=4, heads=4, kv_heads=2, intermediate=256, vocab=768),
-    "small": ModelSize(hidden=256, layers=6, heads=8, kv_heads=2, intermediate=768, vocab=1024),
-}
-
-
-@dataclass(frozen=True)
-class BootstrapConfig:
-    size: str = "tiny"
-    """Key of ``SIZES``."""
-    seed: int = 0
-    """Seeds the demonstrations, the weight init and the SFT batch order."""
-    n_demos: int = 6000
-    """Noisy demonstrations (distinct cases from any benchmark split)."""
-    sft_steps: int = 400
-    """Optimizer steps of supervised warm-start."""
-    batch_size: int = 32
-    lr: float = 3e-3
-    """Peak AdamW learning rate (linear warm-up 5%, cosine decay to 10%)."""
-    call_noise: float = 0.15
-    """Probability that a demonstration's overall call is flipped."""
-
-    def __post_init__(self) -> None:
-        if self.size not in SIZES:
-            raise ValueError(f"unknown size {self.size!r}; choose from {sorted(SIZES)}")
-        if self.n_demos < 1 or self.sft_steps < 0 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"invalid bootstrap config: {self}")
-
-    def cache_key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        blob += (
-            CODE_VERSION + task.corpus_digest() + json.dumps(dataclasses.asdict(SIZES[self.size]))
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+BuildProgress = Callable[[str, int, int], None]
+"""progress(stage, done, total): "demonstrations", "tokenizer", "warm-start" (optimizer steps),
+"saving" — each reported when it starts (done 0) and when it ends (done == total)."""
 
 
 def default_cache_dir() -> Path:
@@ -168,7 +127,7 @@ def sft(
     data: list[tuple[list[int], list[int]]],
     cfg: BootstrapConfig,
     pad_id: int,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: BuildProgress | None = None,
 ) -> list[float]:
     """Completion-only next-token loss; returns the loss curve (one value per step)."""
     rng = random.Random(f"sft/{cfg.seed}")
@@ -208,22 +167,26 @@ def sft(
         sched.step()
         losses.append(float(loss.detach()))
         if progress is not None:
-            progress(step + 1, cfg.sft_steps, losses[-1])
+            progress("warm-start", step + 1, cfg.sft_steps)
     model.eval()
     return losses
 
 
-def _build(
-    cfg: BootstrapConfig, dest: Path, progress: Callable[[int, int, float], None] | None
-) -> None:
+def _build(cfg: BootstrapConfig, dest: Path, progress: BuildProgress) -> None:
     t0 = time.perf_counter()
+    progress("demonstrations", 0, cfg.n_demos)
     demos = demonstrations(cfg)
+    progress("demonstrations", cfg.n_demos, cfg.n_demos)
+    progress("tokenizer", 0, 1)
     tokenizer = train_tokenizer(demos, SIZES[cfg.size].vocab)
+    progress("tokenizer", 1, 1)
     t_tok = time.perf_counter() - t0
     model = build_model(SIZES[cfg.size], tokenizer, cfg.seed)
     data = [encode_demo(tokenizer, m, r) for m, r in demos]
+    progress("warm-start", 0, cfg.sft_steps)
     losses = sft(model, data, cfg, tokenizer.pad_token_id, progress)
     t_total = time.perf_counter() - t0
+    progress("saving", 0, 1)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(dest, safe_serialization=True)
@@ -246,13 +209,14 @@ def _build(
         "torch_threads": torch.get_num_threads(),
     }
     (dest / MANIFEST).write_text(json.dumps(info, indent=2, sort_keys=True))
+    progress("saving", 1, 1)
 
 
 def bootstrap_model(
     out: str | Path | None = None,
     config: BootstrapConfig | None = None,
     cache_dir: str | Path | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: BuildProgress | None = None,
 ) -> Path:
     """Build (or fetch from cache) the bundled model and return its directory.
 
@@ -267,7 +231,15 @@ def bootstrap_model(
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cache))
         try:
-            _build(cfg, tmp, progress)
+            threads = torch.get_num_threads()
+            # One thread: float sums come out in one order whatever the core count, so a rebuild
+            # is the same bytes (two threads gave other weights, with the same loss curve). It is
+            # also the quicker way through on a busy box (14 min vs 39 min measured).
+            torch.set_num_threads(1)
+            try:
+                _build(cfg, tmp, progress or (lambda stage, done, total: None))
+            finally:
+                torch.set_num_threads(threads)
             try:
                 os.rename(tmp, cached)
             except OSError:
@@ -291,3 +263,25 @@ def bootstrap_model(
 def bootstrap_info(model_dir: str | Path) -> dict[str, Any]:
     info: dict[str, Any] = json.loads((Path(model_dir) / MANIFEST).read_text())
     return info
+
+
+def baseline(
+    model_dir: str | Path, prompts: int, seed: int = 0, temperature: float = 1.0,
+    max_tokens: int = 80,
+) -> dict[str, Any]:
+    """How the model does before any training: one sample per held-out prompt (every style, the
+    unseen one included), the share whose last line is the exact contract and the share that is
+    also the right call."""
+    examples = task.generate(seed, prompts, "heldout", list(task.STYLES))
+    backend = LocalBackend(model_dir)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    outs = backend.generate([ex.messages for ex in examples], 1, params)
+    answers = [parse_answer(group[0].text) for group in outs]
+    return {
+        "prompts": prompts,
+        "seed": seed,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "parse_rate": sum(a is not None for a in answers) / prompts,
+        "correct": sum(a == ex.outcome for a, ex in zip(answers, examples, strict=True)) / prompts,
+    }

@@ -1,6 +1,6 @@
-"""Typer sub-apps for the learner: ``model_app`` (bootstrap) and ``train_app`` (offline training).
+"""Typer sub-app for the learner: ``train_app`` (offline training).
 
-Mounted by ``app/cli/__init__.py`` as ``tracelearn model …`` and ``tracelearn train-offline …``; also runnable
+Mounted by ``app/cli/__init__.py`` as ``tracelearn train-offline``; also runnable
 directly, which is how ``torchrun`` starts data-parallel training::
 
     python -m workers.learner.commands train --groups g.jsonl --base DIR --out DIR
@@ -19,7 +19,6 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-model_app = typer.Typer(help="The bundled tiny model.", no_args_is_help=True)
 train_app = typer.Typer(help="Train an adapter offline from graded rollout groups.")
 console = Console(stderr=True)
 
@@ -32,38 +31,6 @@ def _progress() -> Progress:
         TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(),
         console=console,
-    )
-
-
-@model_app.command("bootstrap")
-def bootstrap(
-    out: Annotated[Path, typer.Option(help="Directory to write the HF model + tokenizer to.")],
-    size: Annotated[str, typer.Option(help="test | tiny | small")] = "tiny",
-    seed: Annotated[int, typer.Option()] = 0,
-    sft_steps: Annotated[int | None, typer.Option(help="Override the SFT step count.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Build cache (content-hashed).")] = None,
-) -> None:
-    """Build the bundled model deterministically (or copy it from the cache) into OUT."""
-    from workers.learner.bootstrap import BootstrapConfig, bootstrap_info, bootstrap_model
-
-    kw: dict[str, Any] = {"size": size, "seed": seed}
-    if sft_steps is not None:
-        kw["sft_steps"] = sft_steps
-    try:
-        cfg = BootstrapConfig(**kw)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    with _progress() as prog:
-        task = prog.add_task("SFT warm-start", total=cfg.sft_steps, info="")
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            prog.update(task, completed=step, info=f"loss {loss:.3f}")
-
-        path = bootstrap_model(out, cfg, cache_dir=cache_dir, progress=on_step)
-    info = bootstrap_info(path)
-    console.print(
-        f"model at {path}: {info['n_params']:,} params, vocab {info['vocab_size']}, "
-        f"built in {info['seconds_total']} s"
     )
 
 
@@ -162,7 +129,6 @@ def train_offline(
 
 
 cli = typer.Typer(no_args_is_help=True)
-cli.add_typer(model_app, name="model")
 cli.add_typer(train_app, name="train")
 
 if __name__ == "__main__":

@@ -1,0 +1,63 @@
+"""What the bundled model is built from — the recipe — apart from how it is built
+(``workers.learner.bootstrap``), so that checking a shipped model against the current recipe loads
+neither transformers nor tokenizers (the API process of ``tracelearn up`` does this check)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from workers.clinical import task
+
+CODE_VERSION = "bootstrap-3"
+"""Bumped whenever the build code changes what it produces; part of every cache key.
+bootstrap-3: built on one thread (bitwise the same on any machine)."""
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+
+
+SIZES: dict[str, ModelSize] = {
+    "test": ModelSize(hidden=32, layers=2, heads=2, kv_heads=1, intermediate=64, vocab=384),
+    "tiny": ModelSize(hidden=96, layers=4, heads=4, kv_heads=2, intermediate=256, vocab=768),
+    "small": ModelSize(hidden=256, layers=6, heads=8, kv_heads=2, intermediate=768, vocab=1024),
+}
+
+
+@dataclass(frozen=True)
+class BootstrapConfig:
+    size: str = "tiny"
+    """Key of ``SIZES``."""
+    seed: int = 0
+    """Seeds the demonstrations, the weight init and the SFT batch order."""
+    n_demos: int = 6000
+    """Noisy demonstrations (distinct cases from any benchmark split)."""
+    sft_steps: int = 400
+    """Optimizer steps of supervised warm-start."""
+    batch_size: int = 32
+    lr: float = 3e-3
+    """Peak AdamW learning rate (linear warm-up 5%, cosine decay to 10%)."""
+    call_noise: float = 0.15
+    """Probability that a demonstration's overall call is flipped."""
+
+    def __post_init__(self) -> None:
+        if self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; choose from {sorted(SIZES)}")
+        if self.n_demos < 1 or self.sft_steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"invalid bootstrap config: {self}")
+
+    def cache_key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        blob += (
+            CODE_VERSION + task.corpus_digest() + json.dumps(dataclasses.asdict(SIZES[self.size]))
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
