@@ -125,7 +125,7 @@ def test_the_triggers_survive_to_head(database: Database) -> None:
             names = session.scalars(text(
                 "SELECT name FROM sqlite_master WHERE type = 'trigger'"
                 " AND name LIKE '%bump_cache%'")).all()
-    assert {n.split("_bump_cache")[0] for n in names} == {"api_keys", "policies", "snapshots"}
+    assert {n.split("_bump_cache")[0] for n in names} == {"api_keys", "policies", "snapshots", "tenants"}
 
 
 @pytest.mark.timeout(180)
