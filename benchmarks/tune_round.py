@@ -1,6 +1,6 @@
 """Tune one learner round for both algorithms, on validation prompts (same budget for each).
 
-    python -m benchmarks.tune_round [--prompts 128] [--group-size 8] [--val 256] [--samples 2]
+    python -m benchmarks.tune_round [--prompts 128] [--group-size 8] [--val 256] [--samples 2] [--resume]
 
 Samples one pool of baseline rollouts (train seed 0, the quality benchmark's headline row: 128
 prompts × 8, seen styles), then trains one round per grid point and scores it on the
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks._common import write_json
 from benchmarks.quality import (
     MAX_TOKENS,
     ROUND,
@@ -77,6 +78,9 @@ class TuneConfig:
     grid_keeps_zero_variance: bool = False
     """``keep_zero_variance_groups`` of the grid points; the best point is retried with the other
     value."""
+    resume: bool = False
+    """Skip the grid points ``tune_round.partial.json`` (written after every point) already has
+    for this same setup."""
 
 
 def val_score(
@@ -123,6 +127,15 @@ def trial(
     return out
 
 
+def resumed_trials(partial: Path, setup: dict[str, Any]) -> list[dict[str, Any]]:
+    """The grid points a cut-short run finished, when it ran the same setup (same grid, pool,
+    model, validation prompts); nothing otherwise."""
+    if not partial.is_file():
+        return []
+    held = json.loads(partial.read_text())
+    return list(held["trials"]) if held.get("setup") == setup else []
+
+
 def run(tc: TuneConfig, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     t_start = time.perf_counter()
     model_dir = bootstrap_model(
@@ -133,13 +146,25 @@ def run(tc: TuneConfig, out_dir: Path, log: Callable[[str], None] = print) -> di
                                SamplingParams(tc.max_tokens, 1.0, 0), grade)
     base = val_score(backend, val, tc.samples, tc.max_tokens)
     log(f"baseline val correct={base['correct']:.3f} parse={base['parse_rate']:.3f}")
-    trials: list[dict[str, Any]] = []
+    setup = {"grid": tc.grid, "round": ROUND, "pool": [tc.prompts, tc.group_size], "size": tc.size,
+             "model": model_dir.name, "val": [VALIDATION_SEED, tc.val, tc.samples],
+             "epochs": list(tc.epochs), "max_tokens": tc.max_tokens,
+             "grid_keeps_zero_variance": tc.grid_keeps_zero_variance}
+    partial = out_dir / "tune_round.partial.json"
+    trials = resumed_trials(partial, setup) if tc.resume else []
+    if trials:
+        log(f"resuming: {len(trials)} trial records from {partial}")
     for algo, grid in GRIDS[tc.grid].items():
         for hp in grid:
+            if any(t["algorithm"] == algo and all(t.get(k) == v for k, v in hp.items())
+                   for t in trials):
+                continue
             ts = trial(model_dir, backend, pool, val, algo,
                        hp | {"keep_zero_variance_groups": tc.grid_keeps_zero_variance},
                        tc.samples, tc.max_tokens, tc.epochs)
             trials.extend(ts)
+            # Every finished grid point is kept, so a run cut short loses at most one point.
+            write_json(partial, {"setup": setup, "baseline": base, "trials": trials})
             for t in ts:
                 log(f"{algo} {hp} epochs={t['epochs']}: " + (t.get("skipped") or (
                     f"correct={t['correct']:.3f} parse={t['parse_rate']:.3f} "
@@ -167,9 +192,10 @@ def run(tc: TuneConfig, out_dir: Path, log: Callable[[str], None] = print) -> di
            "grid": tc.grid, "round": ROUND, "pool": [tc.prompts, tc.group_size],
            "validation": {"seed": VALIDATION_SEED, "split": "validation", "n": tc.val,
                           "samples": tc.samples, "majority_rate": majority_rate(val_outcomes)},
-           "size": tc.size, "seconds": time.perf_counter() - t_start}
+           "size": tc.size, "model_dir": str(model_dir), "seconds": time.perf_counter() - t_start}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tune_round.json").write_text(json.dumps(out, indent=2))
+    partial.unlink(missing_ok=True)
     log(f"best: {json.dumps(best)} ({out['seconds'] / 60:.1f} min)")
     return out
 
@@ -185,9 +211,12 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=d.samples)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the grid points an interrupted run of the same setup finished")
     args = ap.parse_args()
     run(TuneConfig(size=args.size, cache_dir=args.cache_dir, grid=args.grid, prompts=args.prompts,
-                   group_size=args.group_size, val=args.val, samples=args.samples), args.out)
+                   group_size=args.group_size, val=args.val, samples=args.samples,
+                   resume=args.resume), args.out)
 
 
 if __name__ == "__main__":

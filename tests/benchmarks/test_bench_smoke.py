@@ -223,6 +223,23 @@ def test_tuning_script_writes_chosen_points_the_benchmark_reads(
     tuned = load_tuned(tmp_path / "tune_round.json")
     assert set(tuned["oapl"]) == {"lr", "beta2", "epochs", "keep_zero_variance_groups"}
     assert set(tuned["grpo"]) == {"lr", "epochs", "keep_zero_variance_groups"}
+    assert not (tmp_path / "tune_round.partial.json").exists()  # a finished run leaves none
+
+    # A run cut short after its first grid point: --resume keeps that point, trains the rest.
+    first_point = [t for t in saved["trials"] if t["algorithm"] == "oapl"][:2]
+    marked = [t | {"correct": 0.987} for t in first_point]
+    setup = {"grid": "smoke", "round": saved["round"], "pool": [4, 2], "size": "test",
+             "model": Path(saved["model_dir"]).name, "val": [7, 4, 1], "epochs": [1, 2],
+             "max_tokens": 12, "grid_keeps_zero_variance": True}
+    (tmp_path / "tune_round.partial.json").write_text(json.dumps(
+        {"setup": setup, "baseline": saved["baseline"], "trials": marked}))
+    seen: list[str] = []
+    run(TuneConfig(size="test", bootstrap_overrides=TINY, grid="smoke", prompts=4, group_size=2,
+                   val=4, samples=1, max_tokens=12, epochs=(1, 2),
+                   grid_keeps_zero_variance=True, resume=True), tmp_path, log=seen.append)
+    resumed = json.loads((tmp_path / "tune_round.json").read_text())
+    assert resumed["trials"][:2] == marked and len(resumed["trials"]) == 8
+    assert seen[1].startswith("resuming: 2 trial records")
 
 
 def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: Path) -> None:
