@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import time
@@ -100,3 +101,16 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path | None = Non
         if time.monotonic() - t0 > timeout_s:
             raise TimeoutError(f"{url}/healthz did not answer within {timeout_s:g} s:\n{tail()}")
         time.sleep(0.1)
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace_s: float = 15.0
+                 ) -> None:
+    """Ask ``proc`` to stop with ``sig``; kill it when it has not exited after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

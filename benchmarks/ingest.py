@@ -47,6 +47,7 @@ from benchmarks._common import (
     percentile,
     print_ratios,
     results_dir,
+    stop_process,
     wait_healthy,
     write_json,
 )
@@ -139,13 +140,8 @@ class Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, signal.SIGINT)
 
 
 class Profiler:

@@ -35,7 +35,14 @@ from typing import Any
 import httpx
 import psycopg
 
-from benchmarks._common import agg_backend, machine, print_ratios, results_dir, write_json
+from benchmarks._common import (
+    agg_backend,
+    machine,
+    print_ratios,
+    results_dir,
+    stop_process,
+    write_json,
+)
 from benchmarks._common import wait_healthy as _wait_healthy
 from benchmarks.ingest import PG_ADMIN_DSN, create_database, drop_database, setup
 
@@ -142,12 +149,7 @@ def run(connections: list[int], duration_s: int, out_dir: str | Path | None) -> 
                       f"{level.get('p50_ms')} ms p99 {level.get('p99_ms')} ms | healthz "
                       f"{healthz[-1]['requests_per_s']:.0f} req/s", flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
     finally:
         drop_database(name)
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -26,7 +26,7 @@ from app.db import Database, set_database
 from app.dependencies import rate_limiter
 from app.main import create_app
 from app.settings import Settings, set_settings
-from benchmarks._common import wait_healthy
+from benchmarks._common import stop_process, wait_healthy
 
 # .ci/run installs everything the suite needs (vLLM, Chromium, trl), so in CI a missing piece is a
 # failure: a skipped vLLM or browser test there would hide exactly what CI exists to prove.
@@ -38,6 +38,7 @@ pytest_plugins = [
     "tests.support.promotion",
     "tests.support.learner",
     "tests.support.dashboard",
+    "tests.support.live_api",
 ]
 
 
@@ -251,9 +252,4 @@ def api_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
         wait_healthy(url, proc, log_path, timeout_s=30)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)

@@ -42,14 +42,9 @@ def export_traces(
     body: bytes = Depends(raw_body),
     principal: Principal = Depends(receiver_principal),
 ) -> Response:
-    settings = get_settings()
-    kind = service.media_type_of(request.headers.get("content-type", ""))
-    body = service.decompress(body, request.headers.get("content-encoding", ""),
-                              settings.max_body_bytes)
-    result = service.ExportResult()
-    export = service.decode(body, kind, result)
-    result = service.ingest_request(session, principal, export, settings, result)
-    return Response(service.encode(result.response(), kind), media_type=kind)
+    answer, kind = service.receive(session, principal, body, request.headers.get("content-type", ""),
+                                   request.headers.get("content-encoding", ""), get_settings())
+    return Response(answer, media_type=kind)
 
 
 _LOGS_DESCRIPTION = (
@@ -70,11 +65,7 @@ def export_logs(
     body: bytes = Depends(raw_body),
     principal: Principal = Depends(receiver_principal),
 ) -> Response:
-    settings = get_settings()
-    kind = service.media_type_of(request.headers.get("content-type", ""))
-    body = service.decompress(body, request.headers.get("content-encoding", ""),
-                              settings.max_body_bytes)
-    result = service.ExportResult()
-    export = service.decode(body, kind, result, service.LOGS)
-    result = service.ingest_logs(session, principal, export, settings, result)
-    return Response(service.encode(result.logs_response(), kind), media_type=kind)
+    answer, kind = service.receive(session, principal, body, request.headers.get("content-type", ""),
+                                   request.headers.get("content-encoding", ""), get_settings(),
+                                   service.LOGS)
+    return Response(answer, media_type=kind)

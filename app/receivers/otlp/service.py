@@ -248,6 +248,23 @@ def encode(message: Message, kind: str) -> bytes:
 
 # -------------------------------------------------------------------------------------- ingest
 
+def receive(
+    session: Session, principal: Principal, body: bytes, content_type: str,
+    content_encoding: str, settings: Settings, signal: Signal = TRACES,
+) -> tuple[bytes, str]:
+    """One OTLP/HTTP export request, traces or logs, from raw body to the encoded answer (in
+    the request's own encoding) and its media type."""
+    kind = media_type_of(content_type)
+    body = decompress(body, content_encoding, settings.max_body_bytes)
+    result = ExportResult()
+    export = decode(body, kind, result, signal)
+    if signal is LOGS:
+        answer: Message = ingest_logs(session, principal, export, settings, result).logs_response()
+    else:
+        answer = ingest_request(session, principal, export, settings, result).response()
+    return encode(answer, kind), kind
+
+
 def spans(request: ExportTraceServiceRequest) -> Iterator[SpanView]:
     for resource_spans in request.resource_spans:
         resource = attributes(resource_spans.resource.attributes)

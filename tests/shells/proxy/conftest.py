@@ -4,7 +4,7 @@ to talk to."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,18 +37,6 @@ def api_url(
            "TRACELEARN_LOG_LEVEL": "WARNING", "TRACELEARN_RATE_LIMIT_PER_MINUTE": "0"}
     with api_process(env, tmp_path / "api.log") as url:
         yield url
-
-
-@pytest.fixture
-def key(make_key: Callable[..., str]) -> str:
-    return make_key(f"t-{uuid.uuid4().hex[:10]}", "ingest,read,admin")
-
-
-@pytest.fixture
-def http(api_url: str, key: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {key}"},
-                      timeout=120) as client:
-        yield client
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,11 +25,6 @@ TOOL_CALL = {"id": "call_1", "type": "function",
 @pytest.fixture
 def db_url(pg_url: str) -> str:
     return pg_url
-
-
-@pytest.fixture
-def key(make_key: Callable[..., str]) -> str:
-    return make_key(f"t-{uuid.uuid4().hex[:10]}", "ingest,read,admin")
 
 
 @pytest.fixture

@@ -61,18 +61,6 @@ def api_url(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
 
 
 @pytest.fixture
-def key(make_key: Callable[..., str]) -> str:
-    return make_key(f"t-{uuid.uuid4().hex[:10]}", "ingest,read,admin")
-
-
-@pytest.fixture
-def http(api_url: str, key: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {key}"},
-                      timeout=120) as client:
-        yield client
-
-
-@pytest.fixture
 def policy(http: httpx.Client) -> str:
     name = f"p-{uuid.uuid4().hex[:10]}"
     assert http.post("/v1/policies", json={"name": name, "redaction_enabled": False}
