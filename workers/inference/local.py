@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from workers.inference.base import AdapterRef, Completion, SamplingParams, UnknownAdapterError
-from workers.inference.chat import encode_prompt
+from workers.inference.chat import check_token_ids, embedding_rows, encode_prompt
 
 
 class LocalBackend:
@@ -104,6 +104,7 @@ class LocalBackend:
     ) -> list[list[Completion]]:
         model = self.model_for(adapter)
         prompt_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        check_token_ids(prompt_ids, embedding_rows(model))
         flat = [ids for ids in prompt_ids for _ in range(n)]
         gen = torch.Generator(device="cpu")
         if params.seed is not None:

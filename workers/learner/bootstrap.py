@@ -88,10 +88,14 @@ def train_tokenizer(
     )
     corpus = [m["content"] for msgs, _ in demos for m in msgs] + [r for _, r in demos]
     tok.train_from_iterator(corpus, trainer=trainer)
+    # Byte-level BPE never needs an unknown token. Saying so in tokenizer_config.json (null)
+    # matters: transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer, whose default
+    # unk "<|endoftext|>" would otherwise become id 768, one past the 768-row embedding.
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|end|>",
         pad_token="<|pad|>",
+        unk_token=None,
         chat_template=CHAT_TEMPLATE,
         model_max_length=1024,
     )

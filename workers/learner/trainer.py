@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from workers.inference.base import AdapterRef, InferenceBackend, SamplingParams
+from workers.inference.chat import check_token_ids, embedding_rows
 from workers.learner import adapters as adapter_io
 from workers.learner.data import (
     Batch,
@@ -317,6 +318,11 @@ def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Ten
     Scored at each row's sampling temperature, log softmax(logits / T), the distribution the
     sampler drew from and reported behaviour log-probs for: at θ = θ_ref the log-ratio is 0.
     """
+    rows = embedding_rows(model)
+    ids = batch.input_ids
+    # Two reductions instead of a host copy of the batch; the list walk only names the bad id.
+    if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < rows:
+        check_token_ids(ids.tolist(), rows)
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     logits = out.logits[:, :-1, :].float() / batch.temperature[:, None, None]  # (B, W-1, V)
     targets = batch.input_ids[:, 1:]
