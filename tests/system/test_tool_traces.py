@@ -1,7 +1,8 @@
 """A tool-calling trace end to end, on SQLite with the test-size model: in through POST /v1/traces,
 the Langfuse receiver and the OTLP/JSON receiver; regenerated (G completions from a prompt that
-renders the tool definitions, the call and its result); graded by the contract grader and by the
-tool-call grader; out through ``tracelearn export --format openai-jsonl`` with the rewards."""
+renders the tool definitions, the call and its result; the trainer encodes the same ids); graded
+by the contract grader and by the tool-call grader; out through ``tracelearn export --format
+openai-jsonl`` with the rewards."""
 
 from __future__ import annotations
 
@@ -13,19 +14,21 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import select, update
 from typer.testing import CliRunner
 
 from app.cli import cli
 from app.db import session_scope
-from app.models import GroupStatus, Policy, RolloutGroup, Trace
+from app.models import GroupStatus, Policy, RolloutGroup, Snapshot, Split, Trace
 from app.rollouts.service import grade_groups, regenerate
+from app.runs.training import _learner_groups
 from app.settings import get_settings
 from tests.support.seeding import build_model
 from workers.graders import get_grader
 from workers.inference.base import AdapterRef, Completion, SamplingParams
 from workers.inference.chat import encode_prompt
 from workers.inference.local import LocalBackend
+from workers.learner.data import flatten_groups
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -201,6 +204,19 @@ def test_a_tool_calling_trace_goes_in_three_ways_is_regenerated_graded_and_expor
             stored = {o.name: o.value for o in t.outcomes}
             assert get_grader(spec).grade(t.messages, right_answer, stored).reward == 1.0
             assert get_grader(spec).grade(t.messages, "no idea", stored).parse_ok is False
+
+    # The trainer encodes the same prompt ids the sampler did (its group query takes train-split
+    # traces; the split is drawn per trace at ingest, so all three are put in train here).
+    with session_scope() as s:
+        s.execute(update(Trace).where(Trace.id.in_(trace_ids)).values(split=Split.train))
+    with session_scope() as s:
+        policy_row = s.scalars(select(Policy).where(Policy.name == policy)).one()
+        snapshot = s.get(Snapshot, snapshot_id)
+        assert snapshot is not None
+        learner_groups = _learner_groups(s, policy_row, snapshot, None, True)
+    records = flatten_groups(learner_groups, backend.tokenizer, "oapl")
+    assert len(records) == 3 * G
+    assert {tuple(r.prompt_ids) for r in records} == {tuple(backend.prompt_ids[0])}
 
     out = tmp_path / "export.jsonl"
     result = CliRunner().invoke(cli, ["export", str(out), "--format", "openai-jsonl",
