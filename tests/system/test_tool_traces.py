@@ -23,6 +23,7 @@ from app.models import GroupStatus, Policy, RolloutGroup, Snapshot, Split, Trace
 from app.rollouts.service import grade_groups, regenerate
 from app.runs.training import _learner_groups
 from app.settings import get_settings
+from app.snapshots.evaluation import heldout_items
 from tests.support.seeding import build_model
 from workers.graders import get_grader
 from workers.inference.base import AdapterRef, Completion, SamplingParams
@@ -233,6 +234,16 @@ def test_a_tool_calling_trace_goes_in_three_ways_is_regenerated_graded_and_expor
         (group,) = line["tracelearn"]["groups"]
         assert group["grader_version"].startswith(grader)
         assert [r["reward"] for r in group["rollouts"]] == rewards[traces[ext].id]
+
+    # Held-out evaluation samples from the same rendering as regeneration.
+    with session_scope() as s:
+        s.execute(update(Trace).where(Trace.id.in_(trace_ids)).values(split=Split.heldout))
+    with session_scope() as s:
+        policy_row = s.scalars(select(Policy).where(Policy.name == policy)).one()
+        items, skipped = heldout_items(s, policy_row, 10)
+    assert skipped == 0 and len(items) == 3
+    assert {tuple(encode_prompt(backend.tokenizer, it.prompt or [])) for it in items} == {
+        tuple(backend.prompt_ids[0])}
     print(f"\n{grader}: rewards per way in "
           f"{ {ext: rewards[traces[ext].id] for ext in external_ids} } "
           f"({time.monotonic() - t0:.1f}s)")
