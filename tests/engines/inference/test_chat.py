@@ -8,6 +8,7 @@ from typing import Any
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from workers.graders import get_grader
 from workers.inference.chat import (
     TOOLS_ROLE,
     content_text,
@@ -112,3 +113,25 @@ def test_the_bundled_template_renders_the_tool_names_into_the_prompt_ids() -> No
         flatten_messages(TOOL_HISTORY), tokenize=False, add_generation_prompt=True)
     assert encode_prompt(tok, TOOL_HISTORY) == tok(
         render_prompt(tok, TOOL_HISTORY), add_special_tokens=False)["input_ids"]
+
+
+# A Hermes/Qwen-style template with tools support, rendered by transformers itself.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|system|>\n# Tools\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "<|end|>\n{% endif %}{% for m in messages %}<|{{ m.role }}|>\n{% if m.tool_calls %}"
+    "{% for c in m.tool_calls %}<tool_call>{\"name\": \"{{ c.function.name }}\", \"arguments\": "
+    "{{ c.function.arguments | tojson }}}</tool_call>{% endfor %}{% else %}{{ m.content }}"
+    "{% endif %}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_a_real_tools_template_renders_definitions_and_calls_the_tool_call_grader_reads() -> None:
+    raw = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, chat_template=TOOLS_TEMPLATE)
+    text = render_prompt(tok, with_tools(TOOL_HISTORY, TOOLS))
+    assert text.startswith("<|system|>\n# Tools\n" + json.dumps(TOOLS[0]))
+    call = '<tool_call>{"name": "lookup_ecog", "arguments": {"id": 7}}</tool_call>'
+    assert f"<|assistant|>\n{call}<|end|>\n<|tool|>\nECOG 1<|end|>\n<|assistant|>\n" in text
+    grader = get_grader({"kind": "tool_call", "name": "lookup_ecog", "arguments": {"id": 7}})
+    assert grader.grade([], call, None).reward == 1.0
