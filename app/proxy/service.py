@@ -51,6 +51,7 @@ from app.traces import service as traces
 from app.traces.schemas import RefusalPart, TextPart
 from app.traces.strings import describe, string_problems
 from workers.inference.base import SamplingParams, UnknownAdapterError
+from workers.inference.chat import with_tools
 from workers.inference.serving import (
     EngineCompletion,
     EngineError,
@@ -284,7 +285,9 @@ def _reload(route: Route) -> None:
 
 
 def generate(route: Route) -> Answer:
-    messages = engine_messages(route.body)
+    # The request's tools reach the model the way regeneration renders them (``with_tools``).
+    messages = with_tools(engine_messages(route.body), [
+        t.model_dump(mode="json", exclude_none=True) for t in route.body.tools or []])
 
     def call() -> EngineCompletion:
         try:

@@ -48,6 +48,7 @@ from app.policies.service import sampling_params
 from app.settings import get_settings
 from workers.graders import Grader, GradeResult
 from workers.inference.base import InferenceBackend
+from workers.inference.chat import with_tools
 from workers.learner.losses import oapl_soft_value
 
 log = logging.getLogger(__name__)
@@ -210,9 +211,13 @@ def regenerate(
             )
         )
         rows = session.execute(
-            select(Trace.id, Trace.messages).where(Trace.id.in_(trace_ids)).order_by(Trace.id)
+            select(Trace.id, Trace.messages, Trace.request)
+            .where(Trace.id.in_(trace_ids))
+            .order_by(Trace.id)
         ).all()
-        todo = [(int(r.id), list(r.messages)) for r in rows if r.id not in have]
+        # The request's tool definitions are part of the prompt (rendered by encode_prompt).
+        todo = [(int(r.id), with_tools(r.messages, (r.request or {}).get("tools")))
+                for r in rows if r.id not in have]
     out = RegenerateResult(traces_skipped=len(trace_ids) - len(todo))
     if not todo:
         return out

@@ -50,6 +50,7 @@ from app.policies.service import sampling_params, served_name
 from app.settings import get_settings
 from app.snapshots.evaluation import eval_job_key
 from app.snapshots.state import supersede_stale_candidates
+from workers.inference.chat import with_tools
 from workers.learner import adapters
 
 log = logging.getLogger(__name__)
@@ -249,7 +250,8 @@ def _learner_groups(
         groups.append(
             TrainingGroup(
                 group_id=str(g.id),
-                prompt_messages=list(traces[g.trace_id].messages),
+                prompt_messages=with_tools(traces[g.trace_id].messages,
+                                           (traces[g.trace_id].request or {}).get("tools")),
                 completions=completions,
                 reference=snapshot.served_name,
                 metadata={"trace_id": g.trace_id},

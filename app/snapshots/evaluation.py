@@ -41,7 +41,7 @@ from workers.evaluation.metrics import bootstrap_ci, pass_at_k
 from workers.evaluation.paired import mcnemar_exact, paired_bootstrap
 from workers.graders import Grader, GradeResult, MissingOutcomeError
 from workers.inference.base import AdapterRef, InferenceBackend, SamplingParams
-from workers.inference.chat import flatten_messages
+from workers.inference.chat import flatten_messages, with_tools
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,9 @@ class EvalItem:
     messages: list[dict[str, str]]
     outcome: dict[str, Any] | None
     metadata: dict[str, Any] = field(default_factory=dict)
+    prompt: list[dict[str, Any]] | None = None
+    """What the sampler is given: the trace's messages with its tools (``with_tools``), rendered
+    exactly as regeneration renders them; None: ``messages``. Graders read ``messages``."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def score(
     grader: Grader,
 ) -> list[ItemScores]:
     """Sample ``k`` completions per item with ``adapter`` and grade every one."""
-    outs = backend.generate([it.messages for it in items], k, params, adapter)
+    outs = backend.generate([it.prompt or it.messages for it in items], k, params, adapter)
     scored = []
     for item, completions in zip(items, outs, strict=True):
         samples = []
@@ -326,8 +329,9 @@ def heldout_items(
         if outcome_name and outcome_name not in outcomes:
             skipped += 1
             continue
-        messages = flatten_messages(t.messages)
-        items.append(EvalItem(t.external_id, messages, outcomes or None, dict(t.meta or {})))
+        items.append(EvalItem(
+            t.external_id, flatten_messages(t.messages), outcomes or None, dict(t.meta or {}),
+            prompt=with_tools(t.messages, (t.request or {}).get("tools"))))
         if len(items) >= max_items:
             break
     return items, skipped

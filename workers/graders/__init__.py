@@ -11,9 +11,11 @@ from workers.graders.base import (
 from workers.graders.contract import ContractGrader, parse_answer
 from workers.graders.judge import JudgeGrader
 from workers.graders.match import MatchGrader
+from workers.graders.tool_call import ToolCallGrader
 
 # Every built-in kind is known once the package is imported; match and judge register their
-# kinds (match, exact, regex, json_field, judge) as their modules load.
+# kinds (match, exact, regex, json_field, judge,
+# tool_call) as their modules load.
 register_grader("contract", ContractGrader)
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "JudgeGrader",
     "MatchGrader",
     "MissingOutcomeError",
+    "ToolCallGrader",
     "get_grader",
     "parse_answer",
     "register_grader",

@@ -22,6 +22,12 @@ from typing import Any, Protocol, runtime_checkable
 import httpx
 
 from workers.inference.base import AdapterRef, SamplingParams, UnknownAdapterError
+from workers.inference.chat import (
+    encode_prompt,
+    split_tools,
+    template_supports_tools,
+    tools_block,
+)
 from workers.inference.vllm_http import VllmUnavailable
 
 
@@ -134,8 +140,6 @@ class LocalServingEngine:
         ref = self._ref(model)
         with self.lock:
             out = self.backend.generate([messages], 1, params, ref)[0][0]
-            from workers.inference.chat import encode_prompt
-
             prompt_tokens = len(encode_prompt(self.backend.tokenizer, messages))
         return EngineCompletion(
             text=out.text,
@@ -197,14 +201,21 @@ class VllmServingEngine:
             base = self.backend.base_model
         except RuntimeError as exc:
             raise self._translate(exc) from exc
+        # The server applies the chat template, so tools go as its ``tools`` when the template
+        # renders them, else as the same system block ``encode_prompt`` uses.
+        chat, tools = split_tools(messages)
+        if tools and not template_supports_tools(self.backend.tokenizer):
+            chat = [tools_block(tools), *chat]
         body: dict[str, Any] = {
             "model": model or base,
-            "messages": messages,
+            "messages": chat,
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
         }
         if params.seed is not None:
             body["seed"] = params.seed
+        if tools and template_supports_tools(self.backend.tokenizer):
+            body["tools"] = tools
         return body
 
     def complete(

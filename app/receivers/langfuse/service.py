@@ -6,6 +6,9 @@ generation bodies are staged (merged, latest non-null value wins) in ``langfuse_
 until a generation has both input and output; then it is ingested through the traces service like
 any other trace (external_id = the generation id, so re-sent batches are idempotent).
 
+A generation's input is its messages, or ``{"messages", "tools", "tool_choice"}`` (how Langfuse's
+OpenAI integration logs a call with tools): the tool definitions are kept with the trace.
+
 Which policy a generation belongs to: ``metadata.policy`` on the generation or its trace, else a
 policy named like the generation's ``model``. Spans and events are acknowledged and not stored:
 they are not model calls.
@@ -178,6 +181,11 @@ def _trace_item(
     }
     if isinstance(body.get("model"), str):
         item["model"] = body["model"]
+    # Langfuse's OpenAI integration logs a call with tools as {"messages", "tools", "tool_choice"}.
+    request = _dict(body["input"])
+    for key in ("tools", "tool_choice", "parallel_tool_calls"):
+        if request.get(key) is not None:
+            item[key] = request[key]
     sampling = sampling_from(body.get("modelParameters"))
     if sampling:
         item["sampling_params"] = sampling

@@ -20,6 +20,7 @@ from workers.inference.base import (
     SamplingParams,
     UnknownAdapterError,
 )
+from workers.inference.chat import with_tools
 
 # float32 on both sides; different kernels (vLLM's CPU attention vs eager PyTorch) differ in the
 # last bits, which over a 2-layer model stays well under this per token.
@@ -30,6 +31,17 @@ PROMPTS = [
     [{"role": "system", "content": "Answer with the contract."},
      {"role": "user", "content": "Patient 9: 51 years. Will PFS exceed 180 days?"}],
 ]
+# A tool-using trace as regeneration builds it (``with_tools``): definitions, a call, its result.
+TOOL_PROMPT = with_tools(
+    [{"role": "user", "content": "Patient 7: PFS over 180 days?"},
+     {"role": "assistant", "content": None, "tool_calls": [
+         {"id": "c1", "type": "function",
+          "function": {"name": "lookup_ecog", "arguments": "{\"id\": 7}"}}]},
+     {"role": "tool", "tool_call_id": "c1", "content": "ECOG 1"}],
+    [{"type": "function", "function": {
+        "name": "lookup_ecog", "parameters": {"type": "object",
+                                              "properties": {"id": {"type": "integer"}}}}}],
+)
 
 
 @pytest.fixture(
@@ -73,10 +85,12 @@ def test_behaviour_logprobs_match_the_trainers(backend: InferenceBackend, model_
     from workers.learner.data import SequenceRecord, collate
     from workers.learner.trainer import sequence_logprobs
 
-    out = backend.generate(PROMPTS, 2, SamplingParams(max_tokens=10, temperature=1.0, seed=2))
+    prompts = [*PROMPTS, TOOL_PROMPT]
+    out = backend.generate(prompts, 2, SamplingParams(max_tokens=10, temperature=1.0, seed=2))
     tok = backend.tokenizer  # type: ignore[attr-defined]
+    assert "lookup_ecog" in tok.decode(encode_prompt(tok, TOOL_PROMPT))
     records, flat = [], []
-    for messages, group in zip(PROMPTS, out, strict=True):
+    for messages, group in zip(prompts, out, strict=True):
         for c in group:
             records.append(SequenceRecord(0, encode_prompt(tok, messages), c.token_ids,
                                           c.logprobs, c.logprob_sum, 0.0, 0.0, 1.0))

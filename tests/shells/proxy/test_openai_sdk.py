@@ -158,7 +158,7 @@ def test_a_streamed_first_answer_is_replayed_to_a_retry(sdk, policy):
     assert sdk.chat.completions.create(**args).choices[0].message.content == streamed
 
 
-def test_tools_and_tool_history_are_accepted_and_stored(sdk, http, policy):
+def test_tools_and_tool_history_are_accepted_stored_and_shown_to_the_model(sdk, http, policy):
     messages: Any = [
         *MESSAGES,
         {"role": "assistant", "content": None, "tool_calls": [
@@ -171,6 +171,11 @@ def test_tools_and_tool_history_are_accepted_and_stored(sdk, http, policy):
     trace = stored(http, out.id)
     assert trace["tools"] == [WEATHER_TOOL] and trace["tool_choice"] == "auto"
     assert trace["messages"] == messages
+    # The definitions reach the model (the bundled template has no tools support: a system block
+    # listing them, as regeneration renders them), so the prompt is longer than without them.
+    bare = sdk.chat.completions.create(model=policy, messages=messages, max_tokens=6)
+    assert out.usage is not None and bare.usage is not None
+    assert out.usage.prompt_tokens > bare.usage.prompt_tokens + 20
 
 
 def test_an_aborted_stream_is_recorded_untrainable_and_counted(api_url, key, http, policy):
