@@ -177,8 +177,8 @@ def summarise(traffic: Traffic, sampler: MemorySampler, database_url: str, polic
                                      .order_by(Snapshot.version))]
         runs = [{"id": r.id, "status": r.status.value, "started_at": iso(r.started_at),
                  "finished_at": iso(r.finished_at), "groups": len(r.trace_ids),
-                 "optimizer_steps": r.metrics.get("optimizer_steps"),
-                 "seconds": r.metrics.get("seconds")}
+                 "optimizer_steps": (r.metrics.get("summary") or {}).get("optimizer_steps"),
+                 "seconds": (r.metrics.get("summary") or {}).get("seconds")}
                 for r in s.scalars(select(TrainingRun).order_by(TrainingRun.id))]
         jobs = {status.value: n for status, n in s.execute(
             select(Job.status, func.count()).group_by(Job.status)).all()}
@@ -273,6 +273,7 @@ def main() -> None:
     log = data_dir / "up.log"
     data_dir.mkdir(parents=True, exist_ok=True)
 
+    at_start = machine()
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "app.cli", "up", "--port", str(port)],
                                 cwd=REPO, env=os.environ | env, stdout=out,
@@ -316,7 +317,7 @@ def main() -> None:
         result = summarise(traffic, sampler, database_url, policy, t_traffic) | {
             "minutes": args.minutes, "schedule": args.schedule, "min_groups": args.min_groups,
             "traces_per_s": args.batch / args.every_s, "healthz_after_s": round(healthy_s, 1),
-            "machine": machine(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+            "machine": at_start, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
