@@ -30,10 +30,13 @@ from workers.learner.adapters import load_verified, sha256_file
 # The stated tolerance of the torchrun test in tests/engines/learner/test_cli_ddp.py: two ranks
 # sum the same per-sequence gradients in another order, so the curves agree to fp32 rounding.
 LOSS_RTOL = 1e-4
-# Weights: looser than that test's 1e-5, because here one process trains with this process's
-# two threads and each rank with one (another matmul summation order too), and AdamW's early
-# steps (m̂/√v̂) magnify rounding in small gradient entries. Measured: 2.9e-5 at most.
-WEIGHT_ATOL = 1e-4
+# Weights: one process trains with this process's two threads and each rank with one (another
+# matmul summation order too), and AdamW's early steps (m̂/√v̂, about ±lr per entry whatever the
+# gradient's size) turn rounding in a near-zero gradient entry into a visible step. So: the mean
+# difference must be rounding-sized, and no entry may differ by more than 1% of the farthest
+# AdamW can move it (lr × steps). Measured: mean ~3e-8; max 2.9e-5 and 1.1e-4 on two runs.
+WEIGHT_MEAN_ATOL = 1e-6
+WEIGHT_MAX_SHARE_OF_MOVE = 0.01
 VARIED_GRADER = {"kind": "regex", "outcome": "pfs_gt_180d", "pattern": "(e)"}
 # 4 groups of 4, 2 groups per step: 8 sequences per step in micro-batches of 4, so each of two
 # ranks takes one micro-batch of every step.
@@ -128,8 +131,11 @@ def test_two_learner_processes_give_the_one_process_run_through_the_train_job(
     w1 = load_file(str(a1 / "adapter_model.safetensors"))
     w2 = load_file(str(a2 / "adapter_model.safetensors"))
     assert w1.keys() == w2.keys()
+    max_move = ROUND["lr"] * s1["optimizer_steps"]
     for k in w1:
-        assert (w1[k] - w2[k]).abs().max().item() < WEIGHT_ATOL, k
+        diff = (w1[k] - w2[k]).abs()
+        assert diff.mean().item() < WEIGHT_MEAN_ATOL, k
+        assert diff.max().item() < WEIGHT_MAX_SHARE_OF_MOVE * max_move, k
 
     learner = two.metrics["learner"]
     assert learner["processes"] == 2 and not psutil.pid_exists(learner["pid"])
