@@ -46,6 +46,7 @@ RESULTS = Path(__file__).parent / "results"
 VALIDATION_SEED = 7
 
 EPOCHS = (2, 4, 8)
+EXTEND_EPOCHS = (2, 4, 8, 12, 16)
 """Epoch counts scored per grid point. With a constant lr (no warm-up) the first e epochs of a
 run are exactly an e-epoch run (same permutations, same optimizer state), so one run of
 max(EPOCHS) epochs, scored after each epoch, covers every epoch count of the grid."""
@@ -53,6 +54,12 @@ GRIDS: dict[str, dict[str, list[dict[str, Any]]]] = {
     "full": {
         "oapl": [{"lr": lr, "beta2": b2} for lr, b2 in itertools.product((1e-3, 3e-3), (0.03, 0.1, 0.3))],
         "grpo": [{"lr": lr} for lr in (3e-4, 1e-3, 2e-3, 3e-3, 1e-2, 3e-2)],
+    },
+    # Past the edge of "full" (its OAPL best sat at its largest lr and epoch count), with as many
+    # new runs for GRPO as for OAPL; run with ``--merge``, scored up to 16 epochs.
+    "extend": {
+        "oapl": [{"lr": lr, "beta2": b2} for lr, b2 in itertools.product((5e-3, 1e-2), (0.03, 0.1))],
+        "grpo": [{"lr": lr} for lr in (5e-3, 7e-3, 1.5e-2, 2e-2)],
     },
     # Every code path, seconds per point: for checking the script, not for choosing.
     "smoke": {
@@ -81,6 +88,9 @@ class TuneConfig:
     resume: bool = False
     """Skip the grid points ``tune_round.partial.json`` (written after every point) already has
     for this same setup."""
+    merge: bool = False
+    """Add this grid's records to those of the ``tune_round.json`` already in the output folder
+    (same model, pool and validation prompts, checked) and choose the best over all of them."""
 
 
 def val_score(
@@ -136,10 +146,28 @@ def resumed_trials(partial: Path, setup: dict[str, Any]) -> list[dict[str, Any]]
     return list(held["trials"]) if held.get("setup") == setup else []
 
 
+def merged_trials(earlier: Path, tc: TuneConfig, model_name: str) -> list[dict[str, Any]]:
+    """The earlier ``tune_round.json`` (its trials tagged with its grid) for ``--merge``; refused
+    when it was not measured on the same model, pool and validation prompts."""
+    if not earlier.is_file():
+        raise SystemExit(f"--merge: no earlier results at {earlier}")
+    held = json.loads(earlier.read_text())
+    same = {"model": Path(held["model_dir"]).name == model_name,
+            "pool": held["pool"] == [tc.prompts, tc.group_size],
+            "validation": [held["validation"][k] for k in ("seed", "n", "samples")]
+            == [VALIDATION_SEED, tc.val, tc.samples]}
+    if not all(same.values()):
+        raise SystemExit(f"--merge: {earlier} differs in {[k for k, v in same.items() if not v]}")
+    grid = held["grid"]
+    return [{"grid": grid, "zero_variance": held["zero_variance"],
+             "trials": [t if "grid" in t else t | {"grid": grid} for t in held["trials"]]}]
+
+
 def run(tc: TuneConfig, out_dir: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     t_start = time.perf_counter()
     model_dir = bootstrap_model(
         config=BootstrapConfig(size=tc.size, **dict(tc.bootstrap_overrides)), cache_dir=tc.cache_dir)
+    earlier = merged_trials(out_dir / "tune_round.json", tc, model_dir.name) if tc.merge else []
     backend = LocalBackend(model_dir)
     val = items(VALIDATION_SEED, tc.val, "validation")
     pool = make_rollout_groups(backend, items(0, tc.prompts, "train"), tc.group_size,
@@ -171,12 +199,20 @@ def run(tc: TuneConfig, out_dir: Path, log: Callable[[str], None] = print) -> di
                     f"steps={t['optimizer_steps']} (run {t['run_seconds']:.0f}s)")))
     best: dict[str, dict[str, Any]] = {}
     zero_variance: dict[str, list[dict[str, Any]]] = {}
+    grids = [tc.grid] + ([earlier[0]["grid"]] if earlier else [])
+    if earlier:
+        trials = [t | {"grid": tc.grid} for t in trials] + [t for e in earlier for t in e["trials"]]
     for algo in GRIDS[tc.grid]:
         ran = [t for t in trials if t["algorithm"] == algo and t["correct"] is not None]
         if not ran:
             raise RuntimeError(f"no {algo} grid point could train: {trials[-1].get('skipped')}")
         top = max(ran, key=lambda t: t["correct"])
         hp = {k: top[k] for k in ("lr", "beta2", "epochs") if k in top}
+        held = [z for e in earlier for z in e["zero_variance"].get(algo, [])]
+        if held and all(held[0].get(k) == v for k, v in hp.items()):
+            zero_variance[algo] = held  # the best point did not move: its other-way run stands
+            best[algo] = max((t for t in held if t["correct"] is not None), key=lambda t: t["correct"])
+            continue
         other = trial(model_dir, backend, pool, val, algo,
                       {k: v for k, v in hp.items() if k != "epochs"}
                       | {"keep_zero_variance_groups": not tc.grid_keeps_zero_variance},
@@ -189,7 +225,7 @@ def run(tc: TuneConfig, out_dir: Path, log: Callable[[str], None] = print) -> di
     val_outcomes = [bool(p.outcome["value"]) for p in val if p.outcome is not None]
     out: dict[str, Any] = {
            "baseline": base, "trials": trials, "best": best, "zero_variance": zero_variance,
-           "grid": tc.grid, "round": ROUND, "pool": [tc.prompts, tc.group_size],
+           "grid": "+".join(grids), "round": ROUND, "pool": [tc.prompts, tc.group_size],
            "validation": {"seed": VALIDATION_SEED, "split": "validation", "n": tc.val,
                           "samples": tc.samples, "majority_rate": majority_rate(val_outcomes)},
            "size": tc.size, "model_dir": str(model_dir), "seconds": time.perf_counter() - t_start}
@@ -213,10 +249,16 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--resume", action="store_true",
                     help="keep the grid points an interrupted run of the same setup finished")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to the tune_round.json in --out (same model, pool, validation) and "
+                         "choose the best over both; the extend grid needs it")
     args = ap.parse_args()
+    if args.grid == "extend" and not args.merge:
+        ap.error("--grid extend only extends an earlier run: add --merge")
     run(TuneConfig(size=args.size, cache_dir=args.cache_dir, grid=args.grid, prompts=args.prompts,
                    group_size=args.group_size, val=args.val, samples=args.samples,
-                   resume=args.resume), args.out)
+                   resume=args.resume, merge=args.merge,
+                   epochs=EXTEND_EPOCHS if args.grid == "extend" else EPOCHS), args.out)
 
 
 if __name__ == "__main__":

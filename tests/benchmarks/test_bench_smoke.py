@@ -241,6 +241,22 @@ def test_tuning_script_writes_chosen_points_the_benchmark_reads(
     assert resumed["trials"][:2] == marked and len(resumed["trials"]) == 8
     assert seen[1].startswith("resuming: 2 trial records")
 
+    # --merge: a second grid's records join the first's, the best is chosen over both, and a
+    # best point that did not move keeps its zero-variance retrial instead of training again.
+    merged_log: list[str] = []
+    run(TuneConfig(size="test", bootstrap_overrides=TINY, grid="smoke", prompts=4, group_size=2,
+                   val=4, samples=1, max_tokens=12, epochs=(1, 2),
+                   grid_keeps_zero_variance=True, merge=True), tmp_path, log=merged_log.append)
+    merged = json.loads((tmp_path / "tune_round.json").read_text())
+    assert merged["grid"] == "smoke+smoke" and len(merged["trials"]) == 16
+    assert all(t["grid"] == "smoke" for t in merged["trials"])
+    assert merged["best"]["oapl"]["correct"] == 0.987
+    assert merged["zero_variance"]["oapl"] == resumed["zero_variance"]["oapl"]
+    with pytest.raises(SystemExit, match="differs in"):
+        run(TuneConfig(size="test", bootstrap_overrides=TINY, grid="smoke", prompts=5,
+                       group_size=2, val=4, samples=1, max_tokens=12, epochs=(1, 2),
+                       merge=True), tmp_path, log=lambda _: None)
+
 
 def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: Path) -> None:
     from benchmarks.quality import QualityConfig, keep_previous
