@@ -29,6 +29,7 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError, Message
+from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
     ExportLogsServiceRequest,
     ExportLogsServiceResponse,
@@ -238,6 +239,24 @@ def _base64_ids(span: dict[str, Any]) -> dict[str, Any]:
     if links:
         out["links"] = links
     return out
+
+
+# google.rpc.Code for the HTTP statuses a receiver answers (OTLP/HTTP: the body of a 4xx or 5xx
+# is a google.rpc.Status; its code is informative, the HTTP status decides the retry).
+_RPC_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 409: 6, 413: 8, 415: 3, 422: 3, 429: 8, 503: 14}
+
+
+def error_media_type(content_type: str) -> str:
+    """The encoding of an error answer: JSON for a JSON request, protobuf otherwise (what the
+    specification's default exporters send)."""
+    return media_type(content_type) or PROTOBUF
+
+
+def error_status(http_status: int, message: str, kind: str) -> bytes:
+    """A ``google.rpc.Status`` for a refused request, in encoding ``kind``."""
+    status = RpcStatus(code=_RPC_CODES.get(http_status, 13 if http_status >= 500 else 2),
+                       message=printable(message))
+    return encode(status, kind)
 
 
 def encode(message: Message, kind: str) -> bytes:

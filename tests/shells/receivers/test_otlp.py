@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from google.protobuf import json_format
+from google.rpc.status_pb2 import Status as RpcStatus
 from opentelemetry._logs import LogRecord
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.exporter.otlp.proto.http import Compression
@@ -282,20 +283,45 @@ def test_the_policy_can_be_the_model_name(api_url, key, http):
     assert got is not None and got["policy"] == name
 
 
+def rpc_status(answer: httpx.Response) -> RpcStatus:
+    """The google.rpc.Status OTLP/HTTP puts in a 4xx/5xx body, decoded by its content type."""
+    if answer.headers["content-type"].startswith("application/json"):
+        return json_format.Parse(answer.text, RpcStatus())
+    assert answer.headers["content-type"] == "application/x-protobuf"
+    return RpcStatus.FromString(answer.content)
+
+
 def test_auth_needs_an_ingest_key(api_url, make_key, tenant):
     spans = record(tool_calling_chat, policy="x")
-    assert post_protobuf(api_url, "tl_nope_nope", spans).status_code == 401
-    assert post_protobuf(api_url, make_key(tenant, "read"), spans).status_code == 403
+    unknown = post_protobuf(api_url, "tl_nope_nope", spans)
+    assert unknown.status_code == 401
+    assert rpc_status(unknown).code == 16 and "Authorization" in rpc_status(unknown).message
+    read_only = post_protobuf(api_url, make_key(tenant, "read"), spans)
+    assert read_only.status_code == 403
+    assert rpc_status(read_only).code == 7 and "ingest" in rpc_status(read_only).message
 
 
 def test_an_undecodable_body_is_a_400_and_an_unknown_encoding_a_415(api_url, key):
+    """Refusals answer OTLP/HTTP's google.rpc.Status in the request's encoding, not
+    problem+json."""
     auth = {"Authorization": f"Bearer {key}"}
     bad = httpx.post(f"{api_url}/otlp/v1/traces", content=b"\xff\xff\xff",
                      headers=auth | {"Content-Type": "application/x-protobuf"})
     assert bad.status_code == 400
+    assert rpc_status(bad).code == 3
+    assert "not an ExportTraceServiceRequest" in rpc_status(bad).message
+    bad_json = httpx.post(f"{api_url}/api/public/otel/v1/logs", content=b"{nope",
+                          headers=auth | {"Content-Type": "application/json"})
+    assert bad_json.status_code == 400
+    assert rpc_status(bad_json).message == "the body is not JSON"
+    not_gzip = httpx.post(f"{api_url}/otlp/v1/traces", content=b"plain",
+                          headers=auth | {"Content-Type": "application/json",
+                                          "Content-Encoding": "gzip"})
+    assert not_gzip.status_code == 400 and rpc_status(not_gzip).message == "the body is not valid gzip"
     odd = httpx.post(f"{api_url}/otlp/v1/traces", content=b"x",
                      headers=auth | {"Content-Type": "text/plain"})
     assert odd.status_code == 415
+    assert rpc_status(odd).code == 3 and "text/plain" in rpc_status(odd).message
 
 
 def json_request(policy: str, span_id: str, name: str = "chat gpt-4o") -> dict[str, Any]:
