@@ -1,11 +1,13 @@
-"""Retention: delete traces older than ``settings.retention_days``.
+"""Retention: delete traces older than ``settings.retention_days``, and receiver pieces that
+waited longer than ``settings.staging_retention_hours`` for their other half.
 
 Each trace goes the way ``DELETE /v1/traces/{id}`` takes it (``traces.service.delete_trace``):
 its rollouts, groups and outcomes go with it, and a ``trace.delete`` audit event records which
 training runs, and so which adapters, were trained on it, because the adapters themselves stay.
 One ``retention.purge`` event per tenant summarises the pass.
 
-Call ``purge_expired(session, settings)`` from the CLI or a scheduled job; the caller commits.
+``retention_pass(settings)`` is one pass in its own transaction: beat sends it every
+``retention_interval_s`` (``tracelearn.retention``), ``tracelearn retention`` runs it by hand.
 Deletion proceeds in batches (oldest first) so a long backlog is not one giant statement.
 """
 
@@ -14,13 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.audit import record
 from app.auth.service import Principal, Scope
-from app.db import utcnow
-from app.models import Trace
+from app.db import session_scope, utcnow
+from app.models import LangfuseObservation, Trace, TrainingRun
 from app.settings import Settings
 from app.traces.service import delete_trace
 
@@ -45,10 +47,13 @@ class RetentionReport:
     # Training runs and adapters (snapshots) that had seen a now-deleted trace.
     training_run_ids: list[int] = field(default_factory=list)
     adapter_snapshot_ids: list[int] = field(default_factory=list)
+    staged_deleted: int = 0
+    """Receiver pieces (``langfuse_observations`` rows) deleted for waiting too long."""
 
     def as_dict(self) -> dict[str, object]:
         return {
             "cutoff": self.cutoff.isoformat() if self.cutoff else None,
+            "staged_deleted": self.staged_deleted,
             "deleted": self.deleted,
             "rollouts_deleted": self.rollouts_deleted,
             "by_tenant": dict(self.by_tenant),
@@ -117,9 +122,30 @@ def purge_expired(
     return report
 
 
-def _adapters_of_runs(session: Session, run_ids: set[int]) -> set[int]:
-    from app.models import TrainingRun
+def purge_staged(session: Session, settings: Settings, *, now: datetime | None = None) -> int:
+    """Delete the receiver pieces not updated for ``staging_retention_hours``: a Langfuse
+    generation whose output never came, OTLP log events whose span never came, a content-less
+    span's staging row (its trace stays, only late events can no longer fill it in). Returns the
+    number deleted."""
+    cutoff = (now or utcnow()) - timedelta(hours=settings.staging_retention_hours)
+    ids = list(session.scalars(
+        select(LangfuseObservation.id).where(LangfuseObservation.updated_at < cutoff)))
+    for start in range(0, len(ids), 1000):
+        session.execute(delete(LangfuseObservation)
+                        .where(LangfuseObservation.id.in_(ids[start:start + 1000])))
+    return len(ids)
 
+
+def retention_pass(settings: Settings, *, limit: int | None = None) -> RetentionReport:
+    """One retention pass, committed: expired traces (when ``retention_days`` is set), then
+    stale receiver pieces."""
+    with session_scope() as session:
+        report = purge_expired(session, settings, limit=limit)
+        report.staged_deleted = purge_staged(session, settings)
+    return report
+
+
+def _adapters_of_runs(session: Session, run_ids: set[int]) -> set[int]:
     if not run_ids:
         return set()
     return {

@@ -72,6 +72,17 @@ class Settings(BaseSettings):
     retention_days: int | None = Field(
         default=None, ge=1, description="Delete traces older than this many days (None: keep)."
     )
+    staging_retention_hours: float = Field(
+        default=168.0, gt=0,
+        description="Receiver pieces still waiting for their other half (a Langfuse observation "
+        "without its input or output, OTLP log events whose span never came, a span stored "
+        "without content kept for late events) are deleted this long after their last update.",
+    )
+    retention_interval_s: int = Field(
+        default=3600, ge=60,
+        description="How often beat runs the retention pass (expired traces, then stale "
+        "receiver pieces); `tracelearn retention` runs one by hand.",
+    )
 
     # Model and serving
     base_model_dir: Path | None = Field(

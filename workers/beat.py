@@ -94,7 +94,12 @@ def static_entries() -> dict[str, dict[str, Any]]:
             "task": "tracelearn.reap",
             "schedule": float(get_settings().reaper_interval_s),
             "options": {"queue": "maintenance"},
-        }
+        },
+        "retention": {
+            "task": "tracelearn.retention",
+            "schedule": float(get_settings().retention_interval_s),
+            "options": {"queue": "maintenance"},
+        },
     }
 
 

@@ -33,6 +33,7 @@ TASK_QUEUES = {
     "tracelearn.promote": "promote",
     "tracelearn.policy_tick": "maintenance",
     "tracelearn.reap": "maintenance",
+    "tracelearn.retention": "maintenance",
 }
 
 

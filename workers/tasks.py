@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from app.jobs.service import RunOutcome, run_job
+from app.retention import retention_pass
 from app.rollouts.service import handle_grade_job, handle_rollout_job
 from app.runs.training import handle_train_job
 from app.schedules.service import maintenance, tick_policy
+from app.settings import get_settings
 from app.snapshots.evaluation import handle_eval_job
 from app.snapshots.promotion import handle_promote_job
 from workers.celery_app import app as celery
@@ -52,3 +54,8 @@ def policy_tick(policy_id: int) -> dict[str, Any]:
 @celery.task(name="tracelearn.reap", acks_late=True)
 def reap_expired() -> dict[str, Any]:
     return maintenance().as_dict()
+
+
+@celery.task(name="tracelearn.retention", acks_late=True)
+def retention() -> dict[str, Any]:
+    return retention_pass(get_settings()).as_dict()

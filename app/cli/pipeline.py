@@ -6,6 +6,7 @@
     tracelearn regenerate --policy NAME [--wait]  enqueue (or run here) regeneration + grading
     tracelearn train --policy NAME [--no-wait]    start a run and follow it with a progress bar
     tracelearn tick --policy NAME                 one scheduler tick by hand (what cron calls)
+    tracelearn retention [--limit N]              one retention pass (beat runs it hourly)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from app.db import session_scope
 from app.errors import DomainError
 from app.jobs.service import run_job
 from app.models import Policy, TrainingRun
+from app.retention import retention_pass
 from app.rollouts.service import plan_regeneration
 from app.runs.pipeline import run_policy_pipeline
 from app.runs.training import execute_run, start_run, train_job
@@ -72,6 +74,15 @@ def reaper(
         if once:
             return
         time.sleep(interval)
+
+
+@pipeline_app.command("retention")
+def retention_cmd(
+    limit: Annotated[int | None, typer.Option(help="Delete at most this many traces.")] = None,
+) -> None:
+    """Delete traces older than `retention_days` (with their rollouts; audited) and receiver
+    pieces older than `staging_retention_hours`; what beat runs every `retention_interval_s`."""
+    typer.echo(json.dumps(retention_pass(get_settings(), limit=limit).as_dict(), indent=2))
 
 
 @pipeline_app.command("regenerate")

@@ -16,6 +16,7 @@ from sqlalchemy import func, insert, select, update
 from app.db import Database, utcnow
 from app.models import (
     AuditEvent,
+    LangfuseObservation,
     Outcome,
     Policy,
     Rollout,
@@ -28,8 +29,9 @@ from app.models import (
     TrainingRun,
     training_run_groups,
 )
-from app.retention import ACTOR, purge_expired
+from app.retention import ACTOR, purge_expired, retention_pass
 from app.settings import Settings
+from workers.beat import static_entries
 
 from ._helpers import trace_body
 
@@ -164,3 +166,29 @@ def test_a_limited_pass_deletes_the_oldest_first_and_the_next_pass_continues(
     assert second.deleted == 3
     with database.session() as s:
         assert list(s.scalars(select(Trace.id).where(Trace.id.in_(ids)))) == []
+
+
+def test_receiver_pieces_waiting_too_long_are_purged_and_fresh_ones_kept(
+    database: Database, settings: Settings, tenant: str,
+) -> None:
+    """A Langfuse generation whose output never came, OTLP events whose span never came: the
+    retention pass (what beat sends every ``retention_interval_s``) deletes them once they are
+    older than ``staging_retention_hours``, and leaves the ones still waiting."""
+    now = utcnow()
+    rows = {"stale-gen": ("generation", now - timedelta(hours=200)),
+            "stale-events": ("otel-events", now - timedelta(hours=169)),
+            "fresh-gen": ("generation", now - timedelta(hours=167))}
+    with database.session() as s:
+        s.add_all(LangfuseObservation(tenant=tenant, kind=kind, lf_id=lf_id, body={},
+                                      created_at=at, updated_at=at)
+                  for lf_id, (kind, at) in rows.items())
+    assert settings.staging_retention_hours == 168
+    report = retention_pass(settings)
+    assert report.staged_deleted >= 2 and report.deleted == 0  # retention_days unset: traces kept
+    with database.session() as s:
+        left = set(s.scalars(select(LangfuseObservation.lf_id)
+                             .where(LangfuseObservation.tenant == tenant)))
+    assert left == {"fresh-gen"}
+    assert static_entries()["retention"] == {
+        "task": "tracelearn.retention", "schedule": float(settings.retention_interval_s),
+        "options": {"queue": "maintenance"}}
