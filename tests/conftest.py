@@ -249,7 +249,8 @@ def api_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc, log_path, timeout_s=30)
+        # Generous: a loaded 2-core machine has taken over 30 s to import and start.
+        wait_healthy(url, proc, log_path, timeout_s=90)
         yield url
     finally:
         stop_process(proc)

@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.auth.service import Principal
@@ -92,9 +93,7 @@ def export_traces(
     body: bytes = Depends(raw_body),
     principal: Principal = Depends(receiver_principal),
 ) -> Response:
-    answer, kind = service.receive(session, principal, body, request.headers.get("content-type", ""),
-                                   request.headers.get("content-encoding", ""), get_settings())
-    return Response(answer, media_type=kind)
+    return _receive(request, session, body, principal, service.TRACES)
 
 
 _LOGS_DESCRIPTION = (
@@ -115,7 +114,12 @@ def export_logs(
     body: bytes = Depends(raw_body),
     principal: Principal = Depends(receiver_principal),
 ) -> Response:
+    return _receive(request, session, body, principal, service.LOGS)
+
+
+def _receive(request: Request, session: Session, body: bytes, principal: Principal,
+             signal: service.Signal) -> Response:
     answer, kind = service.receive(session, principal, body, request.headers.get("content-type", ""),
                                    request.headers.get("content-encoding", ""), get_settings(),
-                                   service.LOGS)
+                                   signal)
     return Response(answer, media_type=kind)
