@@ -5,13 +5,14 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, Query
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from app.auth.service import Principal, Scope
 from app.dependencies import SessionDep, require
 from app.models import Split
 from app.problems import problem_json
 from app.settings import get_settings
-from app.traces import service
+from app.traces import group_commit, service
 from app.traces.schemas import (
     BatchResult,
     DeletedTrace,
@@ -47,19 +48,20 @@ _SINGLE_STATUS = {ItemStatus.created: 201, ItemStatus.duplicate: 200}
         422: {"description": "Invalid trace or unknown policy"},
     },
 )
-def ingest_traces(
+async def ingest_traces(
     session: SessionDep,
     body: TraceIn | TraceBatchIn = Body(...),
     principal: Principal = Depends(require(Scope.ingest)),
 ) -> JSONResponse:
     settings = get_settings()
     if isinstance(body, TraceBatchIn):
-        batch = service.ingest(session, principal, body.traces, settings)
+        batch = await run_in_threadpool(service.ingest, session, principal, body.traces,
+                                        settings)
         return JSONResponse(batch.model_dump(mode="json"), status_code=207)
     # Python mode: a JSON-mode dump would replace a lone surrogate in a metadata key with U+FFFD
     # and hide it from the string check.
     raw: dict[str, Any] = body.model_dump(mode="python", exclude_unset=True)
-    result = service.ingest(session, principal, [raw], settings).results[0]
+    result = await group_commit.ingest_one(session, principal, raw, settings)
     if result.status in _SINGLE_STATUS:
         return JSONResponse(result.model_dump(mode="json"),
                             status_code=_SINGLE_STATUS[result.status])
