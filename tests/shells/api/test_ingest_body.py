@@ -25,9 +25,10 @@ def test_a_lone_surrogate_escape_reaches_the_string_check() -> None:
 def test_a_big_integer_in_metadata_is_stored_exactly(
     client: TestClient, admin_headers: dict[str, str], policy_name: str
 ) -> None:
-    body = ('{"external_id": "big", "policy": "%s", "messages": [{"role": "user", '
-            '"content": "q"}], "response": "a", "metadata": {"n": 123456789012345678901234567890}}'
-            % policy_name)
+    big = "123456789012345678901234567890"
+    body = json.dumps({"external_id": "big", "policy": policy_name, "response": "a",
+                       "messages": [{"role": "user", "content": "q"}],
+                       "metadata": {"n": "BIG"}}).replace('"BIG"', big)
     r = client.post("/v1/traces", content=body, headers={**admin_headers, **JSON})
     assert r.status_code == 201, r.text
     stored = client.get(f"/v1/traces/{r.json()['id']}", headers=admin_headers)
