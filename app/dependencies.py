@@ -7,7 +7,7 @@ import binascii
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -85,7 +85,7 @@ def current_principal(
     return principal
 
 
-def require(scope: Scope) -> Callable[..., Principal]:
+def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
     """A dependency that admits only keys holding ``scope`` (admin holds every scope)."""
 
     # Async though it awaits nothing: FastAPI runs a sync dependency in the threadpool, a
