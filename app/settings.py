@@ -65,9 +65,10 @@ class Settings(BaseSettings):
     )
     group_commit_window_ms: float = Field(
         default=2.0, ge=0.0, le=100.0,
-        description="How long the writer waits for more traces after the first of a group "
-        "(milliseconds). It is the most a lone request waits; under load the group also takes "
-        "every trace that arrived while the previous commit ran. 0: no waiting, only those.",
+        description="How long the writer holds a group open for more traces after its first "
+        "(milliseconds), and only while other requests are preparing one: a lone request does "
+        "not wait. A group also takes every trace queued while the previous commit ran. 0: no "
+        "waiting, only those.",
     )
     group_commit_max_items: int = Field(
         default=256, ge=1, le=5000,

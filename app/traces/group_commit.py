@@ -10,8 +10,9 @@ The life of a single trace on Postgres::
     ended (its connection back to the pool)
     queue the row, await its future  ---------------------> take the first row waiting, then
                                                             every row that arrives within
-                                                            ``group_commit_window_ms`` (at
-                                                            most ``group_commit_max_items``)
+                                                            ``group_commit_window_ms`` while
+                                                            more are on their way (at most
+                                                            ``group_commit_max_items``)
                                                             store(): one multi-row INSERT …
                                                             ON CONFLICT … RETURNING; COMMIT
     answered with its own result     <--------------------- every future settled after that
@@ -73,14 +74,39 @@ class GroupWriter:
         self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        # Requests validating a trace that will join a group: the writer holds a group open
+        # (up to the window) only while one is on its way, so a lone request never waits.
+        self._arriving = 0
+        self._arrivals = threading.Lock()
+
+    def announce(self) -> None:
+        """A request is preparing a row for the queue; ``write`` or ``withdraw`` follows."""
+        with self._arrivals:
+            self._arriving += 1
+
+    def withdraw(self) -> None:
+        """The announced row will not come (refused, or its request failed)."""
+        with self._arrivals:
+            self._arriving -= 1
 
     async def write(self, database: Database, entry: service.Admitted) -> ItemResult:
-        """``entry``'s result, once the commit holding its row is done."""
+        """``entry``'s result (announced first), once the commit holding its row is done."""
         self._ensure_running()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ItemResult] = loop.create_future()
-        self._queue.put(_Waiting(database, entry, loop, future))
+        with self._arrivals:  # arrives and is queued at once: the writer never sees neither
+            self._arriving -= 1
+            self._queue.put(_Waiting(database, entry, loop, future))
         return await future
+
+    @property
+    def waiting(self) -> int:
+        """Rows queued for the next group."""
+        return self._queue.qsize()
+
+    def _more_coming(self) -> bool:
+        with self._arrivals:
+            return self._arriving > 0 or not self._queue.empty()
 
     def _ensure_running(self) -> None:
         if self._thread is not None:
@@ -108,7 +134,7 @@ class GroupWriter:
 
     def _gather(self) -> list[_Waiting]:
         """The first row waiting (blocking until there is one) and those that join it within the
-        window, up to the group's size."""
+        window while more are on their way, up to the group's size."""
         group = [self._queue.get()]
         settings = get_settings()
         deadline = time.monotonic() + settings.group_commit_window_ms / 1000
@@ -118,6 +144,8 @@ class GroupWriter:
                 continue
             except queue.Empty:
                 pass
+            if not self._more_coming():
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -184,8 +212,14 @@ async def ingest_one(
     if not grouped(settings, database):
         batch = await run_in_threadpool(service.ingest, session, principal, [raw], settings)
         return batch.results[0]
-    refused, admitted = await run_in_threadpool(_admit, session, principal, raw, settings)
+    writer.announce()
+    try:
+        refused, admitted = await run_in_threadpool(_admit, session, principal, raw, settings)
+    except BaseException:
+        writer.withdraw()
+        raise
     if refused is not None:
+        writer.withdraw()
         service.count_results([refused])
         return refused
     assert admitted is not None

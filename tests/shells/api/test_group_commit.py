@@ -7,15 +7,18 @@ transaction that wrote a row. Rows written by one commit share it."""
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 import psycopg
 import pytest
 
 from app.settings import Settings, set_settings
+from app.traces.group_commit import writer
 from tests.conftest import LiveServer
 
 pytestmark = [pytest.mark.parametrize("db_url", ["postgres"], indirect=True),
@@ -53,6 +56,55 @@ def stored(db_url: str, tenant: str) -> dict[str, tuple[int, int]]:
         rows = conn.execute("SELECT external_id, id, xmin::text::bigint FROM traces"
                             " WHERE tenant = %s", (tenant,)).fetchall()
     return {ext: (row_id, xid) for ext, row_id, xid in rows}
+
+
+@contextmanager
+def writer_held(db_url: str, url: str, headers: dict[str, str], policy: str) -> Iterator[None]:
+    """The writer stuck on a group of its own (its INSERT waits on a table lock) while the block
+    runs: what the block sends queues up and is written, on release, as one group."""
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as lock:
+        lock.execute("LOCK TABLE traces IN EXCLUSIVE MODE")
+        blocker = threading.Thread(target=lambda: httpx.post(
+            f"{url}/v1/traces", json=trace(f"blocker-{uuid.uuid4().hex[:6]}", policy),
+            headers=headers, timeout=60))
+        blocker.start()
+        wait_for(lambda: writer.waiting == 0 and stuck_on_lock(lock))
+        yield
+        lock.commit()
+    blocker.join(timeout=60)
+
+
+def stuck_on_lock(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    row = conn.execute("SELECT count(*) FROM pg_locks WHERE relation = 'traces'::regclass"
+                       " AND NOT granted").fetchone()
+    return row is not None and row[0] > 0
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+class Posts:
+    """Single-trace POSTs sent at once, each from its own thread."""
+
+    def __init__(self, url: str, headers: dict[str, str], bodies: list[dict[str, object]]):
+        self.answers: dict[int, httpx.Response] = {}
+        self.threads = [threading.Thread(target=self._post, args=(i, url, headers, body))
+                        for i, body in enumerate(bodies)]
+        for t in self.threads:
+            t.start()
+
+    def _post(self, i: int, url: str, headers: dict[str, str], body: dict[str, object]) -> None:
+        self.answers[i] = httpx.post(f"{url}/v1/traces", json=body, headers=headers, timeout=60)
+
+    def responses(self) -> list[httpx.Response]:
+        for t in self.threads:
+            t.join(timeout=60)
+        return [self.answers[i] for i in range(len(self.threads))]
 
 
 def in_parallel(n: int, call: Callable[[int], None]) -> None:
@@ -106,67 +158,68 @@ def test_concurrent_single_traces_share_commits_and_every_acknowledged_one_is_st
 def test_the_same_external_id_twice_in_one_group_is_created_once_then_duplicate(
     settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
 ) -> None:
-    statuses: list[tuple[int, int]] = []
+    with served(settings) as server:
+        with writer_held(db_url, server.url, admin_headers, policy):
+            posts = Posts(server.url, admin_headers, [trace("same", policy)] * 2)
+            wait_for(lambda: writer.waiting == 2)
+        answers = posts.responses()
 
-    def client(_: int) -> None:
-        r = httpx.post(f"{server.url}/v1/traces", json=trace("same", policy),
-                       headers=admin_headers, timeout=30)
-        statuses.append((r.status_code, r.json()["id"]))
-
-    # A long window, so both requests land in one group however the machine is loaded.
-    with served(settings, group_commit_window_ms=300.0) as server:
-        in_parallel(2, client)
-
-    rows = stored(db_url, tenant)
-    assert sorted(status for status, _ in statuses) == [200, 201]
-    assert {row_id for _, row_id in statuses} == {rows["same"][0]}
+    assert sorted(r.status_code for r in answers) == [200, 201]
+    assert {r.json()["id"] for r in answers} == {stored(db_url, tenant)["same"][0]}
 
 
 def test_the_same_external_id_with_other_content_in_one_group_is_a_conflict(
     settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
 ) -> None:
-    answers: dict[str, int] = {}
+    bodies = [trace("contested", policy, "ANSWER: YES"), trace("contested", policy, "ANSWER: NO")]
+    with served(settings) as server:
+        with writer_held(db_url, server.url, admin_headers, policy):
+            posts = Posts(server.url, admin_headers, bodies)
+            wait_for(lambda: writer.waiting == 2)
+        answers = posts.responses()
 
-    def client(i: int) -> None:
-        answer = ("ANSWER: YES", "ANSWER: NO")[i]
-        r = httpx.post(f"{server.url}/v1/traces", json=trace("contested", policy, answer),
-                       headers=admin_headers, timeout=30)
-        answers[answer] = r.status_code
-        if r.status_code == 409:
-            assert r.json()["type"].endswith("conflict"), r.text
-
-    with served(settings, group_commit_window_ms=300.0) as server:
-        in_parallel(2, client)
-
-    assert sorted(answers.values()) == [201, 409]
-    assert len(stored(db_url, tenant)) == 1
+    assert sorted(r.status_code for r in answers) == [201, 409]
+    conflict = next(r for r in answers if r.status_code == 409)
+    assert conflict.json()["type"].endswith("conflict"), conflict.text
+    assert "contested" in stored(db_url, tenant)
 
 
 def test_a_known_trace_sent_again_among_new_ones_is_a_duplicate_and_outcomes_are_attached(
     settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
 ) -> None:
-    answers: dict[str, int] = {}
-
-    with served(settings, group_commit_window_ms=300.0) as server:
+    exts = ["known", "new-1", "new-2", "new-3"]
+    with served(settings) as server:
         first = httpx.post(f"{server.url}/v1/traces", json=trace("known", policy),
                            headers=admin_headers, timeout=30)
         assert first.status_code == 201, first.text
+        with writer_held(db_url, server.url, admin_headers, policy):
+            posts = Posts(server.url, admin_headers, [trace(e, policy) for e in exts])
+            wait_for(lambda: writer.waiting == 4)
+        answers = posts.responses()
 
-        def client(i: int) -> None:
-            ext = "known" if i == 0 else f"new-{i}"
-            r = httpx.post(f"{server.url}/v1/traces", json=trace(ext, policy),
-                           headers=admin_headers, timeout=30)
-            answers[ext] = r.status_code
-
-        in_parallel(4, client)
-
-    assert answers == {"known": 200, "new-1": 201, "new-2": 201, "new-3": 201}
+    assert [r.status_code for r in answers] == [200, 201, 201, 201]
+    rows = stored(db_url, tenant)
+    assert len({rows[e][1] for e in exts[1:]}) == 1  # the three new ones: one commit
     dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(dsn) as conn:
         outcomes = conn.execute(
-            "SELECT count(*) FROM outcomes o JOIN traces t ON t.id = o.trace_id"
-            " WHERE o.tenant = %s", (tenant,)).fetchone()
-    assert outcomes is not None and outcomes[0] == 4  # one inline outcome per trace, once
+            "SELECT t.external_id FROM outcomes o JOIN traces t ON t.id = o.trace_id"
+            " WHERE o.tenant = %s", (tenant,)).fetchall()
+    assert sorted(ext for (ext,) in outcomes if not ext.startswith("blocker")) == sorted(exts)
+
+
+def test_a_lone_request_is_not_held_for_the_window(
+    settings: Settings, admin_headers: dict[str, str], policy: str,
+) -> None:
+    with served(settings, group_commit_window_ms=1000.0) as server:
+        started = time.monotonic()
+        for n in range(3):
+            r = httpx.post(f"{server.url}/v1/traces", json=trace(f"lone-{n}", policy),
+                           headers=admin_headers, timeout=30)
+            assert r.status_code == 201, r.text
+        elapsed = time.monotonic() - started
+    # Held for the window, three requests in a row would take 3 s at least.
+    assert elapsed < 2.0, elapsed
 
 
 @pytest.fixture
@@ -193,16 +246,12 @@ def test_a_trace_the_database_refuses_fails_alone_and_its_group_is_stored(
     settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
     refused_by_the_database: str,
 ) -> None:
-    answers: dict[str, int] = {}
+    exts = [refused_by_the_database, "fine-1", "fine-2", "fine-3"]
+    with served(settings) as server:
+        with writer_held(db_url, server.url, admin_headers, policy):
+            posts = Posts(server.url, admin_headers, [trace(e, policy) for e in exts])
+            wait_for(lambda: writer.waiting == 4)
+        answers = posts.responses()
 
-    def client(i: int) -> None:
-        ext = refused_by_the_database if i == 0 else f"fine-{i}"
-        r = httpx.post(f"{server.url}/v1/traces", json=trace(ext, policy),
-                       headers=admin_headers, timeout=30)
-        answers[ext] = r.status_code
-
-    with served(settings, group_commit_window_ms=300.0) as server:
-        in_parallel(4, client)
-
-    assert answers == {"poison": 422, "fine-1": 201, "fine-2": 201, "fine-3": 201}
-    assert set(stored(db_url, tenant)) == {"fine-1", "fine-2", "fine-3"}
+    assert [r.status_code for r in answers] == [422, 201, 201, 201]
+    assert {e for e in stored(db_url, tenant) if not e.startswith("blocker")} == set(exts[1:])
