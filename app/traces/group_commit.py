@@ -55,7 +55,10 @@ class _Waiting:
     future: asyncio.Future[ItemResult]
 
     def settle(self, result: ItemResult | BaseException) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, result)
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, result)
+        except RuntimeError:  # its event loop is closed: nobody is waiting any more
+            pass
 
 
 def _settle(future: asyncio.Future[ItemResult], result: ItemResult | BaseException) -> None:
