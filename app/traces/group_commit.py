@@ -32,11 +32,13 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
+from functools import partial
 
+import anyio
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
 from app.auth.service import Principal
 from app.db import Database, first_statement, get_database
@@ -55,10 +57,9 @@ class _Waiting:
     future: asyncio.Future[ItemResult]
 
     def settle(self, result: ItemResult | BaseException) -> None:
-        try:
+        # RuntimeError: its event loop is closed, so nobody is waiting any more.
+        with suppress(RuntimeError):
             self.loop.call_soon_threadsafe(_settle, self.future, result)
-        except RuntimeError:  # its event loop is closed: nobody is waiting any more
-            pass
 
 
 def _settle(future: asyncio.Future[ItemResult], result: ItemResult | BaseException) -> None:
@@ -213,11 +214,13 @@ async def ingest_one(
     """One trace, as ``service.ingest`` would store it, committed in a group on Postgres."""
     database = get_database()
     if not grouped(settings, database):
-        batch = await run_in_threadpool(service.ingest, session, principal, [raw], settings)
+        batch = await anyio.to_thread.run_sync(
+            partial(service.ingest, session, principal, [raw], settings))
         return batch.results[0]
     writer.announce()
     try:
-        refused, admitted = await run_in_threadpool(_admit, session, principal, raw, settings)
+        refused, admitted = await anyio.to_thread.run_sync(
+            partial(_admit, session, principal, raw, settings))
     except BaseException:
         writer.withdraw()
         raise
