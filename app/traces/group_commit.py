@@ -85,6 +85,7 @@ class GroupWriter:
 
     def announce(self) -> None:
         """A request is preparing a row for the queue; ``write`` or ``withdraw`` follows."""
+        self._ensure_running()
         with self._arrivals:
             self._arriving += 1
 
@@ -95,7 +96,6 @@ class GroupWriter:
 
     async def write(self, database: Database, entry: service.Admitted) -> ItemResult:
         """``entry``'s result (announced first), once the commit holding its row is done."""
-        self._ensure_running()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[ItemResult] = loop.create_future()
         with self._arrivals:  # arrives and is queued at once: the writer never sees neither
