@@ -42,6 +42,7 @@ from sqlalchemy.orm import Session
 
 from app.auth.service import Principal
 from app.db import Database, first_statement, get_database
+from app.observability import INGEST_GROUP_SIZE
 from app.settings import Settings, get_settings
 from app.traces import service
 from app.traces.schemas import ItemResult
@@ -180,6 +181,7 @@ class GroupWriter:
         except Exception as exc:
             self._fail(group, exc)
             return
+        INGEST_GROUP_SIZE.observe(len(group))
         for waiting, result in zip(group, results, strict=True):
             waiting.settle(result)
 

@@ -142,6 +142,7 @@ def test_concurrent_single_traces_share_commits_and_every_acknowledged_one_is_st
 
     with served(settings, group_commit_window_ms=5.0) as server:
         in_parallel(CLIENTS, client)
+        metrics = httpx.get(f"{server.url}/metrics").text
 
     requests = CLIENTS * PER_CLIENT
     assert Counter(status for status, _ in answers.values()) == {201: requests}
@@ -150,6 +151,7 @@ def test_concurrent_single_traces_share_commits_and_every_acknowledged_one_is_st
     assert {ext: row_id for ext, (row_id, _) in rows.items()} == {
         ext: row_id for ext, (_, row_id) in answers.items()}
     commits = len({xid for _, xid in rows.values()})
+    assert "tracelearn_ingest_group_traces_count" in metrics
     print(f"\ngroup commit: {requests} single-trace POSTs from {CLIENTS} clients written by "
           f"{commits} commits ({requests / commits:.1f} traces per commit)")
     assert commits <= requests // 4, commits
