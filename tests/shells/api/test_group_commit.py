@@ -17,6 +17,7 @@ import httpx
 import psycopg
 import pytest
 
+from app.db import Database
 from app.settings import Settings, set_settings
 from app.traces.group_commit import writer
 from tests.conftest import LiveServer
@@ -257,3 +258,18 @@ def test_a_trace_the_database_refuses_fails_alone_and_its_group_is_stored(
 
     assert [r.status_code for r in answers] == [422, 201, 201, 201]
     assert {e for e in stored(db_url, tenant) if not e.startswith("blocker")} == set(exts[1:])
+
+
+def test_a_request_waiting_for_its_group_holds_no_database_connection(
+    settings: Settings, db_url: str, admin_headers: dict[str, str], policy: str,
+    database: Database,
+) -> None:
+    with served(settings) as server:
+        with writer_held(db_url, server.url, admin_headers, policy):
+            posts = Posts(server.url, admin_headers, [trace(f"w-{i}", policy) for i in range(6)])
+            wait_for(lambda: writer.waiting == 6)
+            # Only the writer's own connection, stuck on the lock, is out of the pool.
+            in_use = database.engine.pool.checkedout()  # type: ignore[attr-defined]
+        answers = posts.responses()
+    assert in_use == 1
+    assert [r.status_code for r in answers] == [201] * 6
