@@ -7,7 +7,7 @@ import binascii
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -85,10 +85,12 @@ def current_principal(
     return principal
 
 
-def require(scope: Scope) -> Callable[..., Principal]:
+def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
     """A dependency that admits only keys holding ``scope`` (admin holds every scope)."""
 
-    def _dependency(principal: Principal = Depends(current_principal)) -> Principal:
+    # Async though it awaits nothing: FastAPI runs a sync dependency in the threadpool, a
+    # thread hop per request for a set lookup.
+    async def _dependency(principal: Principal = Depends(current_principal)) -> Principal:
         if scope not in principal.scopes and Scope.admin not in principal.scopes:
             raise Forbidden(f"this route needs the {scope.value!r} scope")
         return principal

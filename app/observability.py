@@ -22,6 +22,12 @@ INGEST_TOTAL = Counter(
     ["result"],
     registry=REGISTRY,
 )
+INGEST_GROUP_SIZE = Histogram(
+    "tracelearn_ingest_group_traces",
+    "Single traces written by one group commit (Postgres): one INSERT and one commit each.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=REGISTRY,
+)
 FEEDBACK_TOTAL = Counter(
     "tracelearn_feedback_outcomes_total",
     "Outcomes received on /v1/feedback by result.",

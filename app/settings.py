@@ -55,6 +55,27 @@ class Settings(BaseSettings):
     )
     max_json_depth: int = Field(default=32, ge=2, description="Max nesting depth of request JSON.")
 
+    # Group commit (Postgres): concurrent single-trace POSTs share one INSERT and one commit
+    group_commit: bool = Field(
+        default=True,
+        description="On Postgres, single-trace POSTs are written by one writer per process in "
+        "groups: one multi-row INSERT and one commit for every trace that arrived within the "
+        "window, each request answered only after the commit that holds its trace. Off: each "
+        "request commits its own trace. SQLite always writes directly.",
+    )
+    group_commit_window_ms: float = Field(
+        default=2.0, ge=0.0, le=100.0,
+        description="How long the writer holds a group open for more traces after its first "
+        "(milliseconds), and only while other requests are preparing one: a lone request does "
+        "not wait. A group also takes every trace queued while the previous commit ran. 0: no "
+        "waiting, only those.",
+    )
+    group_commit_max_items: int = Field(
+        default=256, ge=1, le=5000,
+        description="Most traces in one group commit; a full group is written at once, before "
+        "its window ends.",
+    )
+
     # Security
     rate_limit_per_minute: int = Field(
         default=6000, ge=0, description="Requests per minute per API key (0 disables); 429 beyond."

@@ -124,7 +124,8 @@ def run(connections: list[int], duration_s: int, out_dir: str | Path | None) -> 
     healthz: list[dict[str, Any]] = []
     try:
         with log.open("w") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port)],
+            proc = subprocess.Popen([sys.executable, "-m", "app.cli", "api", "--port", str(port),
+                                     "--workers", "1"],
                                     cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
         try:
             _wait_healthy(url, proc, log, timeout_s=120)

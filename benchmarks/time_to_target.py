@@ -182,7 +182,13 @@ def run_trl(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequenc
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import (
+        AutoModelForCausalLM,
+        TrainerCallback,
+        TrainerControl,
+        TrainerState,
+        TrainingArguments,
+    )
     from trl import GRPOConfig, GRPOTrainer
 
     from workers.learner.trainer import DEFAULT_TARGETS
@@ -194,8 +200,8 @@ def run_trl(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequenc
     )
 
     def contract_reward(prompts: list[Any], completions: list[Any], outcome: list[bool],
-                        **_: Any) -> list[float]:
-        out = []
+                        **_: Any) -> list[float | None]:  # TRL's reward type: None = no reward
+        out: list[float | None] = []
         for c, o in zip(completions, outcome, strict=True):
             text = c[-1]["content"] if isinstance(c, list) else str(c)
             out.append(grade([], text, {"name": "pfs_gt_180d", "value": o})[0])
@@ -203,29 +209,28 @@ def run_trl(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequenc
 
     eval_every = max(1, (cfg.prompts_per_round * cfg.group_size) // cfg.trl_batch)
     curve: list[dict[str, float]] = []
-    state = {"start": 0.0, "paused": 0.0, "reached": None}
-
-    def train_seconds() -> float:
-        return time.perf_counter() - state["start"] - state["paused"]
+    timing = _TrainClock()
 
     class EvalAndStop(TrainerCallback):  # type: ignore[misc]
-        def on_train_begin(self, args: Any, st: Any, control: Any, **kw: Any) -> None:
-            state["start"] = time.perf_counter()
+        def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                           control: TrainerControl, **kwargs: Any) -> None:
+            timing.start = time.perf_counter()
 
-        def on_step_end(self, args: Any, st: Any, control: Any, model: Any = None,
-                        **kw: Any) -> Any:
-            clock = train_seconds()
-            if st.global_step % eval_every == 0 or clock >= cfg.budget_s:
+        def on_step_end(self, args: TrainingArguments, state: TrainerState,
+                        control: TrainerControl, **kwargs: Any) -> Any:
+            model = kwargs.get("model")
+            clock = timing.train_seconds()
+            if state.global_step % eval_every == 0 or clock >= cfg.budget_s:
                 t0 = time.perf_counter()
                 with torch.no_grad():
                     ev = heldout_correctness(model, tok, heldout, cfg.max_new_tokens,
                                              cfg.eval_temperature)
-                state["paused"] += time.perf_counter() - t0
-                curve.append({"step": st.global_step, "train_seconds": round(clock, 2), **ev})
-                print(f"[trl] step {st.global_step}: {clock:.0f}s correct {ev['correct']:.2f} "
+                timing.paused += time.perf_counter() - t0
+                curve.append({"step": state.global_step, "train_seconds": round(clock, 2), **ev})
+                print(f"[trl] step {state.global_step}: {clock:.0f}s correct {ev['correct']:.2f} "
                       f"parse {ev['parse_rate']:.2f}", flush=True)
                 if ev["correct"] >= cfg.target:
-                    state["reached"] = clock
+                    timing.reached = clock
                     control.should_training_stop = True
             if clock >= cfg.budget_s:
                 control.should_training_stop = True
@@ -251,14 +256,28 @@ def run_trl(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequenc
             max_grad_norm=1.0,
             gradient_checkpointing=False,  # TRL's default is on; ours does not recompute either
         )
-        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+        lora = LoraConfig(r=cfg.lora_rank,
+                          lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft takes floats
+                          lora_dropout=0.0,
                           target_modules=list(DEFAULT_TARGETS), task_type="CAUSAL_LM")
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
         trainer = GRPOTrainer(model=model, reward_funcs=contract_reward, args=args,
                               train_dataset=ds, processing_class=tok, peft_config=lora,
                               callbacks=[EvalAndStop()])
         trainer.train()
-    return _arm_summary(curve, state["reached"], cfg)
+    return _arm_summary(curve, timing.reached, cfg)
+
+
+@dataclass
+class _TrainClock:
+    """TRL's training time without our evaluation pauses, and when the target was reached."""
+
+    start: float = 0.0
+    paused: float = 0.0
+    reached: float | None = None
+
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused
 
 
 def _arm_summary(curve: list[dict[str, float]], reached_at: float | None,

@@ -244,7 +244,7 @@ def api_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
     port = free_port()
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "api", "--port", str(port)],
+            [sys.executable, "-m", "app.cli", "api", "--port", str(port), "--workers", "1"],
             cwd=REPO, env=os.environ | env, stdout=log, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"

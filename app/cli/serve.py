@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import TextIO
 
 import typer
@@ -139,11 +141,49 @@ Then post traces:
         lock.close()
 
 
+MAX_DEFAULT_API_WORKERS = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, bounded by a cgroup v2 CPU quota
+    (a container's ``cpus:`` limit), which ``os.cpu_count`` ignores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def default_api_workers() -> int:
+    """One API process per usable core, at most ``MAX_DEFAULT_API_WORKERS``.
+
+    A request is mostly Python (parsing, validation, redaction) under one GIL per process, so
+    processes beyond the cores only contend. The cap: each process holds its own pool of up to
+    30 Postgres connections, and four fill ~120 at worst, around Postgres's default
+    ``max_connections`` of 100 — past that, scale out (more hosts or pods behind the load
+    balancer) or raise ``max_connections`` and pass ``--workers``."""
+    return min(usable_cores(), MAX_DEFAULT_API_WORKERS)
+
+
 @serve_app.command("api")
-def api(host: str = "127.0.0.1", port: int = 8080, workers: int = 1) -> None:
+def api(
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    workers: int | None = typer.Option(
+        None, min=1, help="API processes. Default: one per usable core (CPU affinity and "
+        f"cgroup quota), at most {MAX_DEFAULT_API_WORKERS}; each process has its own pool of "
+        "up to 30 database connections and its own group-commit writer."),
+) -> None:
     """Serve the HTTP API and dashboard (production: behind a proxy, several workers)."""
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="warning", access_log=False)
+    uvicorn.run("app.main:create_app", factory=True, host=host, port=port,
+                workers=workers or default_api_workers(), log_level="warning",
+                access_log=False)
 
 
 @serve_app.command("up")
@@ -151,7 +191,9 @@ def up(host: str = "127.0.0.1", port: int = 8080) -> None:
     """Run everything on the embedded default (SQLite, bundled model, workers, API, dashboard).
 
     Migrations, the bundled tiny model, workers for every queue, beat, the API and the dashboard
-    in one process tree; TERM/INT/HUP stop it all."""
+    in one process tree; TERM/INT/HUP stop it all. The API is one process whatever the cores:
+    SQLite takes one writer at a time, so more API processes would only queue on its lock; the
+    cores go to the worker processes. For more, run Postgres and `tracelearn api`."""
     try:
         run_embedded(get_settings(), host, port)
     except CannotStart as exc:

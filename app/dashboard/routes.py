@@ -31,6 +31,7 @@ from app.dashboard.session import (
     new_session,
     read_session,
 )
+from app.db import first_statement
 from app.dependencies import SessionDep
 from app.errors import Conflict, DomainError, Forbidden, InvalidInput
 from app.models import ApiKey
@@ -66,7 +67,9 @@ def current_user(
     data = read_session(settings.session_secret, request.cookies.get(COOKIE))
     if data is None:
         raise LoginRequired()
-    key = session.get(ApiKey, data.key_id)
+    # The request's first statement: retried once on a pooled connection that died with a
+    # database restart, as the API's first statement is.
+    key = first_statement(session, lambda: session.get(ApiKey, data.key_id))
     # The key is re-checked on every page, so revoking it (or its admin scope) logs out at once.
     if key is None or key.revoked_at is not None or Scope.admin.value not in key.scopes:
         raise LoginRequired()

@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 from kombu import Connection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.orm import Session
 
-from app.db import get_database
+from app.db import first_statement, get_database
 from app.observability import REGISTRY
 from app.settings import get_settings
 
@@ -26,8 +27,11 @@ def healthz() -> dict[str, str]:
 
 def _check_database() -> str | None:
     try:
-        with get_database().engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
+        with Session(get_database().engine) as session:
+            # Retried once on a pooled connection that died with a database restart: the
+            # question is whether the database answers now, not whether the pool knew it had
+            # gone away.
+            first_statement(session, lambda: session.execute(text("SELECT 1")))
     except Exception as exc:
         return type(exc).__name__
     return None

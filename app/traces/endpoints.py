@@ -1,17 +1,23 @@
 from __future__ import annotations
 
+import email.message
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import TypeAdapter, ValidationError
+from starlette.concurrency import run_in_threadpool
 
+from app.apidocs import request_body
 from app.auth.service import Principal, Scope
 from app.dependencies import SessionDep, require
+from app.limits import parse_json
 from app.models import Split
 from app.problems import problem_json
 from app.settings import get_settings
-from app.traces import service
+from app.traces import group_commit, service
 from app.traces.schemas import (
     BatchResult,
     DeletedTrace,
@@ -26,6 +32,11 @@ from app.traces.schemas import (
 router = APIRouter(prefix="/traces", tags=["traces"])
 
 _SINGLE_STATUS = {ItemStatus.created: 201, ItemStatus.duplicate: 200}
+JSON = "application/json"
+
+
+_body_adapter: TypeAdapter[TraceIn | TraceBatchIn] = TypeAdapter(TraceIn | TraceBatchIn)
+_batch_adapter: TypeAdapter[TraceBatchIn] = TypeAdapter(TraceBatchIn)
 
 
 @router.post(
@@ -37,7 +48,7 @@ _SINGLE_STATUS = {ItemStatus.created: 201, ItemStatus.duplicate: 200}
     "Messages, tools and the response follow the OpenAI chat format. Media is stored only by "
     "reference: image parts by http(s) URL and file parts by `file_id` are kept (the trace is "
     "then not trainable); inline `data:` images, `input_audio` and `file_data` are refused with "
-    "422 `inline-media-unsupported`.",
+    "422 `inline-media-unsupported`. Every answer follows the commit that holds the trace.",
     responses={
         200: {"model": ItemResult, "description": "Duplicate of a stored trace"},
         201: {"model": ItemResult, "description": "Stored"},
@@ -46,25 +57,54 @@ _SINGLE_STATUS = {ItemStatus.created: 201, ItemStatus.duplicate: 200}
         413: {"description": "Batch too large"},
         422: {"description": "Invalid trace or unknown policy"},
     },
+    openapi_extra=request_body(TraceIn | TraceBatchIn),
 )
-def ingest_traces(
+async def ingest_traces(
+    request: Request,
     session: SessionDep,
-    body: TraceIn | TraceBatchIn = Body(...),
     principal: Principal = Depends(require(Scope.ingest)),
-) -> JSONResponse:
+) -> Response:
+    # The body is read here rather than declared: FastAPI would parse it with the stdlib and
+    # validate every item against the schema, and the service validates each item again (it
+    # must, item by item, for batches). Parsed once with orjson, validated once.
+    body = _parse(request.headers.get("content-type"), await request.body())
     settings = get_settings()
-    if isinstance(body, TraceBatchIn):
-        batch = service.ingest(session, principal, body.traces, settings)
-        return JSONResponse(batch.model_dump(mode="json"), status_code=207)
-    # Python mode: a JSON-mode dump would replace a lone surrogate in a metadata key with U+FFFD
-    # and hide it from the string check.
-    raw: dict[str, Any] = body.model_dump(mode="python", exclude_unset=True)
-    result = service.ingest(session, principal, [raw], settings).results[0]
+    if isinstance(body, dict) and "traces" in body:
+        try:
+            batch_in = _batch_adapter.validate_python(body)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from exc
+        batch = await run_in_threadpool(service.ingest, session, principal, batch_in.traces,
+                                        settings)
+        return Response(batch.model_dump_json(), status_code=207, media_type=JSON)
+    if not isinstance(body, dict):
+        try:
+            _body_adapter.validate_python(body)  # never valid: says why as FastAPI would
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors(include_url=False)) from exc
+    result = await group_commit.ingest_one(session, principal, body, settings)
     if result.status in _SINGLE_STATUS:
-        return JSONResponse(result.model_dump(mode="json"),
-                            status_code=_SINGLE_STATUS[result.status])
+        return Response(result.model_dump_json(), status_code=_SINGLE_STATUS[result.status],
+                        media_type=JSON)
     assert result.error is not None  # every status without a body of its own carries one
     return problem_json(result.error)
+
+
+def _parse(content_type: str | None, body: bytes) -> Any:
+    """The JSON body, under the rules FastAPI applies to a declared one (strict content type):
+    refused with 422 unless the content type is JSON and the body is JSON."""
+    message = email.message.Message()
+    message["content-type"] = content_type or ""
+    subtype = message.get_content_subtype()
+    if not content_type or message.get_content_maintype() != "application" or not (
+            subtype == "json" or subtype.endswith("+json")):
+        raise RequestValidationError([{"loc": ("body",), "type": "model_attributes_type",
+                                       "msg": "send the body as application/json"}])
+    try:
+        return parse_json(body)
+    except ValueError as exc:
+        raise RequestValidationError([{"loc": ("body",), "type": "json_invalid",
+                                       "msg": f"JSON decode error: {exc}"}]) from exc
 
 
 @router.get("", response_model=TracePage, summary="List traces (cursor pagination)")

@@ -8,7 +8,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -197,6 +197,28 @@ def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
         yield seq[i : i + size]
 
 
+@dataclass(frozen=True)
+class Admitted:
+    """A validated, redacted trace ready to be written: its ``traces`` row, the hash a repeat
+    is judged by and its inline outcome. Whoever writes it — the request itself, or the group
+    writer gathering many requests' traces (``app.traces.group_commit``) — needs no more."""
+
+    index: int
+    tenant: str
+    actor: str
+    content_hash: str
+    row: dict[str, Any]
+    outcome: Label | None
+
+    @property
+    def external_id(self) -> str:
+        return str(self.row["external_id"])
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.tenant, self.external_id
+
+
 def ingest(
     session: Session, principal: Principal, raw_items: list[Any], settings: Settings,
     *, untrainable: str | None = None, generated_response: bool = False,
@@ -211,6 +233,36 @@ def ingest(
         raise PayloadTooLarge(
             f"batch has {len(raw_items)} traces; the limit is {settings.max_batch_items}"
         )
+    results, admitted = admit(session, principal, raw_items, settings, untrainable=untrainable,
+                              generated_response=generated_response)
+    for entry, result in zip(admitted, store(session, admitted), strict=True):
+        results[entry.index] = result
+    ordered = [results[i] for i in range(len(raw_items))]
+    count_results(ordered)
+    return BatchResult(results=ordered, counts=_counts(ordered))
+
+
+def _counts(results: Sequence[ItemResult]) -> dict[str, int]:
+    counts = {s.value: 0 for s in ItemStatus}
+    for r in results:
+        counts[r.status.value] += 1
+    return counts
+
+
+def count_results(results: Sequence[ItemResult]) -> None:
+    """The ingest metric, by status."""
+    for status, n in _counts(results).items():
+        if n:
+            INGEST_TOTAL.labels(status).inc(n)
+
+
+def admit(
+    session: Session, principal: Principal, raw_items: list[Any], settings: Settings,
+    *, untrainable: str | None = None, generated_response: bool = False,
+) -> tuple[dict[int, ItemResult], list[Admitted]]:
+    """Everything short of writing: the results of the items refused (by index) and the rows of
+    the others. Reads only what the process caches hold (policies, the tenant's redaction mode,
+    served names), so on a warm cache it costs no statement beyond ``generations``."""
     tenant = principal.tenant
     results: dict[int, ItemResult] = {}
     valid: list[tuple[int, TraceIn]] = []
@@ -224,8 +276,6 @@ def ingest(
     policies = _policies_by_name(session, tenant, {item.policy for _, item in valid})
     tenant_mode = tenants.redaction_mode(session, tenant) if valid else RedactionMode.mask
     pending: list[_Pending] = []
-    first_in_batch: dict[str, _Pending] = {}
-    repeats: list[_Pending] = []
     for index, item in valid:
         policy = policies.get(item.policy)
         if policy is None:
@@ -243,67 +293,79 @@ def ingest(
             continue
         # The hash is of the raw trace whatever the mode, so a retry is a duplicate even after
         # the tenant's mode changed in between.
-        p = _Pending(index, item, content_hash(item), policy,
-                     untrainable or untrainable_reason(item), mode)
-        if item.external_id in first_in_batch:
-            repeats.append(p)
-        else:
-            first_in_batch[item.external_id] = p
-            pending.append(p)
+        pending.append(_Pending(index, item, content_hash(item), policy,
+                                untrainable or untrainable_reason(item), mode))
+    if not pending:
+        return results, []
+    snapshots = _served_snapshots(session, {p.item.model for p in pending if p.item.model})
+    now = utcnow()
+    return results, [
+        Admitted(index=p.index, tenant=tenant, actor=principal.actor, content_hash=p.chash,
+                 row=_row_values(p, tenant, settings, snapshots, now),
+                 outcome=_inline_outcome(p, tenant, now))
+        for p in pending
+    ]
 
+
+def _inline_outcome(p: _Pending, tenant: str, now: datetime) -> Label | None:
+    o = p.item.outcome
+    if o is None:
+        return None
+    return Label(trace_external_id=p.item.external_id, name=o.name,
+                 value=redact_outcome_value(o.value, p.redactor(tenant)), source=o.source,
+                 origin=OutcomeOrigin.inline, labelled_at=now)
+
+
+def store(session: Session, entries: Sequence[Admitted]) -> list[ItemResult]:
+    """Write admitted traces in ``session``'s transaction and say what became of each, in the
+    order given. ``entries`` may come from one batch or from many requests of many tenants (the
+    group writer): the first occurrence of each (tenant, external_id) is inserted or judged
+    against the stored row, and a repeat is judged against its first occurrence."""
+    firsts: dict[tuple[str, str], Admitted] = {}
+    for entry in entries:
+        firsts.setdefault(entry.key, entry)
     # Insert first (ON CONFLICT DO NOTHING RETURNING): new traces, the common case, then need no
     # lookup round trip. Whatever was not inserted already existed (or lost a race with a
     # concurrent request) and is classified against the stored row.
-    inserted, awaited = _insert(session, tenant, pending, settings) if pending else ({}, set())
-    not_inserted = [p.item.external_id for p in pending if p.item.external_id not in inserted]
-    existing = _existing(session, tenant, not_inserted) if not_inserted else {}
+    inserted, awaited = _insert(session, list(firsts.values())) if firsts else ({}, set())
+    existing = _existing(session, [key for key in firsts if key not in inserted])
 
-    for p in pending:
-        ext = p.item.external_id
-        if ext in inserted:
-            row_id, split = inserted[ext]
-            results[p.index] = ItemResult(
-                index=p.index, external_id=ext, status=ItemStatus.created, id=row_id, split=split
-            )
+    judged: dict[tuple[str, str], ItemResult] = {}
+    for key, first in firsts.items():
+        ext = first.external_id
+        if key in inserted:
+            row_id, split = inserted[key]
+            judged[key] = ItemResult(index=first.index, external_id=ext,
+                                     status=ItemStatus.created, id=row_id, split=split)
             continue
-        row_id, chash, split = existing[ext]
-        if chash == p.chash:
-            results[p.index] = ItemResult(
-                index=p.index, external_id=ext, status=ItemStatus.duplicate, id=row_id, split=split
-            )
+        row_id, chash, split = existing[key]
+        if chash == first.content_hash:
+            judged[key] = ItemResult(index=first.index, external_id=ext,
+                                     status=ItemStatus.duplicate, id=row_id, split=split)
         else:
-            results[p.index] = _conflict(p.index, ext, row_id)
-    for p in repeats:
-        # A repeat inside one batch is judged against its first occurrence.
-        first = first_in_batch[p.item.external_id]
-        base = results[first.index]
-        if p.chash == first.chash and base.status is not ItemStatus.conflict:
-            results[p.index] = ItemResult(
-                index=p.index,
-                external_id=p.item.external_id,
-                status=ItemStatus.duplicate,
-                id=base.id,
-                split=base.split,
-            )
+            judged[key] = _conflict(first.index, ext, row_id)
+    results: list[ItemResult] = []
+    for entry in entries:
+        first, base = firsts[entry.key], judged[entry.key]
+        if entry is first:
+            results.append(base)
+        elif entry.content_hash == first.content_hash and base.status is not ItemStatus.conflict:
+            results.append(ItemResult(index=entry.index, external_id=entry.external_id,
+                                      status=ItemStatus.duplicate, id=base.id, split=base.split))
         else:
-            results[p.index] = _conflict(p.index, p.item.external_id, base.id or 0)
+            results.append(_conflict(entry.index, entry.external_id, base.id or 0))
 
     # A retry never changes a stored outcome: only the traces created here write theirs.
-    _store_inline_outcomes(session, principal, [
-        (p, inserted[p.item.external_id][0])
-        for p in pending if p.item.outcome is not None and p.item.external_id in inserted
-    ])
+    labels: dict[tuple[str, str], list[Label]] = {}
+    for key, first in firsts.items():
+        if first.outcome is not None and key in inserted:
+            labels.setdefault((first.tenant, first.actor), []).append(
+                replace(first.outcome, trace_id=inserted[key][0]))
+    for (tenant, actor), tenant_labels in labels.items():
+        set_outcomes(session, tenant, actor, tenant_labels)
     if awaited:
-        _join_pending_outcomes(session, tenant, {ext: inserted[ext] for ext in awaited})
-
-    ordered = [results[i] for i in range(len(raw_items))]
-    counts = {s.value: 0 for s in ItemStatus}
-    for r in ordered:
-        counts[r.status.value] += 1
-    for status, n in counts.items():
-        if n:
-            INGEST_TOTAL.labels(status).inc(n)
-    return BatchResult(results=ordered, counts=counts)
+        _join_pending_outcomes(session, awaited)
+    return results
 
 
 def _validate(
@@ -426,17 +488,23 @@ def _policies_by_name(session: Session, tenant: str, names: set[str]) -> dict[st
 
 
 def _existing(
-    session: Session, tenant: str, external_ids: Sequence[str]
-) -> dict[str, tuple[int, str, Split]]:
-    found: dict[str, tuple[int, str, Split]] = {}
-    for chunk in _chunks(list(external_ids)):
-        rows = session.execute(
-            select(Trace.external_id, Trace.id, Trace.content_hash, Trace.split).where(
-                Trace.tenant == tenant, Trace.external_id.in_(chunk)
+    session: Session, keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], tuple[int, str, Split]]:
+    """The stored (id, content hash, split) of each (tenant, external_id): one query per tenant
+    and chunk."""
+    by_tenant: dict[str, list[str]] = {}
+    for tenant, ext in keys:
+        by_tenant.setdefault(tenant, []).append(ext)
+    found: dict[tuple[str, str], tuple[int, str, Split]] = {}
+    for tenant, external_ids in by_tenant.items():
+        for chunk in _chunks(external_ids):
+            rows = session.execute(
+                select(Trace.external_id, Trace.id, Trace.content_hash, Trace.split).where(
+                    Trace.tenant == tenant, Trace.external_id.in_(chunk)
+                )
             )
-        )
-        for ext, row_id, chash, split in rows:
-            found[ext] = (row_id, chash, split)
+            for ext, row_id, chash, split in rows:
+                found[(tenant, ext)] = (row_id, chash, split)
     return found
 
 
@@ -463,14 +531,12 @@ def _served_snapshots(session: Session, names: set[str]) -> dict[tuple[int, str]
 
 
 def _insert(
-    session: Session, tenant: str, items: list[_Pending], settings: Settings
-) -> tuple[dict[str, tuple[int, Split]], set[str]]:
-    """The rows inserted by external_id, and those of them whose outcomes arrived first."""
-    snapshots = _served_snapshots(session, {p.item.model for p in items if p.item.model})
-    now = utcnow()
-    rows = [_row_values(p, tenant, settings, snapshots, now) for p in items]
-    out: dict[str, tuple[int, Split]] = {}
-    awaited: set[str] = set()
+    session: Session, entries: list[Admitted]
+) -> tuple[dict[tuple[str, str], tuple[int, Split]], set[tuple[str, str]]]:
+    """The rows inserted by (tenant, external_id), and those of them whose outcomes arrived
+    first."""
+    out: dict[tuple[str, str], tuple[int, Split]] = {}
+    awaited: set[tuple[str, str]] = set()
     table = Trace.__table__
     # Whether an outcome is waiting for the row comes back with the insert, so the UPDATE that
     # attaches it runs only when one is (rarely): a new trace costs one statement.
@@ -486,13 +552,14 @@ def _insert(
     stmt = (
         upsert_insert(session, table)
         .on_conflict_do_nothing(index_elements=["tenant", "external_id"])
-        .returning(table.c.id, table.c.external_id, table.c.split, outcome_waiting)
+        .returning(table.c.id, table.c.tenant, table.c.external_id, table.c.split,
+                   outcome_waiting)
     )
-    for chunk in _chunks(rows):
-        for row_id, ext, split, waiting in session.execute(stmt, list(chunk)):
-            out[ext] = (row_id, Split(split))
+    for chunk in _chunks([entry.row for entry in entries]):
+        for row_id, tenant, ext, split, waiting in session.execute(stmt, list(chunk)):
+            out[(tenant, ext)] = (row_id, Split(split))
             if waiting:
-                awaited.add(ext)
+                awaited.add((tenant, ext))
     return out, awaited
 
 
@@ -561,23 +628,6 @@ def _dump(value: Any) -> Any:
     return value
 
 
-def _store_inline_outcomes(
-    session: Session, principal: Principal, created: list[tuple[_Pending, int]]
-) -> None:
-    """Inline outcomes of the traces this request created, under the precedence rule (a
-    feedback label that arrived before its trace outranks them)."""
-    now = utcnow()
-    labels = []
-    for p, trace_id in created:
-        o = p.item.outcome
-        assert o is not None
-        value = redact_outcome_value(o.value, p.redactor(principal.tenant))
-        labels.append(Label(trace_external_id=p.item.external_id, name=o.name, value=value,
-                            source=o.source, origin=OutcomeOrigin.inline, labelled_at=now,
-                            trace_id=trace_id))
-    set_outcomes(session, principal.tenant, principal.actor, labels)
-
-
 def redact_outcome_value(value: Any, redactor: Redactor | None) -> Any:
     """An outcome's string value is free text too (a reviewer's note): redacted like messages."""
     return redactor.text(value) if redactor is not None and isinstance(value, str) else value
@@ -593,31 +643,30 @@ def outcome_redactor(session: Session, tenant: str) -> Redactor | None:
     return tenants.redactor(mode, tenant)
 
 
-def _join_pending_outcomes(
-    session: Session, tenant: str, inserted: dict[str, tuple[int, Split]]
-) -> None:
+def _join_pending_outcomes(session: Session, keys: set[tuple[str, str]]) -> None:
     """Attach outcomes that arrived before their trace (and inline ones) to the new rows."""
-    # One UPDATE per chunk (no SELECT, no per-row round trip): the trace id comes from a
-    # correlated subquery on (tenant, external_id), which is unique.
+    # One UPDATE per tenant and chunk (no SELECT, no per-row round trip): the trace id comes
+    # from a correlated subquery on (tenant, external_id), which is unique.
     trace_id = (
         select(Trace.id)
         .where(Trace.tenant == Outcome.tenant, Trace.external_id == Outcome.trace_external_id)
         .scalar_subquery()
     )
-    for chunk in _chunks(list(inserted)):
-        session.execute(
-            update(Outcome)
-            .where(
-                Outcome.tenant == tenant,
-                Outcome.trace_external_id.in_(chunk),
-                Outcome.trace_id.is_(None),
+    by_tenant: dict[str, list[str]] = {}
+    for tenant, ext in sorted(keys):
+        by_tenant.setdefault(tenant, []).append(ext)
+    for tenant, external_ids in by_tenant.items():
+        for chunk in _chunks(external_ids):
+            session.execute(
+                update(Outcome)
+                .where(
+                    Outcome.tenant == tenant,
+                    Outcome.trace_external_id.in_(chunk),
+                    Outcome.trace_id.is_(None),
+                )
+                .values(trace_id=trace_id)
+                .execution_options(synchronize_session=False)
             )
-            .values(trace_id=trace_id)
-            .execution_options(synchronize_session=False)
-        )
-
-
-# ---------------------------------------------------------------- reads and deletion
 
 
 def to_out(trace: Trace, policy_name: str) -> TraceOut:

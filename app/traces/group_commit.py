@@ -1,0 +1,246 @@
+"""Group commit: concurrent single-trace POSTs are written by one writer, many to a statement
+and a commit, instead of one commit (one WAL flush) per request.
+
+The life of a single trace on Postgres::
+
+    request (event loop; the DB parts in the threadpool)    writer (one thread per process)
+    ----------------------------------------------------    -------------------------------
+    auth + admit: the counters statement, cache reads,
+    validation, redaction, the row; read transaction
+    ended (its connection back to the pool)
+    queue the row, await its future  ---------------------> take the first row waiting, then
+                                                            every row that arrives within
+                                                            ``group_commit_window_ms`` while
+                                                            more are on their way (at most
+                                                            ``group_commit_max_items``)
+                                                            store(): one multi-row INSERT …
+                                                            ON CONFLICT … RETURNING; COMMIT
+    answered with its own result     <--------------------- every future settled after that
+                                                            commit, never before
+
+No trace is acknowledged before the commit that holds it, so a crash loses only unanswered
+requests. A connection lost, or the database gone, fails the whole group with the error the
+direct path raises (503 + Retry-After). Any other database error (a value the database refuses:
+422) is the fault of one trace, so the group is written again one trace to a transaction and
+only that trace's request fails. SQLite keeps the direct path: it has one writer anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
+
+import anyio
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session
+
+from app.auth.service import Principal
+from app.db import Database, first_statement, get_database
+from app.observability import INGEST_GROUP_SIZE
+from app.settings import Settings, get_settings
+from app.traces import service
+from app.traces.schemas import ItemResult
+
+
+@dataclass
+class _Waiting:
+    """A row in the queue and the request waiting for it."""
+
+    database: Database
+    entry: service.Admitted
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[ItemResult]
+
+    def settle(self, result: ItemResult | BaseException) -> None:
+        # RuntimeError: its event loop is closed, so nobody is waiting any more.
+        with suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(_settle, self.future, result)
+
+
+def _settle(future: asyncio.Future[ItemResult], result: ItemResult | BaseException) -> None:
+    if future.done():  # the client went away and its request was cancelled
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class GroupWriter:
+    """The process's one writer of single traces: a daemon thread fed by a queue."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        # Requests validating a trace that will join a group: the writer holds a group open
+        # (up to the window) only while one is on its way, so a lone request never waits.
+        self._arriving = 0
+        self._arrivals = threading.Lock()
+
+    def announce(self) -> None:
+        """A request is preparing a row for the queue; ``write`` or ``withdraw`` follows."""
+        self._ensure_running()
+        with self._arrivals:
+            self._arriving += 1
+
+    def withdraw(self) -> None:
+        """The announced row will not come (refused, or its request failed)."""
+        with self._arrivals:
+            self._arriving -= 1
+
+    async def write(self, database: Database, entry: service.Admitted) -> ItemResult:
+        """``entry``'s result (announced first), once the commit holding its row is done."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[ItemResult] = loop.create_future()
+        with self._arrivals:  # arrives and is queued at once: the writer never sees neither
+            self._arriving -= 1
+            self._queue.put(_Waiting(database, entry, loop, future))
+        return await future
+
+    @property
+    def waiting(self) -> int:
+        """Rows queued for the next group."""
+        return self._queue.qsize()
+
+    def _more_coming(self) -> bool:
+        with self._arrivals:
+            return self._arriving > 0 or not self._queue.empty()
+
+    def _ensure_running(self) -> None:
+        if self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                thread = threading.Thread(target=self._run, name="trace-group-commit",
+                                          daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def _run(self) -> None:
+        while True:
+            group = self._gather()
+            try:
+                for database_group in _by_database(group):
+                    self._commit(database_group)
+            except BaseException as exc:  # the writer must outlive any one group
+                self._fail(group, exc)
+
+    @staticmethod
+    def _fail(group: list[_Waiting], exc: BaseException) -> None:
+        for waiting in group:
+            waiting.settle(exc)
+
+    def _gather(self) -> list[_Waiting]:
+        """The first row waiting (blocking until there is one) and those that join it within the
+        window while more are on their way, up to the group's size."""
+        group = [self._queue.get()]
+        settings = get_settings()
+        deadline = time.monotonic() + settings.group_commit_window_ms / 1000
+        while len(group) < settings.group_commit_max_items:
+            try:
+                group.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            if not self._more_coming():
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                group.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return group
+
+    def _commit(self, group: list[_Waiting]) -> None:
+        database = group[0].database
+        try:
+            results = _store(database, [waiting.entry for waiting in group])
+        except OperationalError as exc:
+            # The database is gone or the connection died: every request fails as it would
+            # alone (503 + Retry-After), nothing is acknowledged.
+            self._fail(group, exc)
+            return
+        except DBAPIError as exc:
+            if len(group) == 1 or exc.connection_invalidated:
+                self._fail(group, exc)
+                return
+            # Any other database error is one trace's (a value the database refuses): it must
+            # not fail the others in its group, so each is written again on its own.
+            for waiting in group:
+                self._commit([waiting])
+            return
+        except Exception as exc:
+            self._fail(group, exc)
+            return
+        INGEST_GROUP_SIZE.observe(len(group))
+        for waiting, result in zip(group, results, strict=True):
+            waiting.settle(result)
+
+
+def _by_database(group: list[_Waiting]) -> list[list[_Waiting]]:
+    """Tests and tools point one process at several databases in turn; a group never mixes
+    them."""
+    by: dict[int, list[_Waiting]] = {}
+    for waiting in group:
+        by.setdefault(id(waiting.database), []).append(waiting)
+    return list(by.values())
+
+
+def _store(database: Database, entries: Sequence[service.Admitted]) -> list[ItemResult]:
+    with database.session() as session:
+        # The INSERT is the transaction's first statement: on a pooled connection that died
+        # (a database restart) it runs once more on a fresh one. A failed COMMIT is not retried.
+        return first_statement(session, lambda: service.store(session, entries))
+
+
+writer = GroupWriter()
+
+
+def grouped(settings: Settings, database: Database) -> bool:
+    """Whether single traces go through the group writer here."""
+    return settings.group_commit and database.engine.dialect.name == "postgresql"
+
+
+async def ingest_one(
+    session: Session, principal: Principal, raw: object, settings: Settings
+) -> ItemResult:
+    """One trace, as ``service.ingest`` would store it, committed in a group on Postgres."""
+    database = get_database()
+    if not grouped(settings, database):
+        batch = await anyio.to_thread.run_sync(
+            partial(service.ingest, session, principal, [raw], settings))
+        return batch.results[0]
+    writer.announce()
+    try:
+        refused, admitted = await anyio.to_thread.run_sync(
+            partial(_admit, session, principal, raw, settings))
+    except BaseException:
+        writer.withdraw()
+        raise
+    if refused is not None:
+        writer.withdraw()
+        service.count_results([refused])
+        return refused
+    assert admitted is not None
+    result = await writer.write(database, admitted)
+    service.count_results([result])
+    return result
+
+
+def _admit(
+    session: Session, principal: Principal, raw: object, settings: Settings
+) -> tuple[ItemResult | None, service.Admitted | None]:
+    refused, admitted = service.admit(session, principal, [raw], settings)
+    # The request's transaction only read (counters, cache misses): end it now, so its
+    # connection goes back to the pool instead of idling while the row waits for its group.
+    session.commit()
+    return (refused[0], None) if refused else (None, admitted[0])
