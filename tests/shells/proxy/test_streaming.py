@@ -16,6 +16,8 @@ import pytest
 from app.engines import set_engine_override
 from tests.conftest import LiveServer
 from tests.support.seeding import ScriptedEngine
+from workers.inference.base import SamplingParams
+from workers.inference.serving import EngineChunk, LocalServingEngine
 
 MESSAGES: list[Any] = [{"role": "user", "content": "ECOG 0, EGFR positive. PFS > 180 d?"}]
 
@@ -56,6 +58,46 @@ def test_the_first_piece_reaches_the_client_before_the_rest_is_generated(
             seen_first.set()
     assert engine.resumed is True
     assert "".join(events) == "YES, because ECOG 0."
+
+
+class PacedEngine:
+    """The real local engine, which after its first piece of text samples no further token
+    until ``resume`` is set (at most ``wait_s``); ``resumed`` says whether it was."""
+
+    def __init__(self, inner: LocalServingEngine, resume: threading.Event,
+                 wait_s: float = 15) -> None:
+        self.inner, self.resume, self.wait_s = inner, resume, wait_s
+        self.resumed: bool | None = None
+        self.load_adapter, self.unload_adapter = inner.load_adapter, inner.unload_adapter
+        self.list_models, self.complete = inner.list_models, inner.complete
+
+    def stream(self, model: str | None, messages: list[dict[str, str]],
+               params: SamplingParams) -> Iterator[EngineChunk]:
+        for chunk in self.inner.stream(model, messages, params):
+            yield chunk
+            if chunk.text and self.resumed is None:
+                self.resumed = self.resume.wait(self.wait_s)
+
+
+def test_the_local_engine_streams_each_token_as_it_is_sampled(sdk, policy, local_engine,
+                                                               engine_slot):
+    seen_first = threading.Event()
+    engine = PacedEngine(local_engine, seen_first)
+    set_engine_override(engine)
+    pieces: list[str] = []
+    usage = None
+    for chunk in sdk.chat.completions.create(model=policy, messages=MESSAGES, max_tokens=32,
+                                             temperature=1.0, seed=5, stream=True,
+                                             stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+            seen_first.set()
+        usage = chunk.usage or usage
+    assert engine.resumed is True
+    assert usage is not None and usage.completion_tokens > 1 and len(pieces) > 1
+    plain = sdk.chat.completions.create(model=policy, messages=MESSAGES, max_tokens=32,
+                                        temperature=1.0, seed=5)
+    assert "".join(pieces) == plain.choices[0].message.content
 
 
 def test_a_stop_string_ends_generation_and_is_never_sent(sdk, http: httpx.Client, policy,
