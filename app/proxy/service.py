@@ -65,7 +65,7 @@ from workers.inference.serving import (
     ServingEngine,
 )
 from workers.inference.stop_strings import StopScanner
-from workers.inference.tool_calls import ToolCallGate
+from workers.inference.tool_calls import ParsedCall, ToolCallGate
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +278,9 @@ class Generation:
 
     Stop strings end it (``StopScanner``: never sent, a possible beginning held until decided);
     when the request offers tools, text that may be a call is held (``ToolCallGate``) and the
-    calls are split off at the end, as ``tool_calls`` with ``finish_reason: tool_calls``. Both
-    modes run this, so a streamed answer is the JSON answer cut in pieces.
+    calls are split off at the end, as ``tool_calls`` with ``finish_reason: tool_calls`` (with
+    those an engine split off itself: a vLLM server with a tool-call parser). Both modes run
+    this, so a streamed answer is the JSON answer cut in pieces.
     """
 
     def __init__(self, route: Route) -> None:
@@ -287,6 +288,7 @@ class Generation:
         self.stops = StopScanner(route.stop)
         self.gate = ToolCallGate(route.tool_names) if route.tool_names else None
         self.sent: list[str] = []
+        self.engine_calls: tuple[ParsedCall, ...] = ()  # parsed by the engine (vLLM's parser)
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
 
@@ -298,6 +300,7 @@ class Generation:
     def feed(self, chunk: EngineChunk) -> str:
         """One chunk from the engine; returns the content to send now."""
         self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        self.engine_calls += chunk.tool_calls
         text = self.stops.feed(chunk.text)
         if self.stops.stopped:
             self.finish_reason = "stop"
@@ -320,7 +323,7 @@ class Generation:
         tool_calls = [
             {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": c.name, "arguments": c.arguments}}
-            for c in calls
+            for c in (*self.engine_calls, *calls)
         ]
         return rest, self._answer("tool_calls" if tool_calls else self.finish_reason,
                                   tool_calls or None)
@@ -357,7 +360,8 @@ def engine_chunks(route: Route) -> Generator[EngineChunk, None, None]:
     thread: the local engine holds its lock while it generates."""
     # The request's tools reach the model the way regeneration renders them (``with_tools``).
     messages = with_tools(engine_messages(route.body), [
-        t.model_dump(mode="json", exclude_none=True) for t in route.body.tools or []])
+        t.model_dump(mode="json", exclude_none=True) for t in route.body.tools or []],
+        route.body.tool_choice)
     chunks: Iterator[EngineChunk] = iter(())
     try:
         try:

@@ -32,6 +32,7 @@ from workers.inference.serving import (
     EngineUnavailable,
     LocalServingEngine,
 )
+from workers.inference.tool_calls import ParsedCall
 from workers.learner.adapters import model_digest, write_adapter
 from workers.learner.bootstrap import BootstrapConfig, bootstrap_model
 
@@ -231,13 +232,15 @@ class ScriptedEngine:
     sees a stop string end generation. With ``resume`` given, the engine waits after the first
     piece until ``resume`` is set (at most ``wait_s``) before writing the rest, and
     ``resumed`` says whether it was: a client that sets it on receiving the first piece shows
-    that the piece reached it while the rest did not exist yet.
+    that the piece reached it while the rest did not exist yet. ``tool_calls``: calls the engine
+    splits off itself, as a vLLM server with a tool-call parser does.
     """
 
     def __init__(self, pieces: Sequence[str], *, finish_reason: str = "stop",
                  prompt_tokens: int = 3, resume: threading.Event | None = None,
-                 wait_s: float = 20.0) -> None:
+                 wait_s: float = 20.0, tool_calls: Sequence[ParsedCall] = ()) -> None:
         self.pieces = list(pieces)
+        self.tool_calls = tuple(tool_calls)
         self.finish_reason = finish_reason
         self.prompt_tokens = prompt_tokens
         self.resume = resume
@@ -280,7 +283,7 @@ class ScriptedEngine:
                 yield EngineChunk(piece, self.prompt_tokens, i + 1)
             cut = len(script) < len(self.pieces)
             yield EngineChunk("", self.prompt_tokens, len(script),
-                              "length" if cut else self.finish_reason)
+                              "length" if cut else self.finish_reason, self.tool_calls)
         except GeneratorExit:
             self.closed = True
             raise

@@ -26,9 +26,11 @@ from workers.inference.chat import (
     encode_prompt,
     split_tools,
     template_supports_tools,
+    tool_choice_of,
     tools_block,
 )
 from workers.inference.detokenizer import IncrementalDecoder
+from workers.inference.tool_calls import ParsedCall
 from workers.inference.vllm_http import VllmUnavailable
 
 
@@ -60,6 +62,9 @@ class EngineChunk:
     """Tokens generated so far (the stop token included, as ``EngineCompletion`` counts)."""
     finish_reason: str | None = None
     """On the last chunk only: "stop" (the model ended) or "length" (``max_tokens``)."""
+    tool_calls: tuple[ParsedCall, ...] = ()
+    """On the last chunk: calls the engine split off the text itself (a vLLM server with a
+    tool-call parser); otherwise calls stay in the text, for the reader to split."""
 
 
 @runtime_checkable
@@ -192,10 +197,15 @@ class VllmServingEngine:
     ``VllmHttpBackend`` (one client of the server's LoRA API); chat requests go to
     ``/v1/chat/completions`` so the server applies the chat template and can stream."""
 
-    def __init__(self, backend: Any, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, backend: Any, timeout_s: float = 120.0, tool_call_parser: str | None = None
+    ) -> None:
         self.backend = backend
         self.base_url: str = backend.base_url
         self.timeout_s = timeout_s
+        self.tool_call_parser = tool_call_parser
+        """The server's ``--tool-call-parser`` (started with ``--enable-auto-tool-choice``),
+        None when it has none."""
 
     @staticmethod
     def _translate(exc: Exception) -> EngineError:
@@ -244,6 +254,15 @@ class VllmServingEngine:
             body["seed"] = params.seed
         if tools and template_supports_tools(self.backend.tokenizer):
             body["tools"] = tools
+            # A server with a tool-call parser splits the calls off and honours the client's
+            # choice. One without refuses "auto" (vLLM's default when tools are sent), so it is
+            # told "none": the template still shows the tools, and the calls come back as text
+            # for the proxy to split.
+            choice = tool_choice_of(messages)
+            if self.tool_call_parser is None:
+                body["tool_choice"] = "none"
+            elif choice is not None:
+                body["tool_choice"] = choice
         return body
 
     def complete(
@@ -281,6 +300,7 @@ class VllmServingEngine:
         }
         prompt_tokens = completion_tokens = 0
         finish: str | None = None
+        calls = ToolCallDeltas()
         try:
             with httpx.stream(
                 "POST", self.base_url + "/v1/chat/completions", json=body, timeout=self.timeout_s
@@ -301,13 +321,35 @@ class VllmServingEngine:
                     completion_tokens = int(usage.get("completion_tokens", completion_tokens))
                     for choice in data.get("choices") or []:
                         finish = choice.get("finish_reason") or finish
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            yield EngineChunk(str(text), prompt_tokens, completion_tokens)
+                        delta = choice.get("delta") or {}
+                        calls.add(delta.get("tool_calls") or [])
+                        if delta.get("content"):
+                            yield EngineChunk(str(delta["content"]), prompt_tokens,
+                                              completion_tokens)
         except httpx.TransportError as exc:
             raise EngineUnavailable(f"vLLM at {self.base_url} is unreachable: {exc}") from exc
         yield EngineChunk("", prompt_tokens, completion_tokens,
-                          "length" if finish == "length" else "stop")
+                          "length" if finish == "length" else "stop", calls.complete())
+
+
+class ToolCallDeltas:
+    """Tool calls streamed in OpenAI's delta shape (by ``index``: the name once, the arguments
+    in fragments), put back together."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, tuple[str, str]] = {}
+
+    def add(self, deltas: list[dict[str, Any]]) -> None:
+        for d in deltas:
+            index = int(d.get("index", len(self._calls)))
+            name, arguments = self._calls.get(index, ("", ""))
+            fn = d.get("function") or {}
+            self._calls[index] = (name + (fn.get("name") or ""),
+                                  arguments + (fn.get("arguments") or ""))
+
+    def complete(self) -> tuple[ParsedCall, ...]:
+        return tuple(ParsedCall(name, arguments or "{}")
+                     for name, arguments in (self._calls[i] for i in sorted(self._calls)))
 
 
 # --- which engine serves a policy ----------------------------------------------------------------

@@ -56,7 +56,13 @@ def test_the_first_chunk_comes_after_one_token_and_closing_ends_generation(local
     stream.close()  # type: ignore[attr-defined]
     # The engine's lock is free again: another thread can generate.
     took: list[bool] = []
-    thread = threading.Thread(target=lambda: took.append(local_engine.lock.acquire(timeout=5)))
+
+    def take() -> None:
+        took.append(local_engine.lock.acquire(timeout=5))
+        if took[-1]:
+            local_engine.lock.release()  # the engine is shared by the session's other tests
+
+    thread = threading.Thread(target=take)
     thread.start()
     thread.join()
     assert took == [True]

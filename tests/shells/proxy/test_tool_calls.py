@@ -19,6 +19,7 @@ from app.engines import set_engine_override
 from tests.conftest import LiveServer
 from tests.support.seeding import ScriptedEngine
 from workers.graders import get_grader
+from workers.inference.tool_calls import ParsedCall
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
 WEATHER_TOOL: Any = {"type": "function", "function": {
@@ -170,3 +171,25 @@ def test_a_retry_replays_the_same_tool_calls_streamed_or_not(sdk, policy, script
     assert again.choices[0].finish_reason == "tool_calls"
     assert [(t.id, t.function.arguments) for t in streamed] == [
         (c.id, c.function.arguments) for c in first.choices[0].message.tool_calls or []]
+
+
+def test_calls_the_engine_split_off_itself_come_back_as_tool_calls(sdk, policy):
+    # A vLLM server with a tool-call parser: the text holds no call, the last chunk brings it.
+    engine = ScriptedEngine(["Checking."], tool_calls=[ParsedCall("get_weather",
+                                                                  '{"city": "Paris"}')])
+    set_engine_override(engine)
+    try:
+        out = sdk.chat.completions.create(model=policy, messages=MESSAGES, tools=[WEATHER_TOOL],
+                                          tool_choice="required")
+        prompt = engine.messages
+        chunks = list(sdk.chat.completions.create(model=policy, messages=MESSAGES,
+                                                  tools=[WEATHER_TOOL], stream=True))
+    finally:
+        set_engine_override(None)
+    message = out.choices[0].message
+    assert message.content == "Checking." and out.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, c.function.arguments) for c in message.tool_calls or []] == [
+        ("get_weather", '{"city": "Paris"}')]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # The client's tool_choice reached the engine with the tools (for the server to honour).
+    assert prompt[0] == {"role": "tools", "tools": [WEATHER_TOOL], "tool_choice": "required"}
