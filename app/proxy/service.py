@@ -21,16 +21,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import queue
+import math
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Generator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
 from contextlib import aclosing, closing
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from prometheus_client import Counter
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -533,12 +535,12 @@ def _record_aborted(principal: Principal, route: Route, aborted: Answer,
 _END = object()
 
 
-def _produce(route: Route, generation: Generation, out: queue.SimpleQueue[Any],
+def _produce(route: Route, generation: Generation, deliver: Callable[[object], None],
              halt: threading.Event) -> None:
-    """Runs in its own thread: generates, puts each piece of content to send into ``out``,
-    then ``_END`` (an error instead of the rest). The stop strings are checked here, next to
-    the engine, so generation ends at the token that completes one; ``halt`` (the client went
-    away) ends it at the next token."""
+    """Runs in its own thread: generates and ``deliver``s each piece of content to send, then
+    ``_END`` (an error instead of the rest). The stop strings are checked here, next to the
+    engine, so generation ends at the token that completes one; ``halt`` (the reader went away)
+    ends it at the next token."""
     try:
         with closing(engine_chunks(route)) as chunks:
             for chunk in chunks:
@@ -546,34 +548,46 @@ def _produce(route: Route, generation: Generation, out: queue.SimpleQueue[Any],
                     return
                 text = generation.feed(chunk)
                 if text:
-                    out.put(text)
+                    deliver(text)
                 if generation.done:
                     break
     except Exception as exc:
-        out.put(exc)
+        deliver(exc)
     finally:
-        out.put(_END)
+        deliver(_END)
 
 
 async def _generated(route: Route, generation: Generation) -> AsyncGenerator[str, None]:
     """The content to send, piece by piece as it is generated. Generation runs in a thread of
-    its own (the local engine's lock must be taken and released by one thread); leaving the
-    loop early, by ``break`` or cancellation, ends it."""
-    out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    its own (the local engine's lock must be taken and released by one thread) that hands each
+    piece to the event loop, so a waiting stream holds no worker thread; leaving the loop early,
+    by ``break`` or cancellation, ends generation."""
+    send, receive = anyio.create_memory_object_stream[object](max_buffer_size=math.inf)
     halt = threading.Event()
-    threading.Thread(target=_produce, args=(route, generation, out, halt), daemon=True,
+    loop = anyio.lowlevel.current_token()
+
+    def deliver(item: object) -> None:
+        if halt.is_set():
+            return
+        try:
+            anyio.from_thread.run_sync(send.send_nowait, item, token=loop)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
+            halt.set()  # the reader, or the whole event loop, is gone
+
+    threading.Thread(target=_produce, args=(route, generation, deliver, halt), daemon=True,
                      name=f"generate-{route.completion_id}").start()
     try:
-        while True:
-            # A checkpoint per piece: this is where a disconnect cancels the stream.
-            item = await anyio.to_thread.run_sync(out.get, abandon_on_cancel=True)
-            if item is _END:
-                return
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        async with receive:
+            async for item in receive:  # a checkpoint per piece: where a disconnect cancels
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                assert isinstance(item, str)
+                yield item
     finally:
         halt.set()
+        send.close()
 
 
 async def stream(
@@ -604,7 +618,7 @@ async def stream(
         yield chunk({"role": "assistant"}, None, route.served_name)
         if stored is not None:
             answer = stored
-            for piece in _pieces(answer.text):
+            for piece in filter(None, _pieces(answer.text)):
                 await anyio.sleep(0)  # a checkpoint: sends to a gone client do not fail
                 yield chunk({"content": piece}, None, answer.served_name)
         else:

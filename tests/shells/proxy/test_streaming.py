@@ -5,6 +5,7 @@ real (uvicorn, Postgres) in this process."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -130,3 +131,43 @@ def test_max_tokens_ends_the_answer_with_length_in_both_modes(sdk, policy, engin
     assert (plain.choices[0].message.content, plain.choices[0].finish_reason) == ("ab", "length")
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "ab"
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_streams_waiting_on_generation_leave_the_server_free_for_other_requests(
+    api_url, key, policy, engine_slot
+):
+    # More streams than the server's worker threads (40), all waiting for their next token:
+    # none may hold a worker thread, or the API's other (sync) routes would queue behind them.
+    resume = threading.Event()
+    install(ScriptedEngine(["first", " rest"], resume=resume, wait_s=60))
+    streams = 45
+
+    async def run() -> tuple[int, list[str]]:
+        client = openai.AsyncOpenAI(api_key=key, base_url=f"{api_url}/v1", max_retries=0,
+                                    timeout=60)
+
+        async def first_piece() -> Any:
+            stream = await client.chat.completions.create(model=policy, messages=MESSAGES,
+                                                          stream=True)
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    return stream, chunk.choices[0].delta.content
+            raise AssertionError("no content")
+
+        # Well before the engine gives up waiting (60 s): every stream got its first piece.
+        opened = await asyncio.wait_for(
+            asyncio.gather(*(first_piece() for _ in range(streams))), 20)
+        async with httpx.AsyncClient(base_url=api_url, timeout=10,
+                                     headers={"Authorization": f"Bearer {key}"}) as http:
+            status = (await http.get("/v1/models")).status_code
+        resume.set()
+        texts = []
+        for stream, first in opened:
+            texts.append(first + "".join([c.choices[0].delta.content or "" async for c in stream
+                                          if c.choices]))
+        await client.close()
+        return status, texts
+
+    status, texts = asyncio.run(run())
+    assert status == 200
+    assert texts == ["first rest"] * streams
