@@ -75,7 +75,8 @@ def engine_for(settings: Settings, base_model: str) -> ServingEngine:
                 engine = LocalServingEngine(base_model)
             else:
                 engine = VllmServingEngine(_vllm_http(settings, base_model),
-                                           timeout_s=settings.vllm_timeout_s)
+                                           timeout_s=settings.vllm_timeout_s,
+                                           tool_call_parser=settings.vllm_tool_call_parser)
             _engines[key] = engine
         return engine
 

@@ -124,6 +124,13 @@ class Settings(BaseSettings):
         default="http://127.0.0.1:8000", description="Base URL of the vLLM OpenAI server."
     )
     vllm_timeout_s: float = Field(default=120.0, gt=0, description="Timeout of one vLLM call.")
+    vllm_tool_call_parser: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9_.-]+$",
+        description="The vLLM server's tool-call parser, e.g. `hermes`; the server must run with "
+        "`--enable-auto-tool-choice --tool-call-parser` set to it (`VllmServer` adds both). The "
+        "proxy then passes `tool_choice` on and the server splits calls off; unset, the proxy "
+        "sends `tool_choice: none` and splits the calls off the text itself.",
+    )
 
     # Jobs
     job_lease_s: int = Field(default=300, ge=5, description="Lease a running job holds.")

@@ -24,9 +24,14 @@ class ChatCompletionIn(BaseModel):
     model: str = Field(min_length=1, max_length=64, description="The policy name.")
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     tools: list[ToolDefinition] | None = Field(
-        default=None, max_length=128, description="Stored with the trace."
+        default=None, max_length=128,
+        description="Shown to the model and stored with the trace; calls the model writes to "
+        "them come back as `tool_calls` (`finish_reason: tool_calls`).",
     )
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = Field(
+        default=None, description='`"none"` leaves the answer as text, even if it looks like a '
+        "call; other values are stored (and passed to a vLLM server with a tool-call parser).",
+    )
     parallel_tool_calls: bool | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=8192)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=8192)

@@ -7,10 +7,13 @@ The completion id doubles as the trace's ``external_id``, so outcomes can be pos
 (``X-Tracelearn-External-Id``) works as an idempotency key: a retry with the same request gets
 the stored answer back (streamed too); the same id with another request is a 409.
 
-What the engine does not do, the proxy does around it, so both modes agree: stop strings cut the
-text (``finish_reason: stop``), a cut at ``max_tokens`` drops a dangling partial UTF-8 character
-and says ``length``. A stream is generated whole and then sent in chunks, so its finish reason
-and usage are known before the last chunk.
+Both modes read the engine's stream as it is generated (``Generation``), so they agree: a
+streaming client gets each piece as soon as it exists; stop strings end generation where they
+appear (``finish_reason: stop``, the stop string never sent); a cut at ``max_tokens`` says
+``length`` and never ends in half a character. When the request offers tools, tool calls in the
+answer (``workers/inference/tool_calls.py``) come back as ``tool_calls`` with ``finish_reason:
+tool_calls``, streamed as deltas too, and are stored with the trace; ``tool_choice: "none"``
+leaves the answer as text.
 """
 
 from __future__ import annotations
@@ -18,13 +21,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
+from contextlib import aclosing, closing
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 from prometheus_client import Counter
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -53,11 +61,13 @@ from app.traces.strings import describe, string_problems
 from workers.inference.base import SamplingParams, UnknownAdapterError
 from workers.inference.chat import with_tools
 from workers.inference.serving import (
-    EngineCompletion,
+    EngineChunk,
     EngineError,
     EngineUnavailable,
     ServingEngine,
 )
+from workers.inference.stop_strings import StopScanner
+from workers.inference.tool_calls import ParsedCall, ToolCallGate
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +197,14 @@ class Route:
     def model(self) -> str | None:
         return self.served_name if self.adapter_path else None
 
+    @property
+    def tool_names(self) -> frozenset[str]:
+        """The functions the model may call: none when the request offers no tools or says
+        ``tool_choice: "none"`` (its answer is then text, whatever it looks like)."""
+        if self.body.tool_choice == "none":
+            return frozenset()
+        return frozenset(t.function.name for t in self.body.tools or [])
+
     def stored_sampling(self) -> dict[str, Any]:
         """What generation used, stored with the trace."""
         out: dict[str, Any] = {"max_tokens": self.params.max_tokens,
@@ -257,17 +275,71 @@ class Answer:
                      total_tokens=self.prompt_tokens + self.completion_tokens)
 
 
-def finish(out: EngineCompletion, stop: tuple[str, ...]) -> tuple[str, str]:
-    """The engine's text and finish reason with stop strings applied (text before the first
-    one, ``stop``) and, when cut at ``max_tokens``, without a dangling partial character (the
-    decoder renders a multi-byte character split by the cut as U+FFFD)."""
-    text, reason = out.text, out.finish_reason
-    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    if hits:
-        return text[: min(hits)], "stop"
-    if reason == "length":
-        text = text.rstrip("\ufffd")
-    return text, reason
+class Generation:
+    """One answer as the engine generates it, turned into what the client is sent.
+
+    Stop strings end it (``StopScanner``: never sent, a possible beginning held until decided);
+    when the request offers tools, text that may be a call is held (``ToolCallGate``) and the
+    calls are split off at the end, as ``tool_calls`` with ``finish_reason: tool_calls`` (with
+    those an engine split off itself: a vLLM server with a tool-call parser). Both modes run
+    this, so a streamed answer is the JSON answer cut in pieces.
+    """
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.stops = StopScanner(route.stop)
+        self.gate = ToolCallGate(route.tool_names) if route.tool_names else None
+        self.sent: list[str] = []
+        self.engine_calls: tuple[ParsedCall, ...] = ()  # parsed by the engine (vLLM's parser)
+        self.prompt_tokens = self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """The answer is complete: generation can end."""
+        return self.finish_reason is not None
+
+    def feed(self, chunk: EngineChunk) -> str:
+        """One chunk from the engine; returns the content to send now."""
+        self.prompt_tokens, self.completion_tokens = chunk.prompt_tokens, chunk.completion_tokens
+        self.engine_calls += chunk.tool_calls
+        text = self.stops.feed(chunk.text)
+        if self.stops.stopped:
+            self.finish_reason = "stop"
+        elif chunk.finish_reason is not None:
+            text += self.stops.flush()
+            self.finish_reason = chunk.finish_reason
+        return self._send(self.gate.feed(text) if self.gate else text)
+
+    def _send(self, text: str) -> str:
+        self.sent.append(text)
+        return text
+
+    def finish(self) -> tuple[str, Answer]:
+        """After the last chunk: the rest of the content to send, and the whole answer."""
+        if self.finish_reason is None:  # the engine ended without saying why
+            self.finish_reason = "stop"
+            self._send(self.gate.feed(self.stops.flush()) if self.gate else self.stops.flush())
+        rest, calls = self.gate.finish() if self.gate else ("", ())
+        self._send(rest)
+        tool_calls = [
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c.name, "arguments": c.arguments}}
+            for c in (*self.engine_calls, *calls)
+        ]
+        return rest, self._answer("tool_calls" if tool_calls else self.finish_reason,
+                                  tool_calls or None)
+
+    def aborted(self, delivered: str) -> Answer:
+        """The answer of a client that went away after it was ``delivered`` this text."""
+        return self._answer("aborted", None, delivered)
+
+    def _answer(self, finish_reason: str, tool_calls: list[dict[str, Any]] | None,
+                text: str | None = None) -> Answer:
+        return Answer(text="".join(self.sent) if text is None else text,
+                      finish_reason=finish_reason,
+                      prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens,
+                      served_name=self.route.served_name, tool_calls=tool_calls)
 
 
 def _reload(route: Route) -> None:
@@ -284,28 +356,47 @@ def _reload(route: Route) -> None:
     route.engine.load_adapter(route.served_name, route.adapter_path)
 
 
-def generate(route: Route) -> Answer:
+def engine_chunks(route: Route) -> Generator[EngineChunk, None, None]:
+    """The engine's chunks for the request, the serving adapter loaded again when the engine
+    has forgotten it; engine failures as ``ServiceUnavailable``. Read and close it in one
+    thread: the local engine holds its lock while it generates."""
     # The request's tools reach the model the way regeneration renders them (``with_tools``).
     messages = with_tools(engine_messages(route.body), [
-        t.model_dump(mode="json", exclude_none=True) for t in route.body.tools or []])
-
-    def call() -> EngineCompletion:
+        t.model_dump(mode="json", exclude_none=True) for t in route.body.tools or []],
+        route.body.tool_choice)
+    chunks: Iterator[EngineChunk] = iter(())
+    try:
         try:
-            return route.engine.complete(route.model, messages, route.params)
+            chunks = route.engine.stream(route.model, messages, route.params)
+            first = next(chunks, None)
         except UnknownAdapterError:
             _reload(route)
-            return route.engine.complete(route.model, messages, route.params)
-
-    try:
-        out = call()
+            chunks = route.engine.stream(route.model, messages, route.params)
+            first = next(chunks, None)
+        if first is None:
+            return
+        yield first
+        yield from chunks
     except EngineUnavailable as exc:
         raise ServiceUnavailable(f"the serving engine is unavailable: {exc}",
                                  retry_after=5) from exc
-    except EngineError as exc:
+    except (EngineError, UnknownAdapterError) as exc:
         raise ServiceUnavailable(f"the serving engine failed: {exc}") from exc
-    text, reason = finish(out, route.stop)
-    return Answer(text=text, finish_reason=reason, prompt_tokens=out.prompt_tokens,
-                  completion_tokens=out.completion_tokens, served_name=route.served_name)
+    finally:
+        close = getattr(chunks, "close", None)  # a generator: ends the engine's generation
+        if close is not None:
+            close()
+
+
+def generate(route: Route) -> Answer:
+    """The whole answer; generation ends at the first stop string."""
+    generation = Generation(route)
+    with closing(engine_chunks(route)) as chunks:
+        for chunk in chunks:
+            generation.feed(chunk)
+            if generation.done:
+                break
+    return generation.finish()[1]
 
 
 def replay(trace: Trace) -> Answer:
@@ -338,6 +429,16 @@ def stored_answer(session: Session, principal: Principal, route: Route) -> Answe
     return replay(trace)
 
 
+def _response(answer: Answer) -> str | dict[str, Any]:
+    """The answer as stored: its text, or the message with its tool calls. What the model
+    generated, control characters included; a NUL (which no database column holds) becomes
+    U+FFFD."""
+    text = answer.text.replace("\x00", "\ufffd")
+    if not answer.tool_calls:
+        return text
+    return {"role": "assistant", "content": text or None, "tool_calls": answer.tool_calls}
+
+
 def record(
     session: Session, principal: Principal, route: Route, answer: Answer, settings: Settings,
     untrainable: str | None = None,
@@ -351,9 +452,7 @@ def record(
         "policy": route.policy,
         "messages": [m.model_dump(mode="json", exclude_unset=True) for m in body.messages],
         "sampling_params": route.stored_sampling(),
-        # What the model generated, control characters included; a NUL (which no database
-        # column holds) becomes U+FFFD.
-        "response": answer.text.replace("\x00", "\ufffd"),
+        "response": _response(answer),
         "usage": answer.usage().model_dump(),
         "model": route.served_name,
         "metadata": metadata,
@@ -415,17 +514,16 @@ def _event(payload: dict[str, Any]) -> str:
 
 
 def _pieces(text: str) -> list[str]:
+    """A stored answer, replayed to a streaming retry, in word-sized chunks."""
     words = text.split(" ")
     return [w if i == len(words) - 1 else w + " " for i, w in enumerate(words) if w or i == 0]
 
 
-def _record_aborted(principal: Principal, route: Route, answer: Answer, settings: Settings,
-                    sent: str) -> None:
+def _record_aborted(principal: Principal, route: Route, aborted: Answer,
+                    settings: Settings) -> None:
     STREAMS_ABORTED.inc()
     log.warning("client aborted the stream of %s after %d characters", route.completion_id,
-                len(sent))
-    aborted = Answer(text=sent, finish_reason="aborted", prompt_tokens=answer.prompt_tokens,
-                     completion_tokens=answer.completion_tokens, served_name=answer.served_name)
+                len(aborted.text))
     try:
         with get_database().session() as session:
             record(session, principal, route, aborted, settings, untrainable="aborted")
@@ -434,11 +532,70 @@ def _record_aborted(principal: Principal, route: Route, answer: Answer, settings
         log.exception("could not record aborted stream %s", route.completion_id)
 
 
+_END = object()
+
+
+def _produce(route: Route, generation: Generation, deliver: Callable[[object], None],
+             halt: threading.Event) -> None:
+    """Runs in its own thread: generates and ``deliver``s each piece of content to send, then
+    ``_END`` (an error instead of the rest). The stop strings are checked here, next to the
+    engine, so generation ends at the token that completes one; ``halt`` (the reader went away)
+    ends it at the next token."""
+    try:
+        with closing(engine_chunks(route)) as chunks:
+            for chunk in chunks:
+                if halt.is_set():
+                    return
+                text = generation.feed(chunk)
+                if text:
+                    deliver(text)
+                if generation.done:
+                    break
+    except Exception as exc:
+        deliver(exc)
+    finally:
+        deliver(_END)
+
+
+async def _generated(route: Route, generation: Generation) -> AsyncGenerator[str, None]:
+    """The content to send, piece by piece as it is generated. Generation runs in a thread of
+    its own (the local engine's lock must be taken and released by one thread) that hands each
+    piece to the event loop, so a waiting stream holds no worker thread; leaving the loop early,
+    by ``break`` or cancellation, ends generation."""
+    send, receive = anyio.create_memory_object_stream[object](max_buffer_size=math.inf)
+    halt = threading.Event()
+    loop = anyio.lowlevel.current_token()
+
+    def deliver(item: object) -> None:
+        if halt.is_set():
+            return
+        try:
+            anyio.from_thread.run_sync(send.send_nowait, item, token=loop)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, RuntimeError):
+            halt.set()  # the reader, or the whole event loop, is gone
+
+    threading.Thread(target=_produce, args=(route, generation, deliver, halt), daemon=True,
+                     name=f"generate-{route.completion_id}").start()
+    try:
+        async with receive:
+            async for item in receive:  # a checkpoint per piece: where a disconnect cancels
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                assert isinstance(item, str)
+                yield item
+    finally:
+        halt.set()
+        send.close()
+
+
 async def stream(
     principal: Principal, route: Route, settings: Settings, stored: Answer | None = None
 ) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; the trace is recorded once the stream ends,
-    or, flagged ``aborted`` and untrainable, when the client goes away before that.
+    """Server-sent events in OpenAI's chunk format, each piece of the answer sent as soon as it
+    is generated; the trace is recorded once the stream ends, or, flagged ``aborted`` and
+    untrainable, when the client goes away before that. A retry's ``stored`` answer is replayed.
 
     Runs after the request's transaction has closed, so recording opens its own.
     """
@@ -454,26 +611,32 @@ async def stream(
             payload["usage"] = None
         return _event(payload)
 
-    sent: list[str] = []
-    answer = Answer(text="", finish_reason="aborted", prompt_tokens=0, completion_tokens=0,
-                    served_name=route.served_name)
+    generation = Generation(route)
+    delivered: list[str] = []
     done = False
     try:
         yield chunk({"role": "assistant"}, None, route.served_name)
-        try:
-            answer = stored if stored is not None else await run_in_threadpool(generate, route)
-        except ServiceUnavailable as exc:
-            # Headers are already sent: report in-band, as OpenAI-compatible servers do.
-            done = True
-            yield _event({"error": {"message": exc.detail, "type": "server_error",
-                                    "param": None, "code": "unavailable"}})
-            return
-        for piece in _pieces(answer.text):
-            # A checkpoint per chunk: sends to a gone client do not fail, so this is where the
-            # server's disconnect listener gets to cancel the stream.
-            await anyio.sleep(0)
-            yield chunk({"content": piece}, None, answer.served_name)
-            sent.append(piece)
+        if stored is not None:
+            answer = stored
+            for piece in filter(None, _pieces(answer.text)):
+                await anyio.sleep(0)  # a checkpoint: sends to a gone client do not fail
+                yield chunk({"content": piece}, None, answer.served_name)
+        else:
+            try:
+                generated = _generated(route, generation)
+                async with aclosing(generated):
+                    async for text in generated:
+                        yield chunk({"content": text}, None, route.served_name)
+                        delivered.append(text)
+            except ServiceUnavailable as exc:
+                # Headers are already sent: report in-band, as OpenAI-compatible servers do.
+                done = True
+                yield _event({"error": {"message": exc.detail, "type": "server_error",
+                                        "param": None, "code": "unavailable"}})
+                return
+            rest, answer = generation.finish()
+            if rest:
+                yield chunk({"content": rest}, None, answer.served_name)
         await anyio.sleep(0)
         if answer.tool_calls:
             calls = [c | {"index": i} for i, c in enumerate(answer.tool_calls)]
@@ -490,9 +653,10 @@ async def stream(
                 await run_in_threadpool(_record_streamed, principal, route, answer, settings)
         yield "data: [DONE]\n\n"
     finally:
-        if not done:
-            # Cancelled or closed mid-stream (the client went away): record what it was sent.
-            _record_aborted(principal, route, answer, settings, "".join(sent))
+        # Cancelled or closed mid-stream (the client went away): record what it was sent. A
+        # replayed answer is stored already.
+        if not done and stored is None:
+            _record_aborted(principal, route, generation.aborted("".join(delivered)), settings)
 
 
 def _record_streamed(principal: Principal, route: Route, answer: Answer,

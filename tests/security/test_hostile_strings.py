@@ -20,8 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.engines import set_engine_override
-from workers.inference.base import SamplingParams
-from workers.inference.serving import EngineCompletion
+from tests.support.seeding import ScriptedEngine
 
 from ._helpers import assert_problem, trace_body
 
@@ -173,34 +172,11 @@ def test_hostile_strings_in_other_routes_are_422(
 # ------------------------------------------------------------------------------ the proxy
 
 
-class CountingEngine:
+class CountingEngine(ScriptedEngine):
     """An engine that answers a fixed text and counts its generations."""
 
     def __init__(self, text: str = "ANSWER: YES") -> None:
-        self.text = text
-        self.calls = 0
-
-    def load_adapter(self, name: str, path: str) -> None:
-        pass
-
-    def unload_adapter(self, name: str) -> None:
-        pass
-
-    def list_models(self) -> list[str]:
-        return []
-
-    def complete(
-        self, model: str | None, messages: list[dict[str, str]], params: SamplingParams
-    ) -> EngineCompletion:
-        self.calls += 1
-        return EngineCompletion(text=self.text, finish_reason="stop", prompt_tokens=3,
-                                completion_tokens=2)
-
-    def stream(
-        self, model: str | None, messages: list[dict[str, str]], params: SamplingParams
-    ) -> Iterator[str]:
-        self.calls += 1
-        yield self.text
+        super().__init__([text])
 
 
 @pytest.fixture

@@ -3,7 +3,8 @@ LoRA adapters written through the learner's adapter module, snapshots and evalua
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ from app.models import (
 )
 from app.policies.service import served_name
 from workers.inference.base import SamplingParams
-from workers.inference.serving import EngineCompletion, EngineUnavailable, LocalServingEngine
+from workers.inference.serving import (
+    EngineChunk,
+    EngineCompletion,
+    EngineUnavailable,
+    LocalServingEngine,
+)
+from workers.inference.tool_calls import ParsedCall
 from workers.learner.adapters import model_digest, write_adapter
 from workers.learner.bootstrap import BootstrapConfig, bootstrap_model
 
@@ -211,8 +218,75 @@ class DownEngine:
 
     def stream(
         self, model: str | None, messages: list[dict[str, str]], params: SamplingParams
-    ) -> Iterator[str]:
+    ) -> Iterator[EngineChunk]:
         raise EngineUnavailable("connection refused")
+
+
+class ScriptedEngine:
+    """A serving engine whose model writes a fixed script, one piece per token, through the same
+    interface as the real engines: for proxy tests that need a known answer (tool calls, which
+    the tiny model never writes) or need to watch generation as it happens.
+
+    ``max_tokens`` cuts the script (``length``). ``calls`` counts generations; ``generated`` is
+    how many pieces the last one produced and ``closed`` whether its reader ended it, so a test
+    sees a stop string end generation. With ``resume`` given, the engine waits after the first
+    piece until ``resume`` is set (at most ``wait_s``) before writing the rest, and
+    ``resumed`` says whether it was: a client that sets it on receiving the first piece shows
+    that the piece reached it while the rest did not exist yet. ``tool_calls``: calls the engine
+    splits off itself, as a vLLM server with a tool-call parser does.
+    """
+
+    def __init__(self, pieces: Sequence[str], *, finish_reason: str = "stop",
+                 prompt_tokens: int = 3, resume: threading.Event | None = None,
+                 wait_s: float = 20.0, tool_calls: Sequence[ParsedCall] = ()) -> None:
+        self.pieces = list(pieces)
+        self.tool_calls = tuple(tool_calls)
+        self.finish_reason = finish_reason
+        self.prompt_tokens = prompt_tokens
+        self.resume = resume
+        self.wait_s = wait_s
+        self.resumed: bool | None = None
+        self.calls = 0
+        self.generated = 0
+        self.closed = False
+        self.messages: list[dict[str, Any]] = []
+
+    def load_adapter(self, name: str, path: str) -> None:
+        pass
+
+    def unload_adapter(self, name: str) -> None:
+        pass
+
+    def list_models(self) -> list[str]:
+        return []
+
+    def complete(
+        self, model: str | None, messages: list[dict[str, str]], params: SamplingParams
+    ) -> EngineCompletion:
+        chunks = list(self.stream(model, messages, params))
+        return EngineCompletion(text="".join(c.text for c in chunks),
+                                finish_reason=chunks[-1].finish_reason or "stop",
+                                prompt_tokens=self.prompt_tokens,
+                                completion_tokens=chunks[-1].completion_tokens)
+
+    def stream(
+        self, model: str | None, messages: list[dict[str, str]], params: SamplingParams
+    ) -> Iterator[EngineChunk]:
+        self.calls += 1
+        self.generated, self.closed, self.messages = 0, False, list(messages)
+        script = self.pieces[: params.max_tokens]
+        try:
+            for i, piece in enumerate(script):
+                if i == 1 and self.resume is not None:
+                    self.resumed = self.resume.wait(self.wait_s)
+                self.generated = i + 1
+                yield EngineChunk(piece, self.prompt_tokens, i + 1)
+            cut = len(script) < len(self.pieces)
+            yield EngineChunk("", self.prompt_tokens, len(script),
+                              "length" if cut else self.finish_reason, self.tool_calls)
+        except GeneratorExit:
+            self.closed = True
+            raise
 
 
 class CanaryFailsEngine(LocalServingEngine):

@@ -72,18 +72,32 @@ def _stand_ins(specials: Iterable[str], texts: Iterable[str]) -> dict[str, str]:
 
 
 def with_tools(
-    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: str | Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """A trace's prompt as the sampler and the trainer receive it: its messages, preceded by a
-    ``{"role": "tools", "tools": [...]}`` entry when the request defined tools.
+    ``{"role": "tools", "tools": [...]}`` entry when the request defined tools (with the
+    request's ``tool_choice``, when given, for a serving engine that parses calls itself).
 
     The tools ride inside the prompt (not as a separate argument) so every backend, every copy
     and every JSON round trip carries them unchanged to ``encode_prompt``, which takes them out.
     """
     prompt = [dict(m) for m in messages]
     if tools:
-        prompt.insert(0, {"role": TOOLS_ROLE, "tools": [dict(t) for t in tools]})
+        entry: dict[str, Any] = {"role": TOOLS_ROLE, "tools": [dict(t) for t in tools]}
+        if tool_choice is not None:
+            entry["tool_choice"] = tool_choice
+        prompt.insert(0, entry)
     return prompt
+
+
+def tool_choice_of(prompt: Sequence[Mapping[str, Any]]) -> str | Mapping[str, Any] | None:
+    """The ``tool_choice`` a prompt built by ``with_tools`` carries, if any."""
+    for m in prompt:
+        if m.get("role") == TOOLS_ROLE:
+            choice: str | Mapping[str, Any] | None = m.get("tool_choice")
+            return choice
+    return None
 
 
 def split_tools(

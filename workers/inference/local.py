@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +118,26 @@ class LocalBackend:
             results.extend(self._sample(model, chunk, params, gen))
         return [results[i * n : (i + 1) * n] for i in range(len(prompts))]
 
-    @torch.no_grad()
+    def stream(
+        self,
+        prompt: list[dict[str, str]],
+        params: SamplingParams,
+        adapter: AdapterRef | None = None,
+    ) -> Iterator[int]:
+        """One completion's token ids as they are sampled (the stop token last, when sampled):
+        the same draws as ``generate`` with the same seed. Closing the iterator ends
+        generation."""
+        model = self.model_for(adapter)
+        prompt_ids = encode_prompt(self.tokenizer, prompt)
+        check_token_ids([prompt_ids], embedding_rows(model))
+        gen = torch.Generator(device="cpu")
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()
+        for tok, _ in self._steps(model, [prompt_ids], params, gen):
+            yield int(tok[0])
+
     def _sample(
         self,
         model: PreTrainedModel,
@@ -125,6 +145,45 @@ class LocalBackend:
         params: SamplingParams,
         gen: torch.Generator,
     ) -> list[Completion]:
+        eos = self.tokenizer.eos_token_id
+        b = len(prompts)
+        tokens = torch.zeros((b, params.max_tokens), dtype=torch.long)
+        logps = torch.zeros((b, params.max_tokens), dtype=torch.float32)
+        lengths = torch.full((b,), params.max_tokens, dtype=torch.long)
+        done = torch.zeros(b, dtype=torch.bool)
+        for t, (tok, logp) in enumerate(self._steps(model, prompts, params, gen)):
+            tokens[:, t] = tok
+            logps[:, t] = logp
+            newly = (tok == eos) & ~done
+            lengths[newly] = t + 1
+            done |= newly
+
+        completions = []
+        for i in range(b):
+            k = int(lengths[i])
+            ids = tokens[i, :k].tolist()
+            stopped = bool(done[i])
+            text_ids = ids[:-1] if stopped else ids
+            completions.append(
+                Completion(
+                    text=str(self.tokenizer.decode(text_ids, skip_special_tokens=True)),
+                    token_ids=ids,
+                    logprobs=logps[i, :k].tolist(),
+                    finish_reason="stop" if stopped else "length",
+                )
+            )
+        return completions
+
+    @torch.no_grad()
+    def _steps(
+        self,
+        model: PreTrainedModel,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        gen: torch.Generator,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Per step, each sequence's sampled token and its behaviour log-prob (on the CPU),
+        until every sequence has sampled the stop token or ``max_tokens`` steps are done."""
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         b = len(prompts)
@@ -142,9 +201,6 @@ class LocalBackend:
         next_pos = pos[:, -1:] + 1
         cache_arg = _cache_arg(model)
 
-        tokens = torch.zeros((b, params.max_tokens), dtype=torch.long)
-        logps = torch.zeros((b, params.max_tokens), dtype=torch.float32)
-        lengths = torch.full((b,), params.max_tokens, dtype=torch.long)
         done = torch.zeros(b, dtype=torch.bool)
         for t in range(params.max_tokens):
             logits = logits.float()
@@ -155,11 +211,8 @@ class LocalBackend:
                 logp = torch.log_softmax(logits / params.temperature, dim=-1)
                 probs = logp.exp().cpu()
                 tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(self.device)
-            tokens[:, t] = tok.cpu()
-            logps[:, t] = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).cpu()
-            newly = (tok.cpu() == eos) & ~done
-            lengths[newly] = t + 1
-            done |= newly
+            yield tok.cpu(), logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).cpu()
+            done |= tok.cpu() == eos
             if bool(done.all()) or t == params.max_tokens - 1:
                 break
             attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=self.device)], 1)
@@ -172,22 +225,6 @@ class LocalBackend:
             )
             past, logits = _cache_of(out), out.logits[:, -1, :]
             next_pos = next_pos + 1
-
-        completions = []
-        for i in range(b):
-            k = int(lengths[i])
-            ids = tokens[i, :k].tolist()
-            stopped = bool(done[i])
-            text_ids = ids[:-1] if stopped else ids
-            completions.append(
-                Completion(
-                    text=str(self.tokenizer.decode(text_ids, skip_special_tokens=True)),
-                    token_ids=ids,
-                    logprobs=logps[i, :k].tolist(),
-                    finish_reason="stop" if stopped else "length",
-                )
-            )
-        return completions
 
 
 def _cache_arg(model: Any) -> str:

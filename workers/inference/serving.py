@@ -26,8 +26,11 @@ from workers.inference.chat import (
     encode_prompt,
     split_tools,
     template_supports_tools,
+    tool_choice_of,
     tools_block,
 )
+from workers.inference.detokenizer import IncrementalDecoder
+from workers.inference.tool_calls import ParsedCall
 from workers.inference.vllm_http import VllmUnavailable
 
 
@@ -45,6 +48,23 @@ class EngineCompletion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True)
+class EngineChunk:
+    """A piece of a completion as it is generated, with the token counts so far, so whoever
+    stops reading early (at a stop string, or when the client goes away) still knows them."""
+
+    text: str
+    """New text since the previous chunk; never half a character."""
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens generated so far (the stop token included, as ``EngineCompletion`` counts)."""
+    finish_reason: str | None = None
+    """On the last chunk only: "stop" (the model ended) or "length" (``max_tokens``)."""
+    tool_calls: tuple[ParsedCall, ...] = ()
+    """On the last chunk: calls the engine split off the text itself (a vLLM server with a
+    tool-call parser); otherwise calls stay in the text, for the reader to split."""
 
 
 @runtime_checkable
@@ -78,8 +98,10 @@ class ServingEngine(Protocol):
         model: str | None,
         messages: list[dict[str, str]],
         params: SamplingParams,
-    ) -> Iterator[str]:
-        """The same completion as text deltas, for streaming clients."""
+    ) -> Iterator[EngineChunk]:
+        """The completion as it is generated, ending with a chunk that has the finish reason
+        (joined, the texts are what ``complete`` answers). Closing the iterator early ends
+        generation."""
         ...
 
 
@@ -150,13 +172,24 @@ class LocalServingEngine:
 
     def stream(
         self, model: str | None, messages: list[dict[str, str]], params: SamplingParams
-    ) -> Iterator[str]:
-        # The local sampler decodes a whole batch at once; the client still gets SSE framing,
-        # word by word, so streaming clients work unchanged against the embedded default.
-        text = self.complete(model, messages, params).text
-        pieces = text.split(" ")
-        for i, piece in enumerate(pieces):
-            yield piece if i == len(pieces) - 1 else piece + " "
+    ) -> Iterator[EngineChunk]:
+        ref = self._ref(model)
+        # Held for the whole generation, so the iterator must be read and closed by one thread.
+        with self.lock:
+            backend = self.backend
+            prompt_tokens = len(encode_prompt(backend.tokenizer, messages))
+            eos = backend.tokenizer.eos_token_id
+            decoder = IncrementalDecoder(backend.tokenizer)
+            count, last = 0, None
+            for last in backend.stream(messages, params, ref):
+                count += 1
+                if last == eos:
+                    break
+                # A chunk per token, text or not: the reader may stop between any two tokens.
+                yield EngineChunk(decoder.add(last), prompt_tokens, count)
+            cut = last != eos
+            yield EngineChunk(decoder.flush(cut=cut), prompt_tokens, count,
+                              "length" if cut else "stop")
 
 
 class VllmServingEngine:
@@ -164,10 +197,15 @@ class VllmServingEngine:
     ``VllmHttpBackend`` (one client of the server's LoRA API); chat requests go to
     ``/v1/chat/completions`` so the server applies the chat template and can stream."""
 
-    def __init__(self, backend: Any, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, backend: Any, timeout_s: float = 120.0, tool_call_parser: str | None = None
+    ) -> None:
         self.backend = backend
         self.base_url: str = backend.base_url
         self.timeout_s = timeout_s
+        self.tool_call_parser = tool_call_parser
+        """The server's ``--tool-call-parser`` (started with ``--enable-auto-tool-choice``),
+        None when it has none."""
 
     @staticmethod
     def _translate(exc: Exception) -> EngineError:
@@ -216,6 +254,15 @@ class VllmServingEngine:
             body["seed"] = params.seed
         if tools and template_supports_tools(self.backend.tokenizer):
             body["tools"] = tools
+            # A server with a tool-call parser splits the calls off and honours the client's
+            # choice. One without refuses "auto" (vLLM's default when tools are sent), so it is
+            # told "none": the template still shows the tools, and the calls come back as text
+            # for the proxy to split.
+            choice = tool_choice_of(messages)
+            if self.tool_call_parser is None:
+                body["tool_choice"] = "none"
+            elif choice is not None:
+                body["tool_choice"] = choice
         return body
 
     def complete(
@@ -244,8 +291,16 @@ class VllmServingEngine:
 
     def stream(
         self, model: str | None, messages: list[dict[str, str]], params: SamplingParams
-    ) -> Iterator[str]:
-        body = self._body(model, messages, params) | {"stream": True}
+    ) -> Iterator[EngineChunk]:
+        # The server's own stream, passed on chunk by chunk; usage on every chunk (vLLM's
+        # ``continuous_usage_stats``) so a reader that stops early still has the counts.
+        body = self._body(model, messages, params) | {
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+        prompt_tokens = completion_tokens = 0
+        finish: str | None = None
+        calls = ToolCallDeltas()
         try:
             with httpx.stream(
                 "POST", self.base_url + "/v1/chat/completions", json=body, timeout=self.timeout_s
@@ -253,15 +308,48 @@ class VllmServingEngine:
                 if r.status_code == 404:
                     raise UnknownAdapterError(f"vLLM does not know {model!r}")
                 if r.status_code >= 400:
-                    raise EngineError(f"vLLM completion failed: {r.status_code}")
+                    r.read()
+                    raise EngineError(f"vLLM completion failed: {r.status_code} {r.text[:300]}")
                 for line in r.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue
-                    delta = json.loads(line[6:])["choices"][0].get("delta", {})
-                    if delta.get("content"):
-                        yield str(delta["content"])
+                    data = json.loads(line[6:])
+                    if "error" in data:
+                        raise EngineError(f"vLLM stream failed: {str(data['error'])[:300]}")
+                    usage = data.get("usage") or {}
+                    prompt_tokens = int(usage.get("prompt_tokens", prompt_tokens))
+                    completion_tokens = int(usage.get("completion_tokens", completion_tokens))
+                    for choice in data.get("choices") or []:
+                        finish = choice.get("finish_reason") or finish
+                        delta = choice.get("delta") or {}
+                        calls.add(delta.get("tool_calls") or [])
+                        if delta.get("content"):
+                            yield EngineChunk(str(delta["content"]), prompt_tokens,
+                                              completion_tokens)
         except httpx.TransportError as exc:
             raise EngineUnavailable(f"vLLM at {self.base_url} is unreachable: {exc}") from exc
+        yield EngineChunk("", prompt_tokens, completion_tokens,
+                          "length" if finish == "length" else "stop", calls.complete())
+
+
+class ToolCallDeltas:
+    """Tool calls streamed in OpenAI's delta shape (by ``index``: the name once, the arguments
+    in fragments), put back together."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, tuple[str, str]] = {}
+
+    def add(self, deltas: list[dict[str, Any]]) -> None:
+        for d in deltas:
+            index = int(d.get("index", len(self._calls)))
+            name, arguments = self._calls.get(index, ("", ""))
+            fn = d.get("function") or {}
+            self._calls[index] = (name + (fn.get("name") or ""),
+                                  arguments + (fn.get("arguments") or ""))
+
+    def complete(self) -> tuple[ParsedCall, ...]:
+        return tuple(ParsedCall(name, arguments or "{}")
+                     for name, arguments in (self._calls[i] for i in sorted(self._calls)))
 
 
 # --- which engine serves a policy ----------------------------------------------------------------

@@ -27,6 +27,32 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_argv(
+    python: str | Path,
+    model: str | Path,
+    port: int,
+    *,
+    max_lora_rank: int = 8,
+    max_loras: int = 2,
+    max_model_len: int = 1024,
+    tool_call_parser: str | None = None,
+) -> list[str]:
+    """The command line of one server on ``127.0.0.1:port``."""
+    argv = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+        "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras),
+        "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
+        # Log-probs of the distribution tokens were drawn from (after temperature): the
+        # behaviour log-probs OAPL uses as log π_ref.
+        "--logprobs-mode", "processed_logprobs", "--max-model-len", str(max_model_len),
+    ]
+    if tool_call_parser is not None:
+        # The server splits the model's tool calls off its answers (and accepts
+        # ``tool_choice: auto``); the serving engine must be told the same parser.
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", tool_call_parser]
+    return argv
+
+
 class VllmServer:
     """One ``vllm.entrypoints.openai.api_server`` on a free loopback port."""
 
@@ -40,6 +66,7 @@ class VllmServer:
         max_loras: int = 2,
         max_model_len: int = 1024,
         kv_cache_gib: int = 1,
+        tool_call_parser: str | None = None,
     ) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -48,14 +75,9 @@ class VllmServer:
             "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
             "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         }
-        argv = [
-            str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-            "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(max_loras),
-            "--dtype", "float32", "--host", "127.0.0.1", "--port", str(self.port),
-            # Log-probs of the distribution tokens were drawn from (after temperature): the
-            # behaviour log-probs OAPL uses as log π_ref.
-            "--logprobs-mode", "processed_logprobs", "--max-model-len", str(max_model_len),
-        ]
+        argv = server_argv(python, model, self.port, max_lora_rank=max_lora_rank,
+                           max_loras=max_loras, max_model_len=max_model_len,
+                           tool_call_parser=tool_call_parser)
         with open(log, "wb") as out:
             self.popen = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                                           start_new_session=True)
