@@ -3,7 +3,9 @@ configuration that drives them, against hand-computed values (no model needed)."
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +17,8 @@ from workers.learner.trainer import (
     partition_schedule,
     select_groups,
 )
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.parametrize(
@@ -78,12 +82,19 @@ def test_zero_variance_groups_are_dropped_unless_kept() -> None:
     assert [g.group_id for g in kept] == ["varied", "flat", "empty"] and dropped == 0
 
 
-def test_round_defaults_are_sixteen_groups_per_step_for_four_epochs() -> None:
+def test_round_defaults_are_the_tuned_oapl_point() -> None:
+    """The trainer's defaults are what the committed tuning run chose (its best OAPL point and
+    the round it was tuned with), so a new tuning run that moves the best point fails here until
+    the defaults follow."""
+    tuned = json.loads((REPO / "benchmarks/results/tune_round.json").read_text())
+    best, round_ = tuned["best"]["oapl"], tuned["round"]
     cfg = TrainerConfig()
-    assert (cfg.epochs, cfg.groups_per_step, cfg.lr, cfg.beta2) == (4, 16, 2e-3, 0.1)
-    assert (cfg.lr_schedule, cfg.warmup_steps, cfg.keep_zero_variance_groups) == (
-        "constant", 0, False)
-    assert math.ceil(64 / cfg.groups_per_step) * cfg.epochs == 16
+    assert (cfg.algorithm, cfg.lr, cfg.beta2, cfg.epochs, cfg.keep_zero_variance_groups) == (
+        "oapl", best["lr"], best["beta2"], best["epochs"], best["keep_zero_variance_groups"])
+    assert (cfg.groups_per_step, cfg.lora_rank, cfg.lora_alpha) == (
+        round_["groups_per_step"], round_["lora_rank"], round_["lora_alpha"])
+    assert (cfg.lr_schedule, cfg.warmup_steps) == ("constant", 0)
+    assert math.ceil(64 / cfg.groups_per_step) * cfg.epochs == 32
 
 
 def test_invalid_round_and_optimizer_settings_are_listed() -> None:
