@@ -14,6 +14,8 @@ import httpx
 import openai
 import pytest
 
+from tests.support.live_api import stored_trace as stored
+
 MESSAGES: list[Any] = [
     {"role": "developer", "content": "Answer YES or NO."},
     {"role": "user", "content": [{"type": "text", "text": "ECOG 0, EGFR positive. PFS > 180 d?"}]},
@@ -21,17 +23,6 @@ MESSAGES: list[Any] = [
 WEATHER_TOOL: Any = {"type": "function", "function": {
     "name": "get_weather", "parameters": {"type": "object",
                                           "properties": {"city": {"type": "string"}}}}}
-
-
-@pytest.fixture
-def sdk(api_url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key, base_url=f"{api_url}/v1", max_retries=0)
-
-
-def stored(http: httpx.Client, external_id: str) -> dict[str, Any]:
-    items = http.get("/v1/traces", params={"external_id": external_id}).json()["items"]
-    assert len(items) == 1, items
-    return dict(items[0])
 
 
 def test_completion_answers_and_is_stored_with_its_sampling_params(sdk, http, policy):

@@ -29,11 +29,6 @@ def api_url(live_server: LiveServer) -> str:
 
 
 @pytest.fixture
-def sdk(api_url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key, base_url=f"{api_url}/v1", max_retries=0)
-
-
-@pytest.fixture
 def engine_slot() -> Iterator[None]:
     yield
     set_engine_override(None)

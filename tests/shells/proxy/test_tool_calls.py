@@ -11,12 +11,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from app.engines import set_engine_override
 from tests.conftest import LiveServer
+from tests.support.live_api import stored_trace as stored
 from tests.support.seeding import ScriptedEngine
 from workers.graders import get_grader
 from workers.inference.tool_calls import ParsedCall
@@ -46,17 +46,6 @@ def script() -> Iterator[Callable[[list[str]], ScriptedEngine]]:
 
     yield install
     set_engine_override(None)
-
-
-@pytest.fixture
-def sdk(api_url: str, key: str) -> openai.OpenAI:
-    return openai.OpenAI(api_key=key, base_url=f"{api_url}/v1", max_retries=0)
-
-
-def stored(http: httpx.Client, external_id: str) -> dict[str, Any]:
-    items = http.get("/v1/traces", params={"external_id": external_id}).json()["items"]
-    assert len(items) == 1, items
-    return dict(items[0])
 
 
 def test_a_call_comes_back_as_tool_calls_and_is_stored_gradeable(sdk, http, policy, script):

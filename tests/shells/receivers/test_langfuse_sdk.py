@@ -13,6 +13,7 @@ import pytest
 from langfuse import Langfuse
 
 from tests.conftest import LiveServer
+from tests.support.live_api import stored_trace as stored
 
 MESSAGES: list[dict[str, Any]] = [
     {"role": "system", "content": "Use the weather tool."},
@@ -48,11 +49,6 @@ def langfuse(live_server: LiveServer, key: str) -> Iterator[Langfuse]:
     client = Langfuse(public_key=public, secret_key=key, host=live_server.url, flush_at=100)
     yield client
     client.shutdown()
-
-
-def stored(http: httpx.Client, external_id: str) -> dict[str, Any] | None:
-    items = http.get("/v1/traces", params={"external_id": external_id}).json()["items"]
-    return items[0] if items else None
 
 
 def test_a_tool_calling_generation_becomes_a_trace_and_its_score_an_outcome(

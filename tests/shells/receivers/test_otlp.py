@@ -34,6 +34,7 @@ from opentelemetry.trace import Status, StatusCode
 
 from app.settings import get_settings
 from tests.conftest import REPO, api_process
+from tests.support.live_api import stored_trace as stored
 from tests.support.seeding import build_model
 
 pytestmark = pytest.mark.timeout(300)
@@ -67,11 +68,6 @@ def policy(http: httpx.Client) -> str:
     assert http.post("/v1/policies", json={"name": name, "redaction_enabled": False}
                      ).status_code == 201
     return name
-
-
-def stored(http: httpx.Client, external_id: str) -> dict[str, Any] | None:
-    items = http.get("/v1/traces", params={"external_id": external_id}).json()["items"]
-    return items[0] if items else None
 
 
 def external_id(span: ReadableSpan) -> str:
