@@ -67,7 +67,8 @@ def _ms(text: str) -> float:
 def parse_wrk(out: str) -> dict[str, Any]:
     """The figures of one ``wrk --latency`` run from its text report."""
     result: dict[str, Any] = {}
-    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M):
+    # wrk pads durations of whole seconds ("1.04s ") with a trailing space.
+    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M):
         result[f"p{pct}_ms"] = _ms(value)
     lat = re.search(r"^\s+Latency\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M)
     if lat:
@@ -93,7 +94,10 @@ def run_wrk(url: str, connections: int, duration_s: int, env: dict[str, str],
         cmd += ["-s", str(script)]
     out = subprocess.run([*cmd, url], env=os.environ | env, capture_output=True, text=True,
                          check=True, timeout=duration_s + 60).stdout
-    return {"connections": connections, **parse_wrk(out)}
+    level = {"connections": connections, **parse_wrk(out)}
+    if not level.get("requests"):
+        level["wrk_output"] = out[-2000:]  # a level that measured nothing says why
+    return level
 
 
 def _stored(database_url: str, tenant: str, run_id: str) -> int:
