@@ -27,14 +27,26 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 _SESSION_KEY = "cache.generations"
+_PER_REQUEST = "cache.per_request"
 _ABSENT = object()
 
 
+def per_request(session: Session) -> None:
+    """Mark ``session`` as one HTTP request's: its counters are read once for the whole request,
+    across its transactions (auth ends its read-only one early to hand the connection back).
+    As exact as per transaction: the request simply sees the caches as of its start, and a
+    change committed meanwhile empties them on the next request. Long-lived sessions (workers,
+    CLI) stay per transaction."""
+    session.info[_PER_REQUEST] = True
+
+
 def generations(session: Session) -> dict[str, int]:
-    """Every counter, read once per transaction (by its first statement when the request's
-    dependencies ask first, as ``current_principal`` does)."""
+    """Every counter, read once per transaction, or once per request for a session marked by
+    ``per_request`` (by its first statement when the request's dependencies ask first, as
+    ``current_principal`` does)."""
     held = session.info.get(_SESSION_KEY)
-    if held is not None and held[0] is session.get_transaction():
+    if held is not None and (held[0] is session.get_transaction()
+                             or session.info.get(_PER_REQUEST)):
         return dict(held[1])
     rows = first_statement(session, lambda: session.execute(
         select(CacheGeneration.name, CacheGeneration.generation)).tuples().all())

@@ -15,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope, authenticate
+from app.cache import per_request
 from app.db import get_database
 from app.errors import Forbidden, RateLimited, Unauthorized
 from app.settings import get_settings
@@ -29,6 +30,7 @@ def get_session() -> Iterator[Session]:
     Function scope commits before the response goes out and turns a failed commit into a 503.
     """
     with get_database().session() as session:
+        per_request(session)
         yield session
 
 
@@ -78,6 +80,10 @@ def current_principal(
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("send an API key as `Authorization: Bearer <key>`")
     principal = authenticate(session, credentials.credentials)
+    # End the read-only auth transaction now: its pooled connection must not stay checked out
+    # while the request waits for a threadpool slot (200 concurrent requests otherwise held
+    # every connection while waiting for threads whose requests waited for a connection).
+    session.commit()
     if principal is None:
         raise Unauthorized("the API key is unknown or revoked")
     rate_limiter.check(principal.key_id, get_settings().rate_limit_per_minute)
@@ -121,6 +127,7 @@ def receiver_principal(
     key needs the ``ingest`` scope."""
     raw = _receiver_key(request.headers.get("authorization", ""))
     principal = authenticate(session, raw) if raw else None
+    session.commit()  # as in current_principal: hand the connection back before the route runs
     if principal is None:
         raise Unauthorized("send `Authorization: Bearer <tracelearn API key>`, or Basic auth "
                            "with public key `tl_<prefix>` and the API key as the secret key")

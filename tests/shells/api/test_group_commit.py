@@ -16,8 +16,9 @@ from contextlib import contextmanager
 import httpx
 import psycopg
 import pytest
+from sqlalchemy.orm import sessionmaker
 
-from app.db import Database
+from app.db import Database, make_engine, set_database
 from app.settings import Settings, set_settings
 from app.traces.group_commit import writer
 from tests.conftest import LiveServer
@@ -27,6 +28,7 @@ pytestmark = [pytest.mark.parametrize("db_url", ["postgres"], indirect=True),
 
 CLIENTS = 24
 PER_CLIENT = 10
+CROWD = 120  # concurrent clients: three times the threadpool (40)
 
 
 def trace(ext: str, policy: str, answer: str = "ANSWER: YES") -> dict[str, object]:
@@ -269,3 +271,35 @@ def test_a_request_waiting_for_its_group_holds_no_database_connection(
         answers = posts.responses()
     assert in_use == 1
     assert [r.status_code for r in answers] == [201] * 6
+
+
+def test_more_concurrent_requests_than_pooled_connections_all_get_their_answer(
+    settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
+    database: Database,
+) -> None:
+    """Auth ends its read-only transaction before the route's next thread hop, so no request
+    holds a pooled connection while it waits for a thread. Holding it wedged the server under
+    wrk at 200 connections (0 requests answered): every connection held by a request waiting
+    for a thread, every thread waiting for a connection. Here: 2 connections, more clients than the 40 threads."""
+    small = Database(settings)
+    small.engine.dispose()
+    small.engine = make_engine(settings.resolved_database_url, pool_size=2, max_overflow=0,
+                               pool_timeout=20)
+    small.sessionmaker = sessionmaker(small.engine, expire_on_commit=False)
+    set_database(small)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with httpx.Client(headers=admin_headers, timeout=60) as http:
+            r = http.post(f"{server.url}/v1/traces", json=trace(f"pool-{i}", policy))
+            with lock:
+                statuses.append(r.status_code)
+
+    try:
+        with served(settings) as server:
+            in_parallel(CROWD, client)
+    finally:
+        set_database(database)
+    assert Counter(statuses) == {201: CROWD}
+    assert len([e for e in stored(db_url, tenant) if e.startswith("pool-")]) == CROWD
