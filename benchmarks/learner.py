@@ -220,6 +220,11 @@ def hold_state(model_dir: Path, cfg: LearnerBenchConfig) -> tuple[Any, Any]:
 
     tcfg = trainer_config(cfg, 1)
     model = load_policy(model_dir, tcfg, None)
+    # Weights loaded from safetensors can stay file-backed pages that count in RSS only once
+    # read; training reads every one, so the floor reads them too.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(params, tcfg)
     for p in params:
@@ -271,12 +276,13 @@ def activation_bytes(model_config: Any, batch: int, width: int, lora_rank: int,
     their product; m·r = each LoRA A output; W = the float attention mask SDPA keeps per layer
     (B·W² in all); a = the attention log-sum-exp; 2 = the RMSNorm reciprocal RMS. On top: the
     log-probabilities over the vocabulary. Checked against ``torch.autograd.graph.
-    saved_tensors_hooks`` (distinct storages, parameters excluded) on 2- and 4-layer configs:
-    within 0.1%. Transients (one layer's gradients in backward, the logits before the
-    log-softmax) are not in it; the ratio is what they and the allocator add."""
-    h, i = model_config.hidden_size, model_config.intermediate_size
-    a, n_layers, vocab = model_config.num_attention_heads, model_config.num_hidden_layers, \
-        model_config.vocab_size
+    saved_tensors_hooks`` (distinct storages, parameters excluded; 2 and 4 layers, h 96 and 192,
+    i 256 and 512, B 8, W 100 with padding): the formula is 0.1–0.3% under (the rotary cos/sin
+    and the final norm, left out). Transients (one layer's gradients in backward, the logits
+    before the log-softmax) are not in it; the ratio is what they and the allocator add."""
+    mc = model_config
+    h, i, a = mc.hidden_size, mc.intermediate_size, mc.num_attention_heads
+    n_layers, vocab = mc.num_hidden_layers, mc.vocab_size
     per_token = 8 * h + 4 * i + lora_modules * lora_rank + width + a + 2
     return 4 * (n_layers * batch * width * per_token + batch * (width - 1) * vocab)
 
@@ -306,9 +312,10 @@ def scale_model(model_dir: Path, cfg: LearnerBenchConfig, out: Path) -> tuple[Pa
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    mc = AutoConfig.from_pretrained(str(model_dir))
-    for k, v in cfg.scale:
-        setattr(mc, k, v)
+    bundled = AutoConfig.from_pretrained(str(model_dir))
+    # Rebuilt rather than edited: per-layer fields (layer_types) follow the new layer count.
+    fields = {k: v for k, v in bundled.to_dict().items() if k != "layer_types"}
+    mc = type(bundled)(**(fields | dict(cfg.scale)))
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_config(mc)
     n_params = sum(p.numel() for p in model.parameters())
