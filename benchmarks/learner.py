@@ -18,11 +18,19 @@ AdamW:
 The arms alternate for ``--rounds`` rounds; per-step times are the medians over rounds and steps
 after the first (warm-up) step. ``oapl_vs_sft_cost_ratio`` = OAPL s/token ÷ SFT s/token.
 
-Peak RSS: each arm runs in a fresh subprocess (``--rss-child``). Once the libraries, tokenizer
-and groups are loaded, the kernel's peak-RSS counter is reset (``/proc/self/clear_refs``) and the
-RSS noted (baseline); the learner's own peak is VmHWM − baseline after the run (model load
-included). The floor is model weights + LoRA weights + AdamW state (2 × LoRA), all float32.
-``learner_peak_rss_vs_floor`` = OAPL own peak ÷ floor.
+Peak RSS: every measurement runs in a fresh subprocess (``--rss-child``) that imports the same
+libraries and loads the same tokenizer and groups, so peaks never mix and the torch runtime is on
+both sides of the ratio. The training peak is the OAPL process's VmHWM over 2 optimizer steps.
+The floor is the VmHWM of a process that loads model + LoRA + AdamW state without training
+(``hold_state``), plus the analytic activation bytes of the step's largest micro-batch
+(``activation_bytes``, float32). Ratio = training peak ÷ floor, for:
+
+- the bundled model (``learner_peak_rss_vs_floor_bundled``; SFT's ratio alongside);
+- a ~100M-parameter random-init model of the same architecture and tokenizer
+  (``LearnerBenchConfig.scale``, default hidden 768, 12 layers, intermediate 3072, 12 heads /
+  6 KV heads: 107M parameters), trained on the first ``scale_groups`` groups in micro-batches of
+  ``scale_micro_batch_size`` (memory only; the sequences are the bundled run's: ~140 padded
+  tokens): ``learner_peak_rss_vs_floor``, target ≤ 1.5.
 """
 
 from __future__ import annotations
@@ -43,6 +51,14 @@ from typing import Any
 from app.settings import get_settings
 from benchmarks._common import agg_backend, machine, print_ratios, results_dir, write_json
 
+# ~100M parameters with the bundled model's architecture and vocabulary (768 tokens, tied
+# embeddings): 12 × (attention 1.77M + MLP 7.08M) + embeddings.
+SCALE_100M: tuple[tuple[str, Any], ...] = (
+    ("hidden_size", 768), ("num_hidden_layers", 12), ("intermediate_size", 3072),
+    ("num_attention_heads", 12), ("num_key_value_heads", 6),
+)
+RSS_TARGET = 1.5
+
 
 @dataclass(frozen=True)
 class LearnerBenchConfig:
@@ -61,6 +77,12 @@ class LearnerBenchConfig:
     profile: bool = False
     bootstrap_overrides: tuple[tuple[str, Any], ...] = ()
     """Extra ``BootstrapConfig`` fields (the smoke test builds a very small model)."""
+    scale: tuple[tuple[str, Any], ...] = SCALE_100M
+    """Qwen2Config fields of the random-init model whose peak RSS is measured against its floor
+    (on top of the bundled model's config); () skips it."""
+    scale_groups: int = 1
+    """Groups (G sequences each) per optimizer step of the scaled model."""
+    scale_micro_batch_size: int = 8
 
 
 # ------------------------------------------------------------------ inputs
@@ -186,18 +208,35 @@ def _proc_status_kib(key: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to clear_refs resets VmHWM (the peak RSS) to the current RSS."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+def hold_state(model_dir: Path, cfg: LearnerBenchConfig) -> tuple[Any, Any]:
+    """Model + LoRA + AdamW state as training holds them, without a forward or backward pass.
+
+    AdamW allocates its state on the first ``step()``: a step on zero gradients allocates it
+    (and the gradient buffers training keeps, ``zero_grad(set_to_none=False)``) and moves no
+    weight (zero update; the benchmark's weight decay is 0)."""
+    import torch
+
+    from workers.learner.trainer import load_policy, make_optimizer
+
+    tcfg = trainer_config(cfg, 1)
+    model = load_policy(model_dir, tcfg, None)
+    # Weights loaded from safetensors can stay file-backed pages that count in RSS only once
+    # read; training reads every one, so the floor reads them too.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, tcfg)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    return model, opt
 
 
 def rss_child(mode: str, model_dir: str, groups_path: str, cfg_json: str) -> None:
     """Runs in a fresh interpreter; prints one JSON line: RSS once the libraries, tokenizer and
-    groups are loaded (the baseline) and the peak RSS of the learner run that follows."""
+    groups are loaded (the baseline) and the process's peak RSS (VmHWM) at the end of ``mode``:
+    ``oapl`` / ``sft`` train, ``floor`` only holds the training state (``hold_state``)."""
     import gc
 
     import torch  # noqa: F401  (the same libraries in every mode)
@@ -211,71 +250,150 @@ def rss_child(mode: str, model_dir: str, groups_path: str, cfg_json: str) -> Non
     tok = AutoTokenizer.from_pretrained(model_dir)
     groups = load_groups_jsonl(groups_path)
     gc.collect()
-    reset = _reset_peak_rss()
-    base_kib = _proc_status_kib("VmRSS")
+    base_kib = _proc_status_kib("VmRSS") or 0
     if mode == "oapl":
         oapl_step_times(Path(model_dir), groups, cfg, tok)
     elif mode == "sft":
         sft_step_times(Path(model_dir), groups, cfg, tok)
-    peak_kib = _proc_status_kib("VmHWM") if reset else None
-    if peak_kib is None or base_kib is None:  # no /proc: the lifetime peak, an overestimate
-        peak_kib = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
-        base_kib = base_kib or 0
+    elif mode == "floor":
+        hold_state(Path(model_dir), cfg)
+    # VmHWM is the process's peak RSS; ru_maxrss (Linux: KiB) is the same figure without /proc.
+    peak_kib = _proc_status_kib("VmHWM") or int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     print(json.dumps({"mode": mode, "baseline_bytes": base_kib * 1024,
-                      "peak_bytes": peak_kib * 1024, "peak_reset": reset}))
+                      "peak_bytes": peak_kib * 1024}))
 
 
-def floor_bytes(model_dir: Path, cfg: LearnerBenchConfig) -> dict[str, int]:
-    """Model weights + LoRA weights + AdamW state (exp_avg, exp_avg_sq: 2 × LoRA)."""
-    from workers.learner.trainer import load_policy
+def activation_bytes(model_config: Any, batch: int, width: int, lora_rank: int,
+                     lora_modules: int) -> int:
+    """Float32 bytes autograd saves for backward in one micro-batch of ``batch`` sequences padded
+    to ``width`` tokens through a Qwen2-style decoder (SDPA attention, LoRA on ``lora_modules``
+    linears per layer), with the trainer's log-softmax over the vocabulary on top:
 
-    model = load_policy(model_dir, trainer_config(cfg, 1), None)
-    lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"model_bytes": total - lora, "lora_bytes": lora, "optimizer_bytes": 2 * lora}
+        4 · [ L · B·W · (8h + 4i + m·r + W + a + 2)  +  B·(W−1)·V ]
+
+    per layer and token: 8h = both RMSNorms' input and output (4h), q and k, v repeated to all
+    ``a`` heads (3h, head_dim · a = h), the attention output (h); 4i = gate, SiLU(gate), up and
+    their product; m·r = each LoRA A output; W = the float attention mask SDPA keeps per layer
+    (B·W² in all); a = the attention log-sum-exp; 2 = the RMSNorm reciprocal RMS. On top: the
+    log-probabilities over the vocabulary. Checked against ``torch.autograd.graph.
+    saved_tensors_hooks`` (distinct storages, parameters excluded; 2 and 4 layers, h 96 and 192,
+    i 256 and 512, B 8, W 100 with padding): the formula is 0.1–0.3% under (the rotary cos/sin
+    and the final norm, left out). Transients (one layer's gradients in backward, the logits
+    before the log-softmax) are not in it; the ratio is what they and the allocator add."""
+    mc = model_config
+    h, i, a = mc.hidden_size, mc.intermediate_size, mc.num_attention_heads
+    n_layers, vocab = mc.num_hidden_layers, mc.vocab_size
+    per_token = 8 * h + 4 * i + lora_modules * lora_rank + width + a + 2
+    return 4 * (n_layers * batch * width * per_token + batch * (width - 1) * vocab)
 
 
-def measure_rss(model_dir: Path, groups: list[Any], cfg: LearnerBenchConfig) -> dict[str, Any]:
+def largest_activation_bytes(model_dir: Path, groups: list[Any], cfg: LearnerBenchConfig,
+                             tok: Any) -> tuple[int, list[int]]:
+    """(activation bytes of the step's largest micro-batch, its [sequences, padded width])."""
+    from transformers import AutoConfig
+
+    from workers.learner.data import flatten_groups, micro_batches
+
+    tcfg = trainer_config(cfg, 1)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = micro_batches(flatten_groups(groups, tok, "oapl", tcfg.beta1),
+                            tcfg.micro_batch_size, pad_id)
+    mc = AutoConfig.from_pretrained(str(model_dir))
+    shapes = [(len(mb), int(mb.input_ids.shape[1])) for mb in batches]
+    sized = [(activation_bytes(mc, b, w, tcfg.lora_rank, len(tcfg.target_modules)), [b, w])
+             for b, w in shapes]
+    best = max(sized, key=lambda s: s[0])
+    return best[0], best[1]
+
+
+def scale_model(model_dir: Path, cfg: LearnerBenchConfig, out: Path) -> tuple[Path, int]:
+    """The bundled model's architecture and tokenizer at ``cfg.scale`` (Qwen2Config fields),
+    random-initialised (seeded) and saved to ``out``: memory only, its quality means nothing."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    bundled = AutoConfig.from_pretrained(str(model_dir))
+    # Rebuilt rather than edited: per-layer fields (layer_types) follow the new layer count.
+    fields = {k: v for k, v in bundled.to_dict().items() if k != "layer_types"}
+    mc = type(bundled)(**(fields | dict(cfg.scale)))
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(mc)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(model_dir)).save_pretrained(str(out))
+    return out, n_params
+
+
+def _rss_children(model_dir: Path, groups_path: Path, child_cfg: dict[str, Any],
+                  modes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    res: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.learner", "--rss-child", mode, str(model_dir),
+             str(groups_path), json.dumps(child_cfg)],
+            capture_output=True, text=True, timeout=1800,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"rss child {mode} failed:\n{proc.stderr[-3000:]}")
+        res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return res
+
+
+def _vs_floor(res: dict[str, dict[str, Any]], act: int, shape: list[int],
+              n_params: int | None) -> dict[str, Any]:
+    mib = 1 / 2**20
+    floor = res["floor"]["peak_bytes"] + act
+    out: dict[str, Any] = {
+        "params": n_params,
+        "micro_batch": {"sequences": shape[0], "padded_tokens": shape[1]},
+        "state_peak_rss_mib": round(res["floor"]["peak_bytes"] * mib, 1),
+        "activation_mib": round(act * mib, 1),
+        "floor_mib": round(floor * mib, 1),
+    }
+    for mode in ("oapl", "sft"):
+        if mode in res:
+            out[f"{mode}_peak_rss_mib"] = round(res[mode]["peak_bytes"] * mib, 1)
+            out[f"{mode}_vs_floor"] = round(res[mode]["peak_bytes"] / floor, 3)
+    return out
+
+
+def measure_rss(model_dir: Path, groups: list[Any], cfg: LearnerBenchConfig,
+                tok: Any) -> dict[str, Any]:
     from workers.learner.data import dump_groups_jsonl
 
-    fl = floor_bytes(model_dir, cfg)
-    floor = fl["model_bytes"] + fl["lora_bytes"] + fl["optimizer_bytes"]
+    child_cfg = {k: v for k, v in asdict(cfg).items() if k not in ("bootstrap_overrides", "scale")}
+    child_cfg |= {"steps": 2, "rss": False, "profile": False}
     with tempfile.TemporaryDirectory(prefix="tl-bench-rss-") as tmp:
         path = Path(tmp) / "groups.jsonl"
         dump_groups_jsonl(groups, path)
-        child_cfg = {k: v for k, v in asdict(cfg).items() if k != "bootstrap_overrides"}
-        child_cfg |= {"steps": 2, "rss": False, "profile": False}
-        res: dict[str, Any] = {}
-        for mode in ("oapl", "sft"):
-            proc = subprocess.run(
-                [sys.executable, "-m", "benchmarks.learner", "--rss-child", mode, str(model_dir),
-                 str(path), json.dumps(child_cfg)],
-                capture_output=True, text=True, timeout=900,
-                cwd=Path(__file__).resolve().parents[1],
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"rss child {mode} failed:\n{proc.stderr[-3000:]}")
-            res[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-    own = {m: res[m]["peak_bytes"] - res[m]["baseline_bytes"] for m in res}
-    mib = 1 / 2**20
+        res = _rss_children(model_dir, path, child_cfg, ("floor", "oapl", "sft"))
+        act, shape = largest_activation_bytes(model_dir, groups, cfg, tok)
+        bundled = _vs_floor(res, act, shape, _n_params(model_dir))
+        bundled["interpreter_baseline_mib"] = round(res["oapl"]["baseline_bytes"] / 2**20, 1)
+        bundled["oapl_vs_sft_peak"] = round(res["oapl"]["peak_bytes"] / res["sft"]["peak_bytes"], 3)
+        scaled = None
+        if cfg.scale:
+            sub = groups[: cfg.scale_groups]
+            scfg = replace(cfg, prompts=len(sub), micro_batch_size=cfg.scale_micro_batch_size)
+            spath = Path(tmp) / "scale-groups.jsonl"
+            dump_groups_jsonl(sub, spath)
+            sdir, n_scaled = scale_model(model_dir, cfg, Path(tmp) / "scale-model")
+            sres = _rss_children(sdir, spath, child_cfg | {"prompts": scfg.prompts,
+                                 "micro_batch_size": scfg.micro_batch_size}, ("floor", "oapl"))
+            sact, sshape = largest_activation_bytes(sdir, sub, scfg, tok)
+            scaled = _vs_floor(sres, sact, sshape, n_scaled)
+            scaled |= {"config": dict(cfg.scale), "sequences_per_step": sum(
+                len(g.completions) for g in sub), "optimizer_steps": 2}
     return {
-        "method": "fresh subprocess per arm; peak = VmHWM after resetting it (clear_refs) once "
-        "libraries, tokenizer and groups are loaded; own peak = peak − RSS at that point",
-        "peak_reset": all(r["peak_reset"] for r in res.values()),
-        "interpreter_baseline_mib": round(res["oapl"]["baseline_bytes"] * mib, 1),
-        "floor_mib": round(floor * mib, 3),
-        "model_mib": round(fl["model_bytes"] * mib, 3),
-        "lora_mib": round(fl["lora_bytes"] * mib, 3),
-        "optimizer_mib": round(fl["optimizer_bytes"] * mib, 3),
-        "oapl_peak_rss_mib": round(res["oapl"]["peak_bytes"] * mib, 1),
-        "sft_peak_rss_mib": round(res["sft"]["peak_bytes"] * mib, 1),
-        "oapl_own_peak_mib": round(own["oapl"] * mib, 2),
-        "sft_own_peak_mib": round(own["sft"] * mib, 2),
-        "oapl_own_vs_floor": round(own["oapl"] / floor, 3),
-        "sft_own_vs_floor": round(own["sft"] / floor, 3),
-        "oapl_vs_sft_own_peak": round(own["oapl"] / max(own["sft"], 1), 3),
-        "micro_batch_size": cfg.micro_batch_size,
+        "method": "fresh subprocess per measurement; peak = the process's VmHWM; floor = the "
+        "peak of a process that loads the same libraries, tokenizer, groups, model, LoRA and "
+        "AdamW state without training, plus the analytic activation bytes of the largest "
+        "micro-batch (activation_bytes); ratio = training peak ÷ floor",
+        "bundled": bundled,
+        "scaled": scaled,
     }
+
 
 
 # ------------------------------------------------------------------ the whole benchmark
@@ -302,7 +420,9 @@ def run(cfg: LearnerBenchConfig, out_dir: str | Path | None = None) -> dict[str,
     oapl_step, sft_step = statistics.median(oapl), statistics.median(sft)
     ratio = oapl_step / sft_step
     profile_text = profile_oapl(model_dir, groups, cfg, tok, out) if cfg.profile else None
-    rss = measure_rss(model_dir, groups, cfg) if cfg.rss else None
+    rss = measure_rss(model_dir, groups, cfg, tok) if cfg.rss else None
+    bundled_ratio = rss["bundled"]["oapl_vs_floor"] if rss else None
+    scaled_ratio = rss["scaled"]["oapl_vs_floor"] if rss and rss["scaled"] else None
     rewards = [c.reward for g in groups for c in g.completions]
     result: dict[str, Any] = {
         "benchmark": "learner",
@@ -322,13 +442,14 @@ def run(cfg: LearnerBenchConfig, out_dir: str | Path | None = None) -> dict[str,
         "seconds": round(time.perf_counter() - t0, 1),
         "ratios": {
             "oapl_vs_sft_cost_ratio": round(ratio, 4),
-            "learner_peak_rss_vs_floor": rss["oapl_own_vs_floor"] if rss else None,
+            "learner_peak_rss_vs_floor": scaled_ratio,
+            "learner_peak_rss_vs_floor_bundled": bundled_ratio,
         },
         "targets": {
             "oapl_vs_sft_cost_ratio": {"target": "<= 1.15", "met": ratio <= 1.15},
             "learner_peak_rss_vs_floor": {
-                "target": "<= 2",
-                "met": (rss["oapl_own_vs_floor"] <= 2) if rss else None,
+                "target": f"<= {RSS_TARGET} (the ~100M model)",
+                "met": None if scaled_ratio is None else scaled_ratio <= RSS_TARGET,
             },
         },
     }
@@ -378,11 +499,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     a.set_title(f"cost ratio {result['ratios']['oapl_vs_sft_cost_ratio']:.2f} (target ≤1.15)")
     rss = result["rss"]
     if rss:
-        b.bar(["floor", "OAPL", "SFT"],
-              [rss["floor_mib"], rss["oapl_own_peak_mib"], rss["sft_own_peak_mib"]],
-              color=["tab:green", "tab:blue", "tab:gray"])
-        b.set_ylabel("MiB above interpreter baseline")
-        b.set_title(f"peak RSS / floor {rss['oapl_own_vs_floor']:.1f} (target ≤2)")
+        models = [("bundled", rss["bundled"])]
+        if rss["scaled"]:
+            models.append((f"{rss['scaled']['params'] / 1e6:.0f}M random", rss["scaled"]))
+        x = list(range(len(models)))
+        w = 0.35
+        state = [m["state_peak_rss_mib"] for _, m in models]
+        b.bar([i - w / 2 for i in x], state, w, label="state, no training", color="tab:green")
+        b.bar([i - w / 2 for i in x], [m["activation_mib"] for _, m in models], w, bottom=state,
+              label="+ activations (analytic)", color="tab:olive")
+        b.bar([i + w / 2 for i in x], [m["oapl_peak_rss_mib"] for _, m in models], w,
+              label="OAPL training", color="tab:blue")
+        b.set_xticks(list(x), [f"{n}\n{m['oapl_vs_floor']:.2f}× floor" for n, m in models])
+        b.set_ylabel("peak RSS (MiB, whole process)")
+        b.set_title(f"peak RSS / floor (target ≤{RSS_TARGET} at ~100M)")
+        b.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -403,22 +534,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     p.add_argument("--rounds", type=int, default=d.rounds)
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size)
     p.add_argument("--no-rss", action="store_true")
+    p.add_argument("--no-scale", action="store_true", help="skip the ~100M-parameter RSS run")
+    p.add_argument("--scale-groups", type=int, default=d.scale_groups)
+    p.add_argument("--scale-micro-batch-size", type=int, default=d.scale_micro_batch_size)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     cfg = LearnerBenchConfig(
         size=a.size, prompts=a.prompts, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
         steps=a.steps, rounds=a.rounds, micro_batch_size=a.micro_batch_size, rss=not a.no_rss,
-        profile=a.profile,
+        profile=a.profile, scale=() if a.no_scale else d.scale, scale_groups=a.scale_groups,
+        scale_micro_batch_size=a.scale_micro_batch_size,
     )
     result = run(cfg, a.out)
     print(f"OAPL {result['oapl_us_per_completion_token']} µs/token, "
           f"SFT {result['sft_us_per_completion_token']} µs/token "
           f"({result['tokens']['completion_tokens_per_step']} completion tokens/step)")
     if result["rss"]:
-        r = result["rss"]
-        print(f"RSS: baseline {r['interpreter_baseline_mib']} MiB, floor {r['floor_mib']} MiB, "
-              f"OAPL own peak {r['oapl_own_peak_mib']} MiB, SFT own peak {r['sft_own_peak_mib']} MiB")
+        for name, r in result["rss"].items():
+            if isinstance(r, dict):
+                print(f"RSS {name} ({r['params']} params): floor {r['floor_mib']} MiB (state "
+                      f"{r['state_peak_rss_mib']} + activations {r['activation_mib']}), OAPL peak "
+                      f"{r['oapl_peak_rss_mib']} MiB = {r['oapl_vs_floor']}× floor")
     print_ratios("learner", result["ratios"])
     return result
 

@@ -60,14 +60,25 @@ def test_ingest_benchmark_reports_ratio_and_latency_percentiles(tmp_path: Path) 
 def test_learner_benchmark_reports_cost_ratio_and_rss(tmp_path: Path, model_cache: Path) -> None:
     from benchmarks.learner import LearnerBenchConfig, run
 
+    # The ~100M RSS model sized down to seconds: the same code path, a 2-layer random model.
+    small = (("hidden_size", 64), ("num_hidden_layers", 2), ("intermediate_size", 128),
+             ("num_attention_heads", 4), ("num_key_value_heads", 2))
     cfg = LearnerBenchConfig(size="test", prompts=2, group_size=4, max_new_tokens=16, steps=2,
-                             rounds=1, micro_batch_size=8, bootstrap_overrides=TINY)
+                             rounds=1, micro_batch_size=8, bootstrap_overrides=TINY, scale=small,
+                             scale_micro_batch_size=4)
     run(cfg, tmp_path)
     saved = json.loads((tmp_path / "learner.json").read_text())
-    assert set(saved["ratios"]) == {"oapl_vs_sft_cost_ratio", "learner_peak_rss_vs_floor"}
+    assert set(saved["ratios"]) == {"oapl_vs_sft_cost_ratio", "learner_peak_rss_vs_floor",
+                                    "learner_peak_rss_vs_floor_bundled"}
     assert all(finite(v) for v in saved["ratios"].values())
     assert saved["tokens"]["completion_tokens_per_step"] > 0
-    assert saved["rss"]["floor_mib"] > 0
+    for r in (saved["rss"]["bundled"], saved["rss"]["scaled"]):
+        # The floor holds the same state in the same kind of process: training only adds.
+        assert 0 < r["state_peak_rss_mib"] < r["floor_mib"] and r["activation_mib"] > 0
+        assert r["oapl_vs_floor"] > 0.5
+    scaled = saved["rss"]["scaled"]
+    assert scaled["micro_batch"]["sequences"] == 4 and scaled["config"]["hidden_size"] == 64
+    assert saved["ratios"]["learner_peak_rss_vs_floor"] == scaled["oapl_vs_floor"]
     assert (tmp_path / "learner.png").stat().st_size > 0
 
 
@@ -100,13 +111,14 @@ def _load_run_all() -> Any:
     return module
 
 
-def test_run_all_summary_is_one_flat_object_with_the_six_figures(
+def test_run_all_summary_is_one_flat_object_with_the_seven_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_all = _load_run_all()
     monkeypatch.setattr(run_all, "RESULTS", tmp_path)
     (tmp_path / "learner.json").write_text(json.dumps({
-        "ratios": {"oapl_vs_sft_cost_ratio": 1.1, "learner_peak_rss_vs_floor": 3.0},
+        "ratios": {"oapl_vs_sft_cost_ratio": 1.1, "learner_peak_rss_vs_floor": 3.0,
+                   "learner_peak_rss_vs_floor_bundled": 1.2},
         "tokens": {"completion_tokens_per_step": 10, "sequences": 2, "padding_share": 0.1,
                    "completion_share_of_logits": 0.3},
         "oapl_us_per_completion_token": 1.0, "sft_us_per_completion_token": 0.9, "rss": None,
@@ -116,13 +128,14 @@ def test_run_all_summary_is_one_flat_object_with_the_six_figures(
     assert saved == summary
     assert set(saved) == {
         "ingest_http_vs_copy_ratio", "ingest_p99_ms_at_50", "oapl_vs_sft_cost_ratio",
-        "learner_peak_rss_vs_floor", "time_to_45pct_speedup_vs_trl",
-        "rollout_pipeline_vs_bare_ratio",
+        "learner_peak_rss_vs_floor", "learner_peak_rss_vs_floor_bundled",
+        "time_to_45pct_speedup_vs_trl", "rollout_pipeline_vs_bare_ratio",
     }
     assert saved["oapl_vs_sft_cost_ratio"] == 1.1 and saved["ingest_p99_ms_at_50"] is None
     report = (tmp_path / "performance.md").read_text()
     assert "| `oapl_vs_sft_cost_ratio` |" in report and "met" in report
-    assert "missed: 1.50× the limit" in report
+    assert "missed: 2.00× the limit" in report  # the RSS ratio at ~100M
+    assert "| `learner_peak_rss_vs_floor_bundled` |" in report and "| 1.2 | — | reported |" in report
 
 
 # --- the quality benchmark -----------------------------------------------------------------------
