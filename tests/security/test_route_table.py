@@ -12,6 +12,7 @@ from app.auth.service import Scope
 from app.dependencies import get_session
 from app.main import create_app
 from app.proxy.endpoints import OPENAI_PATHS
+from app.receivers.otlp.endpoints import OTLP_PATHS
 from app.settings import Settings
 
 from ._helpers import assert_problem
@@ -91,6 +92,9 @@ def test_every_api_route_answers_401_without_a_valid_key(
             if op.path.startswith(OPENAI_PATHS):
                 assert r.json()["error"]["type"] == "authentication_error", r.text
                 continue
+            if op.path.startswith(OTLP_PATHS):  # OTLP/HTTP: a google.rpc.Status, UNAUTHENTICATED
+                assert r.json()["code"] == 16, r.text
+                continue
             assert assert_problem(r, 401)["type"].endswith("/unauthorized")
 
 
@@ -109,6 +113,9 @@ def test_every_api_route_answers_403_to_a_key_lacking_its_scope(
         assert r.status_code == 403, (op.method, op.path, needed, r.status_code, r.text)
         if op.path.startswith(OPENAI_PATHS):
             assert r.json()["error"]["type"] == "permission_error", r.text
+            continue
+        if op.path.startswith(OTLP_PATHS):  # OTLP/HTTP: a google.rpc.Status, PERMISSION_DENIED
+            assert r.json()["code"] == 7, r.text
             continue
         assert assert_problem(r, 403)["type"].endswith("/forbidden")
 

@@ -28,6 +28,9 @@ from app.errors import DomainError
 from app.receivers.otlp import service
 from app.settings import get_settings
 
+OTLP_PATHS = ("/otlp/", "/api/public/otel/")
+"""Where the OTLP receivers live (their refusals are ``google.rpc.Status``, not problem+json)."""
+
 
 class OtlpRoute(APIRoute):
     """Turns the errors raised while serving an OTLP route (auth, rate limit, undecodable body,
