@@ -32,7 +32,7 @@ def server_argv(
     model: str | Path,
     port: int,
     *,
-    max_lora_rank: int = 8,
+    max_lora_rank: int = 16,  # the trainer's default rank (TrainerConfig.lora_rank)
     max_loras: int = 2,
     max_model_len: int = 1024,
     tool_call_parser: str | None = None,
@@ -62,7 +62,7 @@ class VllmServer:
         model: str | Path,
         log: Path,
         *,
-        max_lora_rank: int = 8,
+        max_lora_rank: int = 16,
         max_loras: int = 2,
         max_model_len: int = 1024,
         kv_cache_gib: int = 1,

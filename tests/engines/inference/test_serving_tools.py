@@ -17,6 +17,7 @@ from workers.inference.serving import ToolCallDeltas, VllmServingEngine
 from workers.inference.tool_calls import ParsedCall
 from workers.inference.vllm_server import server_argv
 from workers.learner.bootstrap import CHAT_TEMPLATE
+from workers.learner.trainer import TrainerConfig
 
 TOOLS = [{"type": "function", "function": {"name": "lookup_ecog", "parameters": {}}}]
 MESSAGES = [{"role": "user", "content": "Patient 7?"}]
@@ -96,6 +97,8 @@ def test_streamed_tool_call_deltas_are_put_back_together() -> None:
 def test_the_server_command_line_enables_the_tool_call_parser_only_when_named() -> None:
     plain = server_argv("python", "/models/base", 8000)
     assert "--enable-auto-tool-choice" not in plain and "--tool-call-parser" not in plain
+    # The server loads adapters of the trainer's default rank.
+    assert int(plain[plain.index("--max-lora-rank") + 1]) >= TrainerConfig().lora_rank
     argv = server_argv("python", "/models/base", 8000, tool_call_parser="hermes")
     assert argv[:len(plain)] == plain
     assert argv[len(plain):] == ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
