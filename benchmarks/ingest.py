@@ -1,22 +1,42 @@
-"""Trace ingest over HTTP into Postgres, against ``COPY`` of the same rows, in one run.
+"""Trace ingest into Postgres: single traces under ``wrk``, and batches over HTTP against ``COPY``
+of the same rows, in one run.
 
-    python -m benchmarks.ingest [--batches 6] [--batch-size 1000] [--profile]
+    python -m benchmarks.ingest [--duration 10] [--connections 1,10,50,200]
+                                [--batch-sizes 1,10,100,1000] [--batches 6] [--profile]
 
-1. **Batch ingest.** A real uvicorn server (a subprocess, the app from ``create_app``, settings
-   from ``TRACELEARN_*``) on a scratch Postgres database. ``--batches`` batches of ``--batch-size``
-   clinical traces (deterministic: ``workers.clinical.task.ingest_items(seed=0)``) are POSTed to
-   ``/v1/traces`` one after another. After each HTTP batch, the very rows it stored are read back and
-   written again with psycopg ``COPY … FROM STDIN`` into the same ``traces`` table (under another
-   tenant, so nothing conflicts), in its own transaction. The two alternate, so the table grows the
-   same way under both. Reported: rows/s of each (median over batches) and their ratio.
-   Inline outcomes are left out of the headline items (COPY would not write them); a second,
-   smaller pass with outcomes attached reports HTTP traces+outcomes against COPY into both tables.
-2. **Single-trace latency.** Closed-loop load generator: C client threads (C = 1, 10, 50), each
-   with its own keep-alive ``httpx.Client``, each sending single-trace POSTs back to back; a fixed
-   number of requests per level and a wall-clock cap. Reported: p50/p90/p99 ms and requests/s.
+One ``tracelearn api`` process (the CLI as production starts it) on a scratch Postgres database,
+rate limit off; the machine's load average is recorded at start and end, since the absolute
+numbers move with it.
 
-``--profile`` samples the server process with py-spy (all threads) during both phases and writes
-the top frames to ``results/ingest_profile_*.txt``. The ratios are printed last.
+1. **Single traces under wrk.** ``wrk`` (a C client, so the load generator is not the bottleneck;
+   installed with ``apt-get install wrk`` when missing and this runs as root) runs a closed loop
+   at each connection count for ``--duration`` seconds, after a short unrecorded warm-up, POSTing
+   one trace per request with a unique ``external_id`` built by its Lua script from a run id, the
+   wrk thread and a counter (``ingest_wrk.lua``). Reported per level: requests/s, traces/s (2xx
+   answers per second), p50/p75/p90/p99 and max from ``wrk --latency``, non-2xx responses and
+   socket errors, and the rows counted in the database afterwards against the 2xx answers (sent =
+   stored, up to the requests still in flight when wrk stopped: answered by the server, not
+   counted by wrk). Baseline at the same connection counts: ``GET /healthz``, the floor of this
+   stack (uvicorn, middleware, no database). The code path before the caches and the
+   one-statement ingest cannot be run from this tree, so the issue's figures (issue 14, measured
+   the same way on the same machine) are plotted as the reference, not remeasured.
+2. **Batches against COPY.** For each batch size, batches of clinical traces (deterministic:
+   ``workers.clinical.task.ingest_items(seed=0)``) are POSTed to ``/v1/traces`` one after another.
+   After each HTTP batch, the very rows it stored are read back and written again with psycopg
+   ``COPY … FROM STDIN`` into the same ``traces`` table (under another tenant, so nothing
+   conflicts), in its own transaction. The two alternate, so the table grows the same way under
+   both. Reported per batch size: rows/s of each (median over batches) and their ratio. Inline
+   outcomes are left out of these items (COPY would not write them); a second, smaller pass of
+   1000-trace batches with outcomes attached reports HTTP traces+outcomes against COPY into both
+   tables.
+
+``--profile`` samples the server process with py-spy (all threads) during one more pass of
+1000-trace batches and one more wrk run at ``--profile-at`` connections (50), and writes the top
+frames to ``results/ingest_profile_batch.txt`` and ``results/ingest_profile_wrk50.txt``. The
+profiled passes' figures are kept apart (``batch_profiled``, ``wrk_profiled``): the profiler
+takes CPU from the server. The ratios are printed last: ``ingest_http_vs_copy_ratio`` (1000-trace batches), ``ingest_p99_ms_at_50`` and
+``ingest_rps_at_50_vs_1`` (throughput at 50 connections over throughput at one: under load it
+should not fall).
 """
 
 from __future__ import annotations
@@ -24,11 +44,13 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -44,7 +66,6 @@ from benchmarks._common import (
     agg_backend,
     machine,
     median,
-    percentile,
     print_ratios,
     results_dir,
     stop_process,
@@ -56,6 +77,8 @@ PG_ADMIN_DSN = os.environ.get(
     "TRACELEARN_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
 POLICY = "clinical-pfs"
+REPO = Path(__file__).resolve().parents[1]
+LUA = Path(__file__).resolve().with_name("ingest_wrk.lua")
 TRACE_COLUMNS = (
     "tenant", "external_id", "policy_id", "messages", "response", "model", "snapshot_id",
     "metadata", "split", "redactions", "content_hash", "occurred_at", "created_at",
@@ -64,24 +87,40 @@ OUTCOME_COLUMNS = (
     "tenant", "trace_external_id", "trace_id", "name", "value", "source", "created_at",
     "updated_at", "origin", "labelled_at",
 )
+HEADLINE_BATCH_SIZE = 1000
+"""``ingest_http_vs_copy_ratio`` is the ratio at this batch size (the API's default limit), or at
+the largest one run when it is not; the outcomes pass and the profiled pass use it too."""
+# Issue 14: wrk, Postgres, one `tracelearn api` process, rate limit off, before the caches and
+# the one-statement ingest.
+ISSUE_REFERENCE: dict[int, dict[str, float | None]] = {
+    1: {"requests_per_s": 167, "p50_ms": 5.6, "p99_ms": 16},
+    10: {"requests_per_s": 129, "p50_ms": None, "p99_ms": 177},
+    50: {"requests_per_s": 120, "p50_ms": 397, "p99_ms": 715},
+}
 
 
 @dataclass(frozen=True)
 class IngestConfig:
-    batch_size: int = 1000
-    """Traces per HTTP request (the API's default limit)."""
+    connections: tuple[int, ...] = (1, 10, 50, 200)
+    """wrk connection counts (closed loop, one request in flight per connection)."""
+    duration_s: int = 10
+    """Measured seconds per connection count (and again for the ``/healthz`` floor)."""
+    warmup_s: int = 2
+    """Unrecorded wrk seconds before each measured level."""
+    healthz_floor: bool = True
+    """Also run ``GET /healthz`` at every connection count."""
+    reference_connections: int = 50
+    """The level the summary figures are taken at (the largest one when it is not run)."""
+    batch_sizes: tuple[int, ...] = (1, 10, 100, 1000)
+    """Traces per HTTP request in the COPY comparison."""
     batches: int = 6
-    """Measured batches per mode (plus one warm-up batch each, not counted)."""
+    """Measured batches per batch size (plus one warm-up batch each, not counted)..."""
+    min_rows: int = 100
+    """...but at least this many measured rows per batch size (so 100 one-trace batches)."""
     outcome_batches: int = 2
-    """Batches of the secondary pass with inline outcomes (0 skips it)."""
-    clients: tuple[int, ...] = (1, 10, 50)
-    requests_per_level: int = 1000
-    """Single-trace POSTs per concurrency level (split evenly over the clients)."""
-    min_requests_per_client: int = 20
-    level_cap_s: float = 45.0
-    """Wall-clock cap per concurrency level; a level stops early when it is hit."""
+    """Batches of the secondary pass with inline outcomes (1000 traces each; 0 skips it)."""
     server_workers: int = 1
-    """uvicorn worker processes."""
+    """``tracelearn api`` processes."""
     seed: int = 0
     profile: bool = False
 
@@ -102,32 +141,25 @@ def drop_database(name: str) -> None:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 class Server:
-    """``uvicorn app.main:create_app --factory`` in a subprocess, configured by environment."""
+    """``tracelearn api`` in a subprocess, configured by environment, output to ``log``."""
 
     def __init__(self, database_url: str, data_dir: Path, workers: int = 1) -> None:
         self.port = _free_port()
-        env = dict(os.environ)
-        env.update(
-            TRACELEARN_DATABASE_URL=database_url,
-            TRACELEARN_DATA_DIR=str(data_dir),
-            TRACELEARN_RATE_LIMIT_PER_MINUTE="0",  # the load generator is one key
-            TRACELEARN_LOG_LEVEL="WARNING",
-            TRACELEARN_ENVIRONMENT="test",
-        )
-        self.cmd = [
-            sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-            "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-            "--log-level", "warning", "--no-access-log",
-        ]
-        self.env = env
+        self.env = os.environ | {
+            "TRACELEARN_DATABASE_URL": database_url,
+            "TRACELEARN_DATA_DIR": str(data_dir),
+            "TRACELEARN_RATE_LIMIT_PER_MINUTE": "0",  # the load generator is one key
+            "TRACELEARN_LOG_LEVEL": "WARNING",
+        }
+        self.cmd = [sys.executable, "-m", "app.cli", "api", "--port", str(self.port),
+                    "--workers", str(workers)]
+        self.log = data_dir / "api.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -135,8 +167,10 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> Server:
-        self.proc = subprocess.Popen(self.cmd, env=self.env, cwd=Path(__file__).resolve().parents[1])
-        wait_healthy(self.url, self.proc, timeout_s=60)
+        with self.log.open("w") as log_file:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, env=self.env, stdout=log_file,
+                                         stderr=subprocess.STDOUT)
+        wait_healthy(self.url, self.proc, self.log, timeout_s=120)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -145,7 +179,11 @@ class Server:
 
 
 class Profiler:
-    """py-spy sampling every thread of the server process (``--profile``)."""
+    """py-spy sampling every thread of the server process (``--profile``).
+
+    Non-blocking at 100 Hz: py-spy's default, pausing the server for every sample at 250 Hz,
+    cut wrk at 50 connections from ~115 to 25 req/s on two loaded cores (non-blocking at 250 Hz:
+    82), so a profiled run's figures are not the measured ones (see ``run_wrk_levels``)."""
 
     def __init__(self, pid: int, out: Path, enabled: bool) -> None:
         self.pid, self.out, self.enabled = pid, out, enabled
@@ -159,8 +197,8 @@ class Profiler:
                   "server profile", flush=True)
         elif self.enabled:
             self.proc = subprocess.Popen(
-                [str(spy), "record", "--pid", str(self.pid), "--format", "raw", "--rate", "250",
-                 "--subprocesses", "--output", str(self.raw)],
+                [str(spy), "record", "--pid", str(self.pid), "--format", "raw", "--rate", "100",
+                 "--subprocesses", "--nonblocking", "--output", str(self.raw)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             time.sleep(1.0)
@@ -210,6 +248,13 @@ def summarise_collapsed(text: str, top: int = 35) -> str:
     for f, n in self_.most_common(top):
         lines.append(f"  {100 * n / max(total, 1):5.1f}%  {f}")
     return "\n".join(lines) + "\n"
+
+
+def top_self_frames(summary: str, n: int) -> list[str]:
+    """The first ``n`` lines of the "top self" section of a ``summarise_collapsed`` text."""
+    lines = summary.splitlines()
+    start = lines.index("top self:") + 1 if "top self:" in lines else len(lines)
+    return lines[start : start + n]
 
 
 # ------------------------------------------------------------------ data
@@ -293,22 +338,189 @@ def copy_rows(
     return time.perf_counter() - t0
 
 
-# ------------------------------------------------------------------ phase 1: batches
+# ------------------------------------------------------------------ phase 1: single traces under wrk
+
+_UNIT_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if m is None:
+        raise ValueError(f"not a wrk duration: {text!r}")
+    return round(float(m.group(1)) * _UNIT_MS[m.group(2)], 3)
+
+
+def parse_wrk(out: str) -> dict[str, Any]:
+    """The figures of one ``wrk --latency`` run from its text report; ``traces_per_s`` counts
+    the 2xx answers only (one trace per request)."""
+    result: dict[str, Any] = {}
+    # wrk pads durations of whole seconds ("1.04s ") with a trailing space.
+    for pct, value in re.findall(r"^\s+(50|75|90|99)%\s+(\S+)\s*$", out, re.M):
+        result[f"p{pct}_ms"] = _ms(value)
+    lat = re.search(r"^\s+Latency\s+(\S+)\s+(\S+)\s+(\S+)", out, re.M)
+    if lat:
+        result["mean_ms"], result["max_ms"] = _ms(lat.group(1)), _ms(lat.group(3))
+    total = re.search(r"^\s+(\d+) requests in ([\d.]+(?:us|ms|s|m)),", out, re.M)
+    if total:
+        result["requests"] = int(total.group(1))
+        result["seconds"] = round(_ms(total.group(2)) / 1000, 3)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", out, re.M)
+    result["requests_per_s"] = float(rps.group(1)) if rps else 0.0
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["non_2xx"] = int(non2xx.group(1)) if non2xx else 0
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    result["socket_errors"] = sum(int(x) for x in sock.groups()) if sock else 0
+    if result.get("seconds"):
+        answered = result["requests"] - result["non_2xx"]
+        result["traces_per_s"] = round(answered / result["seconds"], 1)
+    return result
+
+
+def wrk_ratios(levels: Sequence[dict[str, Any]], at: int) -> dict[str, float | None]:
+    """The summary figures of the wrk phase: p50/p99 at ``at`` connections (the largest level
+    when ``at`` was not run) and its requests/s over those at the smallest level."""
+    by_c = {lv["connections"]: lv for lv in levels}
+    hi = at if at in by_c else max(by_c)
+    lo = min(by_c)
+    ratios: dict[str, float | None] = {
+        f"ingest_p99_ms_at_{hi}": by_c[hi].get("p99_ms"),
+        f"ingest_p50_ms_at_{hi}": by_c[hi].get("p50_ms"),
+        f"ingest_rps_at_{hi}_vs_{lo}": round(
+            by_c[hi]["requests_per_s"] / max(by_c[lo]["requests_per_s"], 1e-9), 3),
+    }
+    reference_rps = ISSUE_REFERENCE.get(hi, {}).get("requests_per_s")
+    if reference_rps:
+        ratios[f"ingest_rps_at_{hi}_vs_issue_reference"] = round(
+            by_c[hi]["requests_per_s"] / reference_rps, 3)
+    return ratios
+
+
+def ensure_wrk() -> str:
+    """The ``wrk`` binary; installed with apt-get when missing and this process may."""
+    found = shutil.which("wrk")
+    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        print("wrk is missing: apt-get install wrk", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=False,
+                       stdout=subprocess.DEVNULL, env=os.environ | {"DEBIAN_FRONTEND":
+                                                                    "noninteractive"})
+        found = shutil.which("wrk")
+    if found is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk)")
+    return found
+
+
+def run_wrk(wrk: str, url: str, connections: int, duration_s: int, env: dict[str, str],
+            script: Path | None) -> dict[str, Any]:
+    threads = min(connections, 2)  # two cores: more wrk threads would only compete
+    cmd = [wrk, "-t", str(threads), "-c", str(connections), "-d", f"{duration_s}s",
+           "--timeout", "10s", "--latency"]
+    if script is not None:
+        cmd += ["-s", str(script)]
+    out = subprocess.run([*cmd, url], env=os.environ | env, capture_output=True, text=True,
+                         check=True, timeout=duration_s + 60).stdout
+    level = {"connections": connections, **parse_wrk(out)}
+    if not level.get("requests"):
+        level["wrk_output"] = out[-2000:]  # a level that measured nothing says why
+    return level
+
+
+def _stored(pg_dsn: str, tenant: str, run_id: str) -> int:
+    """Rows of one wrk run once the count stops moving: the last answers' commits may land a
+    moment after wrk has stopped (the commit runs after the response is sent)."""
+    last, settled_at = -1, time.monotonic()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT count(*) FROM traces WHERE tenant = %s AND external_id LIKE %s",
+                (tenant, f"{run_id}-%")).fetchone()
+            n = int(row[0]) if row else 0
+            if n == last or time.monotonic() - settled_at > 10:
+                return n
+            last = n
+            time.sleep(0.3)
+
+
+def run_wrk_levels(
+    server: Server, key: str, tenant: str, pg_dsn: str, cfg: IngestConfig, out: Path
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any] | None]:
+    """Each connection count: warm-up, the measured ingest run, the rows stored, then the
+    ``/healthz`` floor. Under ``--profile``, the reference level runs once more with py-spy
+    attached: the profiler takes CPU from the server on this machine, so that run's figures are
+    kept apart (returned third) and the table's are unprofiled."""
+    wrk = ensure_wrk()
+    policy = f"wrk-{uuid.uuid4().hex[:8]}"
+    httpx.post(f"{server.url}/v1/policies", json={"name": policy},
+               headers={"Authorization": f"Bearer {key}"}, timeout=30).raise_for_status()
+    assert server.proc is not None
+    ingest: list[dict[str, Any]] = []
+    healthz: list[dict[str, Any]] = []
+    profiled: dict[str, Any] | None = None
+    for c in cfg.connections:
+        run_id = f"r{c}-{uuid.uuid4().hex[:6]}"
+        lua_env = {"WRK_KEY": key, "WRK_POLICY": policy, "WRK_RUN": run_id}
+        if cfg.warmup_s:
+            run_wrk(wrk, f"{server.url}/v1/traces", c, cfg.warmup_s,
+                    lua_env | {"WRK_RUN": f"warm{run_id}"}, LUA)
+        level = run_wrk(wrk, f"{server.url}/v1/traces", c, cfg.duration_s, lua_env, LUA)
+        level["rows_stored"] = _stored(pg_dsn, tenant, run_id)
+        # wrk counts answered requests; the ones in flight when it stops (at most one per
+        # connection) are stored too but not counted.
+        unanswered = level["rows_stored"] - (level.get("requests", 0) - level["non_2xx"])
+        level["stored_minus_answered"] = unanswered
+        level["sent_equals_stored"] = 0 <= unanswered <= c
+        ingest.append(level)
+        line = (f"wrk c={c:>3}: ingest {level['requests_per_s']:.0f} req/s p50 "
+                f"{level.get('p50_ms')} ms p99 {level.get('p99_ms')} ms, {level['non_2xx']} "
+                f"non-2xx, {level['socket_errors']} socket errors, {level['rows_stored']} stored")
+        if cfg.profile and c == cfg.reference_connections:
+            profile = out / f"ingest_profile_wrk{c}.txt"
+            with Profiler(server.proc.pid, profile, enabled=True):
+                profiled = run_wrk(wrk, f"{server.url}/v1/traces", c, cfg.duration_s,
+                                   lua_env | {"WRK_RUN": f"prof{run_id}"}, LUA)
+            profiled["profile"] = profile.name
+            line += f" | under py-spy {profiled['requests_per_s']:.0f} req/s"
+        if cfg.healthz_floor:
+            healthz.append(run_wrk(wrk, f"{server.url}/healthz", c, cfg.duration_s, {}, None))
+            line += (f" | healthz {healthz[-1]['requests_per_s']:.0f} req/s p99 "
+                     f"{healthz[-1].get('p99_ms')} ms")
+        print(line, flush=True)
+    return ingest, healthz, profiled
+
+
+# ------------------------------------------------------------------ phase 2: batches against COPY
+
+
+def batch_summary(size: int, http_s: Sequence[float], copy_s: Sequence[float]) -> dict[str, Any]:
+    """Rows/s of each path (median over batches of ``size`` rows) and HTTP over COPY; the
+    per-pair ratios show the spread on a noisy machine."""
+    http_rps = median([size / s for s in http_s])
+    copy_rps = median([size / s for s in copy_s])
+    return {
+        "batch_size": size,
+        "batches": len(http_s),
+        "http_seconds": [round(s, 4) for s in http_s],
+        "copy_seconds": [round(s, 4) for s in copy_s],
+        "http_rows_per_s": round(http_rps, 1),
+        "copy_rows_per_s": round(copy_rps, 1),
+        "ratio": round(http_rps / copy_rps, 4),
+        "pair_ratios": [round(c / h, 4) for h, c in zip(http_s, copy_s, strict=True)],
+    }
 
 
 def run_batches(
-    server_url: str, key: str, tenant: str, pg_dsn: str, cfg: IngestConfig, outcomes: bool,
-    n_batches: int,
+    server_url: str, key: str, tenant: str, pg_dsn: str, cfg: IngestConfig, size: int,
+    n_batches: int, outcomes: bool, tag: str = "",
 ) -> dict[str, Any]:
-    tag = "o" if outcomes else "b"
-    items = make_items(cfg.seed, cfg.batch_size * (n_batches + 1), f"{tag}", outcomes)
+    tag = f"{tag}{'o' if outcomes else 'b'}{size}"
+    items = make_items(cfg.seed, size * (n_batches + 1), tag, outcomes)
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     http_s: list[float] = []
     copy_s: list[float] = []
     body_bytes = 0
-    with httpx.Client(base_url=server_url, timeout=120) as client, psycopg.connect(pg_dsn, autocommit=True) as conn:
+    with httpx.Client(base_url=server_url, timeout=120) as client, \
+            psycopg.connect(pg_dsn, autocommit=True) as conn:
         for b in range(n_batches + 1):
-            chunk = items[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            chunk = items[b * size : (b + 1) * size]
             body = orjson.dumps({"traces": chunk})
             body_bytes = len(body)
             t0 = time.perf_counter()
@@ -333,90 +545,17 @@ def run_batches(
             if b > 0:  # the first batch warms both paths up
                 http_s.append(dt)
                 copy_s.append(dc)
-    n = cfg.batch_size
-    http_rps = [n / s for s in http_s]
-    copy_rps = [n / s for s in copy_s]
-    return {
-        "batch_size": n,
-        "batches": n_batches,
-        "inline_outcomes": outcomes,
-        "request_body_bytes": body_bytes,
-        "http_seconds": [round(s, 4) for s in http_s],
-        "copy_seconds": [round(s, 4) for s in copy_s],
-        "http_rows_per_s": round(median(http_rps), 1),
-        "copy_rows_per_s": round(median(copy_rps), 1),
-        # ratio of medians; per-pair ratios show the spread under a noisy machine
-        "ratio": round(median(http_rps) / median(copy_rps), 4),
-        "pair_ratios": [round(c / h, 4) for h, c in zip(http_s, copy_s, strict=True)],
-    }
+    return batch_summary(size, http_s, copy_s) | {
+        "inline_outcomes": outcomes, "request_body_bytes": body_bytes}
 
 
-# ------------------------------------------------------------------ phase 2: latency
+def headline_batch_size(cfg: IngestConfig) -> int:
+    return HEADLINE_BATCH_SIZE if HEADLINE_BATCH_SIZE in cfg.batch_sizes else max(cfg.batch_sizes)
 
 
-def run_latency(server_url: str, key: str, cfg: IngestConfig) -> list[dict[str, Any]]:
-    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-    template = make_items(cfg.seed + 1, 1, "lat", outcomes=True)[0]
-    levels = []
-    for c in cfg.clients:
-        per_client = max(cfg.min_requests_per_client, cfg.requests_per_level // c)
-        bodies = [
-            [
-                orjson.dumps(template | {"external_id": f"lat-c{c}-t{t}-{i}"})
-                for i in range(per_client)
-            ]
-            for t in range(c)
-        ]
-        latencies: list[list[float]] = [[] for _ in range(c)]
-        errors = [0] * c
-        start_gate = threading.Barrier(c + 1)
-        deadline = [0.0]
-
-        def client_loop(
-            t: int, c: int = c, bodies: list[list[bytes]] = bodies,
-            latencies: list[list[float]] = latencies, errors: list[int] = errors,
-            start_gate: threading.Barrier = start_gate, deadline: list[float] = deadline,
-        ) -> None:
-            with httpx.Client(base_url=server_url, timeout=30, headers=headers) as client:
-                # one warm-up request per client (connection set-up), not recorded
-                client.post("/v1/traces", content=orjson.dumps(
-                    template | {"external_id": f"lat-warm-c{c}-t{t}"}))
-                start_gate.wait()
-                for body in bodies[t]:
-                    if time.perf_counter() > deadline[0]:
-                        break
-                    t0 = time.perf_counter()
-                    r = client.post("/v1/traces", content=body)
-                    latencies[t].append(time.perf_counter() - t0)
-                    if r.status_code != 201:
-                        errors[t] += 1
-
-        threads = [threading.Thread(target=client_loop, args=(t,)) for t in range(c)]
-        for th in threads:
-            th.start()
-        deadline[0] = time.perf_counter() + cfg.level_cap_s + 60  # provisional, until the gate
-        start_gate.wait()
-        t_start = time.perf_counter()
-        deadline[0] = t_start + cfg.level_cap_s
-        for th in threads:
-            th.join()
-        wall = time.perf_counter() - t_start
-        flat = [x * 1000 for lat in latencies for x in lat]
-        levels.append(
-            {
-                "clients": c,
-                "requests": len(flat),
-                "planned_requests": c * per_client,
-                "errors": sum(errors),
-                "seconds": round(wall, 2),
-                "requests_per_s": round(len(flat) / wall, 1),
-                "p50_ms": round(percentile(flat, 50), 2),
-                "p90_ms": round(percentile(flat, 90), 2),
-                "p99_ms": round(percentile(flat, 99), 2),
-                "max_ms": round(max(flat), 2) if flat else None,
-            }
-        )
-    return levels
+def batches_for(size: int, cfg: IngestConfig) -> int:
+    """Measured batches at ``size``: ``cfg.batches``, more for small batches (``cfg.min_rows``)."""
+    return max(cfg.batches, -(-cfg.min_rows // size))
 
 
 # ------------------------------------------------------------------ the whole benchmark
@@ -425,6 +564,7 @@ def run_latency(server_url: str, key: str, cfg: IngestConfig) -> list[dict[str, 
 def run(cfg: IngestConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     started_on = machine()
     out = results_dir(out_dir)
+    ensure_wrk()  # before minutes of batches, not after
     name = create_database()
     db_url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     pg_dsn = f"postgresql://postgres@127.0.0.1:5432/{name}"
@@ -438,34 +578,62 @@ def run(cfg: IngestConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
                     headers={"Authorization": f"Bearer {key}"}, timeout=30,
                 ).raise_for_status()
                 assert server.proc is not None
-                with Profiler(server.proc.pid, out / "ingest_profile_batch.txt", cfg.profile):
-                    batch = run_batches(server.url, key, tenant, pg_dsn, cfg, False, cfg.batches)
+                batches = [
+                    run_batches(server.url, key, tenant, pg_dsn, cfg, size,
+                                batches_for(size, cfg), outcomes=False)
+                    for size in cfg.batch_sizes
+                ]
+                # The profile from a pass of its own: py-spy takes CPU from the server.
+                batch_profiled = None
+                if cfg.profile:
+                    with Profiler(server.proc.pid, out / "ingest_profile_batch.txt", True):
+                        batch_profiled = run_batches(server.url, key, tenant, pg_dsn, cfg,
+                                                     headline_batch_size(cfg), cfg.batches,
+                                                     outcomes=False, tag="p")
                 with_outcomes = (
-                    run_batches(server.url, key, tenant, pg_dsn, cfg, True, cfg.outcome_batches)
+                    run_batches(server.url, key, tenant, pg_dsn, cfg, headline_batch_size(cfg),
+                                cfg.outcome_batches, outcomes=True)
                     if cfg.outcome_batches
                     else None
                 )
-                with Profiler(server.proc.pid, out / "ingest_profile_latency.txt", cfg.profile):
-                    latency = run_latency(server.url, key, cfg)
+                for bt in batches:
+                    print(f"batch {bt['batch_size']:>4}: HTTP {bt['http_rows_per_s']} rows/s, "
+                          f"COPY {bt['copy_rows_per_s']} rows/s, ratio {bt['ratio']}",
+                          flush=True)
+                wrk, healthz, profiled = run_wrk_levels(server, key, tenant, pg_dsn, cfg, out)
     finally:
         drop_database(name)
-    at50 = next((lv for lv in latency if lv["clients"] == max(cfg.clients)), latency[-1])
+    by_size = {bt["batch_size"]: bt for bt in batches}
+    headline = by_size[headline_batch_size(cfg)]
+    ratios: dict[str, Any] = {
+        "ingest_http_vs_copy_ratio": headline["ratio"],
+        **{f"ingest_http_vs_copy_ratio_batch_{s}": bt["ratio"] for s, bt in by_size.items()},
+        **wrk_ratios(wrk, cfg.reference_connections),
+    }
+    at = cfg.reference_connections if cfg.reference_connections in cfg.connections \
+        else max(cfg.connections)
+    p99, rps_ratio = ratios[f"ingest_p99_ms_at_{at}"], ratios[f"ingest_rps_at_{at}_vs_"
+                                                              f"{min(cfg.connections)}"]
     result: dict[str, Any] = {
         "benchmark": "ingest",
-        "config": asdict(cfg),
-        "machine": started_on,
+        "config": asdict(cfg) | {
+            "server": f"tracelearn api, {cfg.server_workers} process, Postgres, rate limit off"},
+        "machine": started_on | {"loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "seconds": round(time.perf_counter() - t0, 1),
-        "batch": batch,
+        "batches": batches,
+        "batch": headline,
         "batch_with_outcomes": with_outcomes,
-        "latency": latency,
-        "ratios": {
-            "ingest_http_vs_copy_ratio": batch["ratio"],
-            f"ingest_p99_ms_at_{at50['clients']}": at50["p99_ms"],
-            f"ingest_p50_ms_at_{at50['clients']}": at50["p50_ms"],
-        },
+        "batch_profiled": batch_profiled,
+        "wrk": wrk,
+        "healthz_floor": healthz,
+        "wrk_profiled": profiled,
+        "issue_reference": {str(k): v for k, v in ISSUE_REFERENCE.items()},
+        "ratios": ratios,
         "targets": {
-            "ingest_http_vs_copy_ratio": {"target": ">= 0.25", "met": batch["ratio"] >= 0.25},
-            "ingest_p99_ms_at_50": {"target": "< 20", "met": at50["p99_ms"] < 20},
+            "ingest_http_vs_copy_ratio": {"target": ">= 0.25", "met": headline["ratio"] >= 0.25},
+            f"ingest_p99_ms_at_{at}": {"target": "< 20", "met": p99 is not None and p99 < 20},
+            f"ingest_rps_at_{at}_vs_{min(cfg.connections)}": {"target": ">= 1.0",
+                                                              "met": rps_ratio >= 1.0},
         },
     }
     write_json(out / "ingest.json", result)
@@ -477,49 +645,86 @@ def plot(result: dict[str, Any], path: Path) -> None:
     agg_backend()
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    batch = result["batch"]
-    a.bar(["HTTP /v1/traces", "COPY"], [batch["http_rows_per_s"], batch["copy_rows_per_s"]],
-          color=["tab:blue", "tab:gray"])
-    a.set_ylabel("rows/s (median of batches)")
-    a.set_title(f"{batch['batch_size']}-trace batches: ratio {batch['ratio']:.2f} (target ≥0.25)")
-    lat = result["latency"]
-    xs = [lv["clients"] for lv in lat]
-    b.plot(xs, [lv["p50_ms"] for lv in lat], "o-", label="p50")
-    b.plot(xs, [lv["p99_ms"] for lv in lat], "s-", label="p99")
-    b.axhline(20, color="tab:red", ls="--", lw=1, label="p99 target at 50")
-    b.set_xscale("log")
-    b.set_xticks(xs, [str(x) for x in xs])
-    b.set_xlabel("concurrent clients (closed loop)")
-    b.set_ylabel("single-trace POST latency, ms")
-    b.legend()
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    wrk, floor = result["wrk"], result["healthz_floor"]
+    xs = [lv["connections"] for lv in wrk]
+    ref = {int(k): v for k, v in result["issue_reference"].items()}
+    a.plot(xs, [lv["requests_per_s"] for lv in wrk], "o-", label="POST /v1/traces")
+    b.plot(xs, [lv.get("p99_ms") for lv in wrk], "s-", label="ingest p99")
+    b.plot(xs, [lv.get("p50_ms") for lv in wrk], "o-", alpha=0.6, label="ingest p50")
+    if floor:
+        a.plot(xs, [lv["requests_per_s"] for lv in floor], "^--", color="tab:gray",
+               label="GET /healthz (floor)")
+        b.plot(xs, [lv.get("p99_ms") for lv in floor], "^--", color="tab:gray",
+               label="healthz p99")
+    a.plot(sorted(ref), [ref[k]["requests_per_s"] for k in sorted(ref)], "x:", color="tab:red",
+           label="issue 14 reference")
+    b.plot(sorted(ref), [ref[k]["p99_ms"] for k in sorted(ref)], "x:", color="tab:red",
+           label="issue 14 p99")
+    b.axhline(20, color="tab:red", ls="--", lw=0.8, label="p99 target at 50")
+    a.set_ylabel("requests/s")
+    a.set_title(f"wrk, {result['config']['duration_s']} s per point")
+    b.set_yscale("log")
+    b.set_ylabel("latency, ms")
+    b.set_title("single-trace POST latency")
+    for ax in (a, b):
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("wrk connections (closed loop)")
+        ax.legend(fontsize=8)
+    sizes = [bt["batch_size"] for bt in result["batches"]]
+    c.plot(sizes, [bt["ratio"] for bt in result["batches"]], "o-", label="HTTP / COPY rows/s")
+    c.axhline(0.25, color="tab:red", ls="--", lw=0.8, label="target at 1000 (≥ 0.25)")
+    c.set_xscale("log")
+    c.set_xticks(sizes, [str(s) for s in sizes])
+    c.set_xlabel("traces per batch")
+    c.set_ylabel("ratio")
+    c.set_title("batch ingest over HTTP vs COPY")
+    c.legend(fontsize=8)
+    load = result["machine"]["loadavg_at_start"]
+    fig.suptitle(f"ingest into Postgres, one tracelearn api process (load average at start "
+                 f"{load[0]})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--batches", type=int, default=IngestConfig.batches)
-    p.add_argument("--batch-size", type=int, default=IngestConfig.batch_size)
-    p.add_argument("--outcome-batches", type=int, default=IngestConfig.outcome_batches)
-    p.add_argument("--requests", type=int, default=IngestConfig.requests_per_level)
-    p.add_argument("--clients", type=str, default="1,10,50")
-    p.add_argument("--workers", type=int, default=IngestConfig.server_workers)
+    d = IngestConfig()
+    p.add_argument("--connections", type=str, default=",".join(map(str, d.connections)))
+    p.add_argument("--duration", type=int, default=d.duration_s, help="seconds per level")
+    p.add_argument("--warmup", type=int, default=d.warmup_s, help="unrecorded seconds per level")
+    p.add_argument("--no-healthz", action="store_true", help="skip the /healthz floor")
+    p.add_argument("--profile-at", type=int, default=d.reference_connections,
+                   help="connections of the profiled wrk level, and of the summary figures")
+    p.add_argument("--batch-sizes", type=str, default=",".join(map(str, d.batch_sizes)))
+    p.add_argument("--batches", type=int, default=d.batches)
+    p.add_argument("--min-rows", type=int, default=d.min_rows)
+    p.add_argument("--outcome-batches", type=int, default=d.outcome_batches)
+    p.add_argument("--workers", type=int, default=d.server_workers)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", type=str, default=None)
     a = p.parse_args(argv)
     cfg = IngestConfig(
-        batch_size=a.batch_size, batches=a.batches, outcome_batches=a.outcome_batches,
-        clients=tuple(int(x) for x in a.clients.split(",")), requests_per_level=a.requests,
-        server_workers=a.workers, profile=a.profile,
+        connections=_ints(a.connections), duration_s=a.duration, warmup_s=a.warmup,
+        healthz_floor=not a.no_healthz, reference_connections=a.profile_at,
+        batch_sizes=_ints(a.batch_sizes), batches=a.batches, min_rows=a.min_rows,
+        outcome_batches=a.outcome_batches, server_workers=a.workers, profile=a.profile,
     )
     result = run(cfg, a.out)
-    for lv in result["latency"]:
-        print(f"latency c={lv['clients']:>3}: p50 {lv['p50_ms']} ms  p99 {lv['p99_ms']} ms  "
-              f"{lv['requests_per_s']} req/s  errors {lv['errors']}")
-    b = result["batch"]
-    print(f"batch: HTTP {b['http_rows_per_s']} rows/s, COPY {b['copy_rows_per_s']} rows/s")
+    prof = results_dir(a.out) / f"ingest_profile_wrk{cfg.reference_connections}.txt"
+    if cfg.profile and prof.is_file():
+        print(f"server profile during wrk at {cfg.reference_connections} connections "
+              f"(top self frames; {prof}):")
+        print("\n".join(top_self_frames(prof.read_text(), 12)))
+    m = result["machine"]
+    print(f"load average {m['loadavg_at_start']} at start, {m['loadavg_at_end']} at end; "
+          f"{result['seconds']} s")
     print_ratios("ingest", result["ratios"])
     return result
 

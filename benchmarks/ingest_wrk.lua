@@ -1,5 +1,5 @@
 -- One single-trace POST per request, each with its own external_id: run id, wrk thread, counter.
--- Settings come from the environment (benchmarks/ingest_wrk.py sets them).
+-- Settings come from the environment (benchmarks/ingest.py sets them).
 local key = os.getenv("WRK_KEY")
 local policy = os.getenv("WRK_POLICY")
 local run = os.getenv("WRK_RUN")

@@ -8,6 +8,8 @@ import importlib.util
 import json
 import math
 import os
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,22 +41,37 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.mark.postgres
-def test_ingest_benchmark_reports_ratio_and_latency_percentiles(tmp_path: Path) -> None:
+@pytest.mark.timeout(300)
+def test_ingest_benchmark_reports_wrk_levels_copy_ratios_and_the_profile(tmp_path: Path) -> None:
     from benchmarks.ingest import IngestConfig, run
 
-    cfg = IngestConfig(batch_size=20, batches=1, outcome_batches=1, clients=(1, 3),
-                       requests_per_level=6, min_requests_per_client=2, level_cap_s=20)
+    if shutil.which("wrk") is None:
+        skip_or_fail("wrk is not installed")
+    cfg = IngestConfig(connections=(1, 2), duration_s=1, warmup_s=1, reference_connections=2,
+                       batch_sizes=(1, 20), batches=1, min_rows=2, outcome_batches=1,
+                       profile=True)
     result = run(cfg, tmp_path)
     saved = json.loads((tmp_path / "ingest.json").read_text())
     assert saved["ratios"] == result["ratios"]
-    assert finite(saved["ratios"]["ingest_http_vs_copy_ratio"])
-    assert finite(saved["ratios"]["ingest_p99_ms_at_3"])
-    assert [lv["clients"] for lv in saved["latency"]] == [1, 3]
-    for lv in saved["latency"]:
-        assert lv["errors"] == 0
-        assert all(finite(lv[k]) for k in ("p50_ms", "p99_ms", "requests_per_s"))
+    assert {"ingest_http_vs_copy_ratio", "ingest_http_vs_copy_ratio_batch_1",
+            "ingest_http_vs_copy_ratio_batch_20", "ingest_p99_ms_at_2",
+            "ingest_rps_at_2_vs_1"} <= set(saved["ratios"])
+    # no 1000-trace batch here: the headline ratio is the largest batch's
+    assert saved["ratios"]["ingest_http_vs_copy_ratio"] == saved["batches"][-1]["ratio"]
+    assert [b["batch_size"] for b in saved["batches"]] == [1, 20]
+    assert [b["batches"] for b in saved["batches"]] == [2, 1]  # min_rows=2 one-trace batches
+    assert all(finite(b["ratio"]) for b in saved["batches"])
     assert finite(saved["batch_with_outcomes"]["ratio"])
+    assert [lv["connections"] for lv in saved["wrk"]] == [1, 2]
+    assert [lv["connections"] for lv in saved["healthz_floor"]] == [1, 2]
+    for level in saved["wrk"]:
+        assert level["requests"] > 0 and level["non_2xx"] == 0 and level["socket_errors"] == 0
+        assert level["sent_equals_stored"], level
+        assert all(finite(level[k]) for k in ("p50_ms", "p99_ms", "requests_per_s",
+                                               "traces_per_s"))
     assert (tmp_path / "ingest.png").stat().st_size > 0
+    if shutil.which("py-spy", path=str(Path(sys.executable).parent)):
+        assert "top self:" in (tmp_path / "ingest_profile_wrk2.txt").read_text()
 
 
 def test_learner_benchmark_reports_cost_ratio_and_rss(tmp_path: Path, model_cache: Path) -> None:
@@ -111,7 +128,7 @@ def _load_run_all() -> Any:
     return module
 
 
-def test_run_all_summary_is_one_flat_object_with_the_seven_figures(
+def test_run_all_summary_is_one_flat_object_with_the_eight_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_all = _load_run_all()
@@ -127,7 +144,8 @@ def test_run_all_summary_is_one_flat_object_with_the_seven_figures(
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved == summary
     assert set(saved) == {
-        "ingest_http_vs_copy_ratio", "ingest_p99_ms_at_50", "oapl_vs_sft_cost_ratio",
+        "ingest_http_vs_copy_ratio", "ingest_p99_ms_at_50", "ingest_rps_at_50_vs_1",
+        "oapl_vs_sft_cost_ratio",
         "learner_peak_rss_vs_floor", "learner_peak_rss_vs_floor_bundled",
         "time_to_45pct_speedup_vs_trl", "rollout_pipeline_vs_bare_ratio",
     }
@@ -288,3 +306,42 @@ def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: 
     (tmp_path / "q.json").write_text(json.dumps(first | {"setup": setup | {"heldout": 500}}))
     with pytest.raises(ValueError, match="held-out setup differs"):
         keep_previous(qc, tmp_path / "q.json", summary, {})
+
+
+def _wrk_level(c: int, rps: float, p99: float, stored: int) -> dict[str, Any]:
+    return {"connections": c, "requests": 100 * c, "seconds": 10.0, "requests_per_s": rps,
+            "traces_per_s": rps, "p50_ms": p99 / 2, "p90_ms": p99 * 0.9, "p99_ms": p99,
+            "max_ms": p99 * 2, "non_2xx": 0, "socket_errors": 0, "rows_stored": stored}
+
+
+def test_run_all_reports_every_wrk_level_the_copy_ratio_per_batch_size_and_the_profile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_all = _load_run_all()
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    wrk = [_wrk_level(1, 100.0, 9.0, 100), _wrk_level(10, 150.0, 90.0, 1001),
+           _wrk_level(50, 160.0, 400.0, 5003), _wrk_level(200, 140.0, 2000.0, 20010)]
+    batches = [{"batch_size": s, "batches": 6, "http_rows_per_s": 10.0 * s,
+                "copy_rows_per_s": 100.0 * s, "ratio": r, "pair_ratios": [r]}
+               for s, r in ((1, 0.11), (10, 0.12), (100, 0.13), (1000, 0.14))]
+    (tmp_path / "ingest.json").write_text(json.dumps({
+        "config": {"duration_s": 10, "reference_connections": 50},
+        "machine": {"loadavg_at_start": [1.0], "loadavg_at_end": [2.0]},
+        "wrk": wrk, "healthz_floor": [_wrk_level(c, 900.0, 5.0, 0) for c in (1, 10, 50, 200)],
+        "batches": batches, "batch": batches[-1], "batch_with_outcomes": None,
+        "ratios": {"ingest_http_vs_copy_ratio": 0.14, "ingest_p99_ms_at_50": 400.0,
+                   "ingest_rps_at_50_vs_1": 1.6},
+    }))
+    (tmp_path / "ingest_profile_wrk50.txt").write_text(
+        "busy samples: 4\n\ntop self:\n  75.0%  GroupWriter._gather\n  25.0%  other\n")
+    summary = run_all.write_report({"ingest": {"status": "ok", "seconds": 1.0}})
+    assert summary["ingest_rps_at_50_vs_1"] == 1.6 and summary["ingest_p99_ms_at_50"] == 400.0
+    report = (tmp_path / "performance.md").read_text()
+    assert "| `ingest_rps_at_50_vs_1` |" in report and "| 1.6 | ≥ 1.0 | met |" in report
+    assert "| 50 | 160.0 | 160.0 | 200.0 | 360.0 | 400.0 | 800.0 | 0 | 0 | 5000 / 5003 | 900.0 | 5.0 |" \
+        in report
+    for c in (1, 10, 200):
+        assert f"\n| {c} | " in report
+    for s, r in ((1, 0.11), (10, 0.12), (100, 0.13), (1000, 0.14)):
+        assert f"| {s} | 6 | {10.0 * s} | {100.0 * s} | {r} |" in report
+    assert "75.0%  GroupWriter._gather" in report
