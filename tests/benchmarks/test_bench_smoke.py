@@ -322,7 +322,7 @@ def test_run_all_reports_every_wrk_level_the_copy_ratio_per_batch_size_and_the_p
     wrk = [_wrk_level(1, 100.0, 9.0, 100), _wrk_level(10, 150.0, 90.0, 1001),
            _wrk_level(50, 160.0, 400.0, 5003), _wrk_level(200, 140.0, 2000.0, 20010)]
     batches = [{"batch_size": s, "batches": 6, "http_rows_per_s": 10.0 * s,
-                "copy_rows_per_s": 100.0 * s, "ratio": r, "pair_ratios": [r]}
+                "copy_rows_per_s": 100.0 * s, "ratio": r, "pair_ratios": [r / 2, r, 2 * r]}
                for s, r in ((1, 0.11), (10, 0.12), (100, 0.13), (1000, 0.14))]
     (tmp_path / "ingest.json").write_text(json.dumps({
         "config": {"duration_s": 10, "reference_connections": 50},
@@ -343,5 +343,5 @@ def test_run_all_reports_every_wrk_level_the_copy_ratio_per_batch_size_and_the_p
     for c in (1, 10, 200):
         assert f"\n| {c} | " in report
     for s, r in ((1, 0.11), (10, 0.12), (100, 0.13), (1000, 0.14)):
-        assert f"| {s} | 6 | {10.0 * s} | {100.0 * s} | {r} |" in report
+        assert f"| {s} | 6 | {10.0 * s} | {100.0 * s} | {r} | {r / 2}–{2 * r} |" in report
     assert "75.0%  GroupWriter._gather" in report
