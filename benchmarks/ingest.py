@@ -34,9 +34,9 @@ numbers move with it.
 1000-trace batches and one more wrk run at ``--profile-at`` connections (50), and writes the top
 frames to ``results/ingest_profile_batch.txt`` and ``results/ingest_profile_wrk50.txt``. The
 profiled passes' figures are kept apart (``batch_profiled``, ``wrk_profiled``): the profiler
-takes CPU from the server. The ratios are printed last: ``ingest_http_vs_copy_ratio`` (1000-trace batches), ``ingest_p99_ms_at_50`` and
-``ingest_rps_at_50_vs_1`` (throughput at 50 connections over throughput at one: under load it
-should not fall).
+takes CPU from the server. The ratios are printed last: ``ingest_http_vs_copy_ratio`` (1000-trace
+batches), ``ingest_p99_ms_at_50`` and ``ingest_rps_at_50_vs_1`` (throughput at 50 connections
+over throughput at one: under load it should not fall).
 """
 
 from __future__ import annotations
@@ -376,11 +376,16 @@ def parse_wrk(out: str) -> dict[str, Any]:
     return result
 
 
+def reference_level(connections: Sequence[int], at: int) -> int:
+    """The connection count the summary figures are taken at: ``at``, or the largest one run."""
+    return at if at in connections else max(connections)
+
+
 def wrk_ratios(levels: Sequence[dict[str, Any]], at: int) -> dict[str, float | None]:
-    """The summary figures of the wrk phase: p50/p99 at ``at`` connections (the largest level
-    when ``at`` was not run) and its requests/s over those at the smallest level."""
+    """The summary figures of the wrk phase: p50/p99 at the reference level and its requests/s
+    over those at the smallest level."""
     by_c = {lv["connections"]: lv for lv in levels}
-    hi = at if at in by_c else max(by_c)
+    hi = reference_level(list(by_c), at)
     lo = min(by_c)
     ratios: dict[str, float | None] = {
         f"ingest_p99_ms_at_{hi}": by_c[hi].get("p99_ms"),
@@ -455,6 +460,7 @@ def run_wrk_levels(
     ingest: list[dict[str, Any]] = []
     healthz: list[dict[str, Any]] = []
     profiled: dict[str, Any] | None = None
+    profile_at = reference_level(cfg.connections, cfg.reference_connections)
     for c in cfg.connections:
         run_id = f"r{c}-{uuid.uuid4().hex[:6]}"
         lua_env = {"WRK_KEY": key, "WRK_POLICY": policy, "WRK_RUN": run_id}
@@ -472,7 +478,7 @@ def run_wrk_levels(
         line = (f"wrk c={c:>3}: ingest {level['requests_per_s']:.0f} req/s p50 "
                 f"{level.get('p50_ms')} ms p99 {level.get('p99_ms')} ms, {level['non_2xx']} "
                 f"non-2xx, {level['socket_errors']} socket errors, {level['rows_stored']} stored")
-        if cfg.profile and c == cfg.reference_connections:
+        if cfg.profile and c == profile_at:
             profile = out / f"ingest_profile_wrk{c}.txt"
             with Profiler(server.proc.pid, profile, enabled=True):
                 profiled = run_wrk(wrk, f"{server.url}/v1/traces", c, cfg.duration_s,
@@ -610,10 +616,8 @@ def run(cfg: IngestConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         **{f"ingest_http_vs_copy_ratio_batch_{s}": bt["ratio"] for s, bt in by_size.items()},
         **wrk_ratios(wrk, cfg.reference_connections),
     }
-    at = cfg.reference_connections if cfg.reference_connections in cfg.connections \
-        else max(cfg.connections)
-    p99, rps_ratio = ratios[f"ingest_p99_ms_at_{at}"], ratios[f"ingest_rps_at_{at}_vs_"
-                                                              f"{min(cfg.connections)}"]
+    at, lo = reference_level(cfg.connections, cfg.reference_connections), min(cfg.connections)
+    p99, rps_ratio = ratios[f"ingest_p99_ms_at_{at}"], ratios[f"ingest_rps_at_{at}_vs_{lo}"]
     result: dict[str, Any] = {
         "benchmark": "ingest",
         "config": asdict(cfg) | {
@@ -632,8 +636,7 @@ def run(cfg: IngestConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         "targets": {
             "ingest_http_vs_copy_ratio": {"target": ">= 0.25", "met": headline["ratio"] >= 0.25},
             f"ingest_p99_ms_at_{at}": {"target": "< 20", "met": p99 is not None and p99 < 20},
-            f"ingest_rps_at_{at}_vs_{min(cfg.connections)}": {"target": ">= 1.0",
-                                                              "met": rps_ratio >= 1.0},
+            f"ingest_rps_at_{at}_vs_{lo}": {"target": ">= 1.0", "met": rps_ratio >= 1.0},
         },
     }
     write_json(out / "ingest.json", result)
@@ -717,9 +720,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         outcome_batches=a.outcome_batches, server_workers=a.workers, profile=a.profile,
     )
     result = run(cfg, a.out)
-    prof = results_dir(a.out) / f"ingest_profile_wrk{cfg.reference_connections}.txt"
+    at = reference_level(cfg.connections, cfg.reference_connections)
+    prof = results_dir(a.out) / f"ingest_profile_wrk{at}.txt"
     if cfg.profile and prof.is_file():
-        print(f"server profile during wrk at {cfg.reference_connections} connections "
+        print(f"server profile during wrk at {at} connections "
               f"(top self frames; {prof}):")
         print("\n".join(top_self_frames(prof.read_text(), 12)))
     m = result["machine"]

@@ -9,6 +9,7 @@ from benchmarks.ingest import (
     batch_summary,
     batches_for,
     parse_wrk,
+    reference_level,
     top_self_frames,
     wrk_ratios,
 )
@@ -68,6 +69,11 @@ def test_wrk_figures_fall_back_to_the_largest_level_when_50_was_not_run() -> Non
         "ingest_p99_ms_at_3": 40.0, "ingest_p50_ms_at_3": 20.0,
         "ingest_rps_at_3_vs_1": 0.75,  # 60 / 80; no issue figure at 3 connections
     }
+
+
+def test_the_reference_level_is_50_connections_or_else_the_largest_run() -> None:
+    assert reference_level((1, 10, 50, 200), 50) == 50
+    assert reference_level((1, 2), 50) == 2
 
 
 def test_http_vs_copy_is_the_ratio_of_median_rows_per_second() -> None:
