@@ -1,32 +1,35 @@
-"""Wall-clock time to ≥45% held-out correctness on the synthetic clinical task: our batch OAPL
-workflow against TRL's ``GRPOTrainer`` online loop — same tiny model, same LoRA, same learning
-rate, same G, same completion budget, same task, same machine, one run.
+"""Wall-clock time to ≥45% held-out correctness on the synthetic clinical task: OAPL with a
+lagged reference (ours) against TRL's ``GRPOTrainer`` online loop — same bundled model, same LoRA,
+same G, same completion budget, same task, same evaluation, same machine, one run.
 
-    python -m benchmarks.time_to_target [--budget 480] [--target 0.45]
+    python -m benchmarks.time_to_target [--budget 480] [--target 0.45] [--sync-interval 10]
 
-- **Batch OAPL (ours)**: rounds of: sample G completions for P train prompts from the current
-  snapshot (``LocalBackend``, adapter merged as in serving) → grade (contract grader) → K OAPL
-  steps with ``workers.learner.trainer.train`` starting from the previous adapter (written
-  atomically, as the product does) → next snapshot. This is the product's rollout → train →
-  promote cycle without the human gate.
+- **OAPL, lagged reference (ours)**: what OAPL allows and on-policy GRPO does not: π_ref (the
+  current snapshot, adapter merged as in serving) samples G completions for the next L steps'
+  prompts *once* (``LocalBackend``), the contract grader grades them, and the learner takes L
+  AdamW steps of ``groups_per_step`` groups against that frozen π_ref before π_ref ← the current
+  policy regenerates: ``workers.learner.trainer.train`` with ``sync_interval`` = L, the product's
+  learner loop (``RegenerationSource``). Learning rate and β₂ as table 2 of the quality benchmark
+  measured them (lr 2e-3, β₂ 0.1, 4 groups × 8 per step).
 - **TRL GRPO (online)**: ``trl.GRPOTrainer`` on the same train prompts (conversational dataset,
   the tokenizer's chat template), the contract grader as reward function, ``peft_config`` with the
-  same LoRA, ``beta=0`` (no reference model), TRL's defaults otherwise.
+  same LoRA, ``beta=0`` (no reference model), every step sampling its own batch (on-policy), the
+  same learning rate; TRL's defaults otherwise.
 
 Both are evaluated with the same function — one sample per prompt at temperature 1 (fixed seed)
 on ``--heldout`` held-out prompts, correctness = contract-parsable and right, the metric the
-product's evaluation and the quality benchmark use — after every round (ours) or every P·G/B steps (TRL:
-the same number of rollouts between evaluations). The clock counts training work only: it stops
-while evaluating, and model loading before the first step is excluded for both. Each arm stops at
-the target or at ``--budget`` seconds of training time. ``time_to_45pct_speedup_vs_trl`` = TRL's
-time ÷ ours; when only ours reaches the target it is a lower bound (TRL's budget ÷ ours), when
-neither does it is null and the best reached values are reported.
+product's evaluation and the quality benchmark use — every ``eval_every`` steps (ours) or every
+``trl_eval_every`` steps (TRL; about the same number of completions between evaluations). The
+clock counts training work only (sampling, grading, optimizer steps): it stops while evaluating,
+and model loading before the first step is excluded for both. Each arm stops at the target or at
+``--budget`` seconds of training time. ``time_to_45pct_speedup_vs_trl`` = TRL's time ÷ ours; when
+only ours reaches the target it is a lower bound (TRL's budget ÷ ours), when neither does it is
+null and the best reached values are reported.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -44,21 +47,26 @@ class TimeToTargetConfig:
     target: float = 0.45
     budget_s: float = 480.0
     """Training seconds per arm (evaluation time excluded)."""
-    train_prompts: int = 512
-    heldout: int = 100
+    train_prompts: int = 4096
+    """Enough that neither arm sees a prompt twice within the budget."""
+    heldout: int = 200
     group_size: int = 8
     max_new_tokens: int = 80
     lr: float = 2e-3
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    # ours
-    prompts_per_round: int = 64
-    steps_per_round: int = 2
-    beta2: float = 0.1
     micro_batch_size: int = 128
-    # TRL
     trl_batch: int = 64
-    """Completions per TRL step (per_device_train_batch_size: 8 prompts × G)."""
+    """Completions per optimizer step, both arms: TRL's per_device_train_batch_size (8 prompts ×
+    G); ours takes ``trl_batch / group_size`` groups per step."""
+    eval_every: int = 8
+    """Optimizer steps between held-out evaluations (512 completions' worth), both arms."""
+    # ours
+    sync_interval: int = 10
+    """L: π_ref regenerates every L optimizer steps (table 2's fastest stable interval)."""
+    beta2: float = 0.1
+    keep_zero_variance_groups: bool = False
+    """The trainer's default (drop groups whose rewards are all equal)."""
     eval_temperature: float = 1.0
     """Held-out sampling temperature. Not greedy: the bootstrap model's *mode* already follows the
     contract and is ~58% correct, so a greedy target of 45% is met before any training."""
@@ -89,90 +97,79 @@ def _prompts(seed: int, n: int, split: str) -> list[Any]:
 
 
 def heldout_correctness(
-    model: Any, tok: Any, prompts: Sequence[Any], max_tokens: int, temperature: float = 1.0
+    backend: Any, prompts: Sequence[Any], max_tokens: int, temperature: float = 1.0,
+    adapter: Any = None,
 ) -> dict[str, float]:
     """One sample per prompt (seed 0); correct = parsable contract line with the right answer."""
     from workers.inference.base import SamplingParams
-    from workers.inference.local import LocalBackend
 
-    was_training = model.training
-    backend = LocalBackend.from_model(model, tok)
-    outs = backend.generate([p.messages for p in prompts], 1, SamplingParams(max_tokens, temperature, seed=0))
+    outs = backend.generate([p.messages for p in prompts], 1,
+                            SamplingParams(max_tokens, temperature, seed=0), adapter)
     grade = _grade_fn()
     rewards = [grade(p.messages, o[0].text, p.outcome) for p, o in zip(prompts, outs, strict=True)]
-    if was_training:
-        model.train()
     return {
         "correct": sum(r == 1.0 for r, _ in rewards) / len(rewards),
         "parse_rate": sum(ok for _, ok in rewards) / len(rewards),
+        "mean_length": sum(len(o[0].token_ids) for o in outs) / len(outs),
     }
 
 
-# ------------------------------------------------------------------ ours: batch OAPL rounds
+class _Stop(Exception):
+    """Raised from the trainer's progress callback: target reached or budget spent."""
 
 
-def run_ours(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequence[Any],
-             start_eval: dict[str, float]) -> dict[str, Any]:
-    from workers.inference.base import AdapterRef, SamplingParams
+# ------------------------------------------------------------------ ours: OAPL, lagged reference
+
+
+def run_ours(model_dir: Path, tok: Any, cfg: TimeToTargetConfig,
+             heldout: Sequence[Any]) -> dict[str, Any]:
     from workers.inference.local import LocalBackend
-    from workers.learner.data import make_rollout_groups
-    from workers.learner.trainer import TrainerConfig, train
+    from workers.learner.trainer import RegenerationSource, TrainerConfig, train
 
-    train_prompts = _prompts(cfg.seed, cfg.train_prompts, "train")
-    grade = _grade_fn()
+    backend = LocalBackend(model_dir)
+    source = RegenerationSource(backend, _prompts(cfg.seed, cfg.train_prompts, "train"),
+                                _grade_fn())
     tcfg = TrainerConfig(
-        # ``steps_per_round`` full-batch steps on each round's fresh rollouts.
-        algorithm="oapl", epochs=cfg.steps_per_round, groups_per_step=cfg.prompts_per_round,
-        lr=cfg.lr, lora_rank=cfg.lora_rank,
-        lora_alpha=cfg.lora_alpha, beta2=cfg.beta2, micro_batch_size=cfg.micro_batch_size,
-        seed=cfg.seed,
+        algorithm="oapl", epochs=1, sync_interval=cfg.sync_interval,
+        groups_per_step=max(1, cfg.trl_batch // cfg.group_size), group_size=cfg.group_size,
+        max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, lr=cfg.lr,
+        lr_schedule="constant", beta2=cfg.beta2, lora_rank=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha, micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
+        keep_zero_variance_groups=cfg.keep_zero_variance_groups,
     )
-    work = Path(tempfile.mkdtemp(prefix="tl-bench-ttt-"))
     curve: list[dict[str, float]] = []
-    reached_at: float | None = None
-    last = dict(start_eval)
-    try:
-        backend = LocalBackend(model_dir)
-        clock = 0.0
-        adapter: AdapterRef | None = None
-        r = 0
-        while clock < cfg.budget_s:
-            t0 = time.perf_counter()
-            start = (r * cfg.prompts_per_round) % len(train_prompts)
-            batch = [train_prompts[(start + i) % len(train_prompts)]
-                     for i in range(cfg.prompts_per_round)]
-            groups = make_rollout_groups(
-                backend, batch, cfg.group_size,
-                SamplingParams(cfg.max_new_tokens, 1.0, seed=cfg.seed * 1000 + r), grade, adapter,
-                group_prefix=f"r{r}:",
-            )
-            out = work / f"clinical-v{r + 1}"
-            try:
-                res = train(groups, model_dir, out, tcfg, tokenizer=tok,
-                            parent=adapter.path if adapter else None)
-            except ValueError:  # every group had zero reward variance: nothing to learn
-                res = None
-            clock += time.perf_counter() - t0
-            r += 1
-            if res is None:  # the snapshot did not change: its correctness carries over
-                curve.append({"round": r, "train_seconds": round(clock, 2), **last,
-                              "skipped": 1.0})
-                continue
-            ev = heldout_correctness(res.model, tok, heldout, cfg.max_new_tokens,
-                                     cfg.eval_temperature)
-            last = ev
-            rewards = [c.reward for g in groups for c in g.completions]
-            curve.append({"round": r, "train_seconds": round(clock, 2), **ev,
-                          "train_reward": sum(rewards) / len(rewards)})
-            print(f"[ours] round {r}: {clock:.0f}s correct {ev['correct']:.2f} "
+    timing = _TrainClock()
+
+    def heldout_eval(adapter: Any) -> dict[str, float]:
+        t0 = time.perf_counter()
+        clock = timing.train_seconds()
+        ev = heldout_correctness(backend, heldout, cfg.max_new_tokens, cfg.eval_temperature,
+                                 adapter)
+        if adapter is not None:  # the trainer also evaluates π_ref before step 1: the base
+            # The step is filled in by ``progress``, which the trainer calls right after.
+            curve.append({"train_seconds": round(clock, 2), **ev})
+            print(f"[ours] {clock:.0f}s correct {ev['correct']:.2f} "
                   f"parse {ev['parse_rate']:.2f}", flush=True)
-            adapter = AdapterRef(out.name, str(out))
-            if ev["correct"] >= cfg.target:
-                reached_at = clock
-                break
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return _arm_summary(curve, reached_at, cfg)
+            if ev["correct"] >= cfg.target and timing.reached is None:
+                timing.reached = clock
+        timing.paused += time.perf_counter() - t0
+        return ev
+
+    def progress(step: int, total: int, metrics: dict[str, float]) -> None:
+        if curve and "step" not in curve[-1]:
+            curve[-1]["step"] = float(step)
+        if timing.reached is not None or timing.train_seconds() >= cfg.budget_s:
+            raise _Stop
+
+    timing.start = time.perf_counter()
+    status = "stopped"
+    try:
+        res = train([], model_dir, None, tcfg, tokenizer=tok, regenerate=source,
+                    heldout_eval=heldout_eval, progress=progress)
+        status = res.status + (f": {res.failure_reason}" if res.failure_reason else "")
+    except _Stop:
+        pass
+    return _arm_summary(curve, timing.reached, cfg) | {"trainer_status": status}
 
 
 # ------------------------------------------------------------------ TRL GRPOTrainer online loop
@@ -207,7 +204,9 @@ def run_trl(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequenc
             out.append(grade([], text, {"name": "pfs_gt_180d", "value": o})[0])
         return out
 
-    eval_every = max(1, (cfg.prompts_per_round * cfg.group_size) // cfg.trl_batch)
+    from workers.inference.local import LocalBackend
+
+    eval_every = cfg.eval_every
     curve: list[dict[str, float]] = []
     timing = _TrainClock()
 
@@ -218,13 +217,16 @@ def run_trl(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequenc
 
         def on_step_end(self, args: TrainingArguments, state: TrainerState,
                         control: TrainerControl, **kwargs: Any) -> Any:
-            model = kwargs.get("model")
+            model: Any = kwargs["model"]  # TRL hands the trainer's model to every callback
             clock = timing.train_seconds()
             if state.global_step % eval_every == 0 or clock >= cfg.budget_s:
                 t0 = time.perf_counter()
+                was_training = model.training
                 with torch.no_grad():
-                    ev = heldout_correctness(model, tok, heldout, cfg.max_new_tokens,
-                                             cfg.eval_temperature)
+                    ev = heldout_correctness(LocalBackend.from_model(model, tok), heldout,
+                                             cfg.max_new_tokens, cfg.eval_temperature)
+                if was_training:
+                    model.train()
                 timing.paused += time.perf_counter() - t0
                 curve.append({"step": state.global_step, "train_seconds": round(clock, 2), **ev})
                 print(f"[trl] step {state.global_step}: {clock:.0f}s correct {ev['correct']:.2f} "
@@ -312,7 +314,7 @@ def speedup(ours: dict[str, Any], trl: dict[str, Any], budget: float) -> tuple[f
 
 def run(cfg: TimeToTargetConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from workers.learner.bootstrap import BootstrapConfig, bootstrap_model
 
@@ -326,10 +328,11 @@ def run(cfg: TimeToTargetConfig, out_dir: str | Path | None = None) -> dict[str,
     )
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     heldout = _prompts(cfg.seed, cfg.heldout, "heldout")
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    base_eval = heldout_correctness(base, tok, heldout, cfg.max_new_tokens, cfg.eval_temperature)
-    del base
-    ours = run_ours(model_dir, tok, cfg, heldout, base_eval)
+    from workers.inference.local import LocalBackend
+
+    base_eval = heldout_correctness(LocalBackend(model_dir), heldout, cfg.max_new_tokens,
+                                    cfg.eval_temperature)
+    ours = run_ours(model_dir, tok, cfg, heldout)
     trl = run_trl(model_dir, tok, cfg, heldout)
     value, kind = speedup(ours, trl, cfg.budget_s)
     import trl as trl_pkg
@@ -371,7 +374,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     base = result["baseline_heldout"]["correct"]
-    for name, arm, style in (("batch OAPL (ours)", result["ours"], "o-"),
+    for name, arm, style in ((f"OAPL, π_ref lagged L={result['config']['sync_interval']} (ours)", result["ours"], "o-"),
                              ("TRL GRPOTrainer (online)", result["trl"], "s-")):
         pts = [(0.0, base)] + [(c["train_seconds"], c["correct"]) for c in arm["curve"]
                                if "correct" in c]
@@ -394,14 +397,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--target", type=float, default=d.target)
     p.add_argument("--budget", type=float, default=d.budget_s)
     p.add_argument("--heldout", type=int, default=d.heldout)
-    p.add_argument("--prompts-per-round", type=int, default=d.prompts_per_round)
-    p.add_argument("--steps-per-round", type=int, default=d.steps_per_round)
+    p.add_argument("--sync-interval", type=int, default=d.sync_interval,
+                   help="L: optimizer steps between regenerations (ours)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     cfg = TimeToTargetConfig(size=a.size, target=a.target, budget_s=a.budget, heldout=a.heldout,
-                             prompts_per_round=a.prompts_per_round,
-                             steps_per_round=a.steps_per_round, lr=a.lr)
+                             sync_interval=a.sync_interval, eval_every=a.eval_every, lr=a.lr)
     result = run(cfg, a.out)
     for name in ("ours", "trl"):
         arm = result[name]
