@@ -128,12 +128,11 @@ def purge_staged(session: Session, settings: Settings, *, now: datetime | None =
     span's staging row (its trace stays, only late events can no longer fill it in). Returns the
     number deleted."""
     cutoff = (now or utcnow()) - timedelta(hours=settings.staging_retention_hours)
-    ids = list(session.scalars(
-        select(LangfuseObservation.id).where(LangfuseObservation.updated_at < cutoff)))
-    for start in range(0, len(ids), 1000):
-        session.execute(delete(LangfuseObservation)
-                        .where(LangfuseObservation.id.in_(ids[start:start + 1000])))
-    return len(ids)
+    result = session.execute(
+        delete(LangfuseObservation).where(LangfuseObservation.updated_at < cutoff),
+        execution_options={"synchronize_session": False},
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]  # a DML Result has rowcount
 
 
 def retention_pass(settings: Settings, *, limit: int | None = None) -> RetentionReport:
