@@ -17,6 +17,9 @@ def test_every_setting_is_documented_in_the_readme():
 def test_readme_opens_with_the_two_commands():
     blocks = README.read_text().split("```bash\n")[1:3]
     assert "tracelearn up" in blocks[0]
+    # The lock is the source of truth for what gets installed, here as in CI and Docker.
+    assert "--require-hashes -r requirements/lock-runtime.txt" in blocks[0]
+    assert "--no-deps" in blocks[0]
     assert "bash .ci/run" in blocks[1]
 
 
