@@ -195,18 +195,22 @@ def test_garbage_cursor_is_422(client, admin_headers):
 
 
 def test_split_filter_matches_the_stable_hash(client, admin_headers, policy_name, tenant, settings):
-    batch = {"traces": [trace(f"s{i}", policy_name) for i in range(40)]}
-    client.post("/v1/traces", json=batch, headers=admin_headers)
+    def split(external_id: str) -> Split:
+        return assign_split(tenant, external_id, settings.heldout_fraction)
+
+    # 40 ids holding both splits: a random tenant's first 40 can all hash into train (~1.5%).
+    ids = [f"s{i}" for i in range(40)]
+    spare = 40
+    while len({split(x) for x in ids}) < 2:
+        ids[-1], spare = f"s{spare}", spare + 1
+    client.post("/v1/traces", json={"traces": [trace(x, policy_name) for x in ids]},
+                headers=admin_headers)
     held = client.get(
         "/v1/traces",
         params={"policy": policy_name, "split": "heldout", "limit": 100},
         headers=admin_headers,
     ).json()["items"]
-    expected = {
-        f"s{i}"
-        for i in range(40)
-        if assign_split(tenant, f"s{i}", settings.heldout_fraction) is Split.heldout
-    }
+    expected = {x for x in ids if split(x) is Split.heldout}
     assert {t["external_id"] for t in held} == expected
     assert 0 < len(expected) < 40
 
