@@ -152,8 +152,9 @@ def refuse_hostile_strings(body: ChatCompletionIn, completion_id: str | None = N
 
 
 def engine_messages(body: ChatCompletionIn) -> list[dict[str, Any]]:
-    """The messages as a text-only chat template expects them: parts joined to one string,
-    ``developer`` as ``system``; tool calls and ids kept for templates that render them."""
+    """The messages as a text-only chat template expects them: parts joined to one string; tool
+    calls and ids kept for templates that render them. Roles as sent: the engine renders
+    ``developer`` as ``system`` for serving and regeneration alike (``flatten_messages``)."""
     out = []
     for m in body.messages:
         content = m.content
@@ -161,7 +162,7 @@ def engine_messages(body: ChatCompletionIn) -> list[dict[str, Any]]:
             content = "".join(p.text if isinstance(p, TextPart) else
                               p.refusal if isinstance(p, RefusalPart) else "" for p in content)
         message: dict[str, Any] = {
-            "role": "system" if m.role == "developer" else m.role, "content": content or "",
+            "role": m.role, "content": content or "",
         }
         if m.tool_calls:
             message["tool_calls"] = [c.model_dump(mode="json") for c in m.tool_calls]

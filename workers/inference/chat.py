@@ -38,10 +38,16 @@ def content_text(content: Any) -> str:
     return "\n".join(texts)
 
 
+TEMPLATE_ROLES = {"developer": "system"}
+"""OpenAI's ``developer`` role is what chat templates call ``system`` (they know no other)."""
+
+
 def flatten_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     """OpenAI chat messages (part lists, tool calls) as the role/content pairs every chat
-    template understands: parts become text, an assistant's tool calls are appended as JSON.
-    A prompt's tools entry (``with_tools``) is not a message and is left out."""
+    template understands: parts become text, an assistant's tool calls are appended as JSON,
+    ``developer`` is ``system`` (``TEMPLATE_ROLES``). A prompt's tools entry (``with_tools``) is
+    not a message and is left out. Every backend renders prompts through here, so a stored
+    trace is regenerated from the very prompt the proxy served."""
     flat = []
     for m in messages:
         if m.get("role") == TOOLS_ROLE:
@@ -51,7 +57,8 @@ def flatten_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, st
         if calls:
             text = "\n".join(filter(None, [text, json.dumps(
                 [c.get("function", c) for c in calls], ensure_ascii=False, sort_keys=True)]))
-        flat.append({"role": str(m.get("role", "user")), "content": text})
+        role = str(m.get("role", "user"))
+        flat.append({"role": TEMPLATE_ROLES.get(role, role), "content": text})
     return flat
 
 

@@ -39,7 +39,7 @@ def test_tool_calls_and_tool_results_are_kept_as_text() -> None:
         {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "ECOG 1"}]},
     ]
     assert flatten_messages(messages) == [
-        {"role": "developer", "content": "Answer YES or NO."},
+        {"role": "system", "content": "Answer YES or NO."},  # what chat templates call it
         {"role": "assistant", "content": '[{"arguments": "{\\"id\\": 7}", "name": "lookup"}]'},
         {"role": "tool", "content": "ECOG 1"},
     ]
@@ -135,3 +135,17 @@ def test_a_real_tools_template_renders_definitions_and_calls_the_tool_call_grade
     assert f"<|assistant|>\n{call}<|end|>\n<|tool|>\nECOG 1<|end|>\n<|assistant|>\n" in text
     grader = get_grader({"kind": "tool_call", "name": "lookup_ecog", "arguments": {"id": 7}})
     assert grader.grade([], call, None).reward == 1.0
+
+
+def test_a_developer_message_renders_as_system_with_and_without_tools_support() -> None:
+    """A trace stored with OpenAI's ``developer`` role is regenerated from the prompt the proxy
+    served: every backend renders through ``render_prompt``."""
+    as_developer = [{"role": "developer", "content": "Answer YES or NO."},
+                    {"role": "user", "content": "PFS > 180 days?"}]
+    as_system = [{"role": "system", "content": "Answer YES or NO."}, as_developer[1]]
+    for template in ("{{ messages }}", "{% if tools %}{{ tools }}{% endif %}{{ messages }}"):
+        tok = _Tokenizer(template)
+        for prompt in (as_developer, with_tools(as_developer, TOOLS)):
+            twin = as_system if prompt is as_developer else with_tools(as_system, TOOLS)
+            assert render_prompt(tok, prompt) == render_prompt(tok, twin)
+        assert {c["messages"][-2]["role"] for c in tok.calls} == {"system"}
