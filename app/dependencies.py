@@ -79,13 +79,18 @@ def current_principal(
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("send an API key as `Authorization: Bearer <key>`")
-    principal = authenticate(session, credentials.credentials)
+    return _admit(request, session, credentials.credentials, "the API key is unknown or revoked")
+
+
+def _admit(request: Request, session: Session, raw_key: str | None, refused: str) -> Principal:
+    """The key's principal, rate-limited and set on the request; 401 with ``refused`` else."""
+    principal = authenticate(session, raw_key) if raw_key else None
     # End the read-only auth transaction now: its pooled connection must not stay checked out
     # while the request waits for a threadpool slot (200 concurrent requests otherwise held
     # every connection while waiting for threads whose requests waited for a connection).
     session.commit()
     if principal is None:
-        raise Unauthorized("the API key is unknown or revoked")
+        raise Unauthorized(refused)
     rate_limiter.check(principal.key_id, get_settings().rate_limit_per_minute)
     request.state.principal = principal
     return principal
@@ -125,16 +130,13 @@ def receiver_principal(
 ) -> Principal:
     """The receivers' auth (Langfuse, OTLP): Bearer or Basic, mapped onto our scoped keys; the
     key needs the ``ingest`` scope."""
-    raw = _receiver_key(request.headers.get("authorization", ""))
-    principal = authenticate(session, raw) if raw else None
-    session.commit()  # as in current_principal: hand the connection back before the route runs
-    if principal is None:
-        raise Unauthorized("send `Authorization: Bearer <tracelearn API key>`, or Basic auth "
-                           "with public key `tl_<prefix>` and the API key as the secret key")
-    rate_limiter.check(principal.key_id, get_settings().rate_limit_per_minute)
+    principal = _admit(
+        request, session, _receiver_key(request.headers.get("authorization", "")),
+        "send `Authorization: Bearer <tracelearn API key>`, or Basic auth with public key "
+        "`tl_<prefix>` and the API key as the secret key",
+    )
     if Scope.ingest not in principal.scopes and Scope.admin not in principal.scopes:
         raise Forbidden("this route needs the 'ingest' scope")
-    request.state.principal = principal
     return principal
 
 
