@@ -258,8 +258,16 @@ def _phone_windows(probe: str, keyword_ends: set[int]) -> list[tuple[int, int]]:
     return windows
 
 
+def _digit_count(text: str) -> int:
+    """How many characters of ``text`` are digits (``str.isdigit``), counted in C when the
+    text is ASCII (where only 0-9 are)."""
+    if text.isascii():
+        return sum(map(text.count, "0123456789"))
+    return sum(ch.isdigit() for ch in text)
+
+
 def _find_phone(text: str) -> Iterator[Span]:
-    if sum(ch.isdigit() for ch in text) < 7:
+    if _digit_count(text) < 7:
         return
     keyword_ends = {m.end() for m in _PHONE_KEYWORD.finditer(text)}
     seen: list[tuple[int, int]] = []
@@ -341,6 +349,24 @@ DETECTORS: dict[str, Finder] = {
     )),
 }
 DEFAULT_KINDS = tuple(DETECTORS)
+# What each detector's pattern cannot match without: a few short patterns that sre scans at C speed
+# (each starts with a literal or a character class, where the detectors open with lookbehinds and
+# word boundaries that make sre try every position). A text with none of them is skipped, which is
+# exact: the detector would find nothing there (``tests/domain/traces/test_redaction.py`` checks
+# each against the corpus and random text). Most clinical text has digits, so ``_MAYBE_PII``
+# alone lets nearly every string through to all nine scans.
+NEEDS: dict[str, tuple[re.Pattern[str], ...]] = {
+    kind: tuple(re.compile(p) for p in patterns) for kind, patterns in {
+        "EMAIL": [r"@"],
+        "IBAN": [r"[A-Z]{2}\d\d"],
+        "CARD": [r"\d(?:[ -]?\d){12}"],
+        "SSN": [r"\d\d\d[ -]?\d\d[ -]?\d\d\d\d"],  # both layouts, keyword or not
+        "MRN": [r"\d\d\d\d\d", r"\d\d\d \d\d\d \d\d\d\d"],
+        "DOB": [r"\d[-/.]\d\d?[-/.]\d", r"\d\d\d\d"],  # numeric dates; a named month's year
+        "IP": [r":[0-9A-Fa-f]{0,4}:", r"\d\.\d{1,3}\.\d{1,3}\.\d"],
+        "ADDRESS": [rf" (?:{_STREET_SUFFIX}|{_LOWER_SUFFIX})\b", r"Box \d"],
+    }.items()
+}
 # Every detector needs a digit or an "@": one cheap search lets most short strings (metadata
 # leaves, answers) skip the scans.
 _MAYBE_PII = re.compile(r"[0-9@]")
@@ -356,6 +382,8 @@ def find_spans(text: str, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Span]:
     work = text
     spans: list[Span] = []
     for kind in kinds:
+        if kind in NEEDS and not any(p.search(work) for p in NEEDS[kind]):
+            continue
         found = sorted((s for s in DETECTORS[kind](work) if _HIDDEN not in work[s.start : s.end]),
                        key=lambda s: s.start)
         if found:
