@@ -157,6 +157,10 @@ _FRAGMENTS = [
     "AB", "fe80", "Street", "St", "ave", "Rd", "Box ", "P.O. ", "Main", "Apt 4", "SSN ", "SS# ",
     "social security ", "MRN ", "patient id ", "DOB ", "born ", "né le ", "Jan", "March",
     "12th", "of ", "tel ", "Tel. ", "phone: ", "call ", "fax ", "version ", "Hb ", "mg ",
+    "Medical Record # ", "med rec no. ", "NHS no. ", "Chart # ", "KRANKENAKTE ", "Dossier: ",
+    "D.O.B. ", "Birthdate ", "BORN ON ", "b. ", "geb. am ", "Geburtsdatum: ", "NATA IL ",
+    "fecha de nacimiento ", "nacida el ", "data di nascita ", "date de naissance ", "née ",
+    "1957", "03/14/", "14.03.", "A12345", "12345",
 ]
 
 
@@ -184,6 +188,36 @@ def test_prechecks_skip_no_finding_in_random_text(text: str) -> None:
 
 def test_each_precheck_is_needed_by_its_detector_on_the_corpus() -> None:
     for text in _corpus_texts():
+        folded = text.encode("ascii").translate(redaction._FOLD) if text.isascii() else None
         for kind, needs in redaction.NEEDS.items():
             if list(redaction.DETECTORS[kind](text)):
-                assert any(p.search(text) for p in needs), (kind, text)
+                assert any(p.search(text) for p in needs.patterns), (kind, text)
+                if folded is not None and needs.folded:
+                    assert any(p.search(folded) for p in needs.folded), (kind, text)
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map("".join)
+       | st.from_regex(r"[ +()0-9.:@a-zA-Z/#-]{0,60}", fullmatch=True))
+def test_a_folded_precheck_holds_wherever_its_plain_one_does(text: str) -> None:
+    if not text.isascii():
+        return
+    folded = text.encode("ascii").translate(redaction._FOLD)
+    for kind, needs in redaction.NEEDS.items():
+        if needs.folded and any(p.search(text) for p in needs.patterns):
+            assert any(p.search(folded) for p in needs.folded), kind
+
+
+_KEYWORD_FRAGMENTS = [
+    "tel", "TEL", "Tel.", "telephone", "téléphone", "Telefon", "phone", "PH", "Mobile", "mob",
+    "cell", "Cellulare", "fax", "called", "Contact", "reachable at", "WhatsApp", "SMS", "ſms",
+    "Handy", "móvil", "portable", "hotel", "lymphoma", " ", ": ", "is ", "no. ", "#", "5", "0",
+    "(", "x", "é",
+]
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(_KEYWORD_FRAGMENTS), max_size=12).map("".join))
+def test_the_phone_keyword_stem_check_skips_no_keyword(text: str) -> None:
+    assert redaction._keyword_ends(text) == {
+        m.end() for m in redaction._PHONE_KEYWORD.finditer(text)}
