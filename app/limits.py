@@ -117,8 +117,9 @@ def unstorable_json(body: bytes, check_strings: bool = True) -> tuple[int, str, 
 
 
 # orjson reads integers beyond 64 bits as floats (a changed value, where Python's parser keeps
-# them exact); 19 digits in a row is where they may start.
-_LONG_DIGITS = re.compile(rb"[0-9]{19,}")
+# them exact); 19 digits in a row is where they may start (looked for as a substring of the
+# body with its digits folded to 0: memchr speed, where a regex tries every digit).
+_LONG_DIGITS = b"0" * 19
 
 
 def parse_json(body: bytes) -> Any:
@@ -127,7 +128,7 @@ def parse_json(body: bytes) -> Any:
     for what orjson refuses and Python accepts (a lone surrogate escape, which the string check
     must see to report it). Raises ``ValueError`` for a body that is not JSON. NaN and Infinity
     never get here: ``BodyLimitMiddleware`` refuses them first."""
-    if _LONG_DIGITS.search(body) is None:
+    if _LONG_DIGITS not in body.translate(_FOLD_NUMBERS):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:

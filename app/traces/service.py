@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -457,10 +458,23 @@ def _check_limits(item: TraceIn, settings: Settings) -> str | None:
             f"a message or the response has {longest} characters; the limit is "
             f"{settings.max_message_chars}"
         )
+    if _metadata_size_bound(item.metadata) <= settings.max_metadata_bytes:
+        return None
     size = len(json.dumps(item.metadata, separators=(",", ":"), ensure_ascii=False))
     if size > settings.max_metadata_bytes:
         return f"metadata is {size} bytes; the limit is {settings.max_metadata_bytes}"
     return None
+
+
+def _metadata_size_bound(metadata: dict[str, Any]) -> int:
+    """At least the length of metadata's compact ``json.dumps``, from orjson's encoding (in C):
+    the two agree but for numbers (a float's exponent padded, "Infinity" for null: at most five
+    characters more a number), and a number takes a byte at least. Unbounded where orjson
+    refuses the value (an integer beyond 64 bits, a key that is not a string)."""
+    try:
+        return 6 * len(orjson.dumps(metadata))
+    except TypeError:
+        return sys.maxsize
 
 
 # Both caches follow the ``policies`` counter, which policy changes and snapshots' served names
