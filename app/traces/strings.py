@@ -22,6 +22,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+import orjson
+
 from app.errors import printable
 
 MAX_STRING_CHARS = 200_000
@@ -77,7 +79,31 @@ def string_problems(
     value: Any, loc: tuple[str | int, ...] = (), *, allow_controls: bool = False
 ) -> list[dict[str, Any]]:
     """Every refused string (or key) in a JSON value, in pydantic's error shape."""
+    if _certainly_clean(value):
+        return []
     return list(_walk(value, loc, allow_controls))
+
+
+# In orjson's encoding every refused control character is one of these escapes (a literal
+# backslash before "b" or "f" trips it too, which only costs the walk).
+_ESCAPED_CONTROL = re.compile(rb"\\u00[01]|\\[bf]")
+
+
+def _certainly_clean(value: Any) -> bool:
+    """True when no string or key of ``value`` can be refused, judged on its orjson encoding
+    in C rather than by walking it in Python: orjson refuses lone surrogates itself, a refused
+    control character shows as its escape, and no string can be longer than the encoding.
+    Keys: with escaped backslashes and quotes blanked, each quote left delimits a string, so
+    the bytes between a ``":`` and the quote before it hold the key, at least one byte a
+    character. False (the walk decides) when unsure."""
+    try:
+        encoded = orjson.dumps(value)
+    except TypeError:  # a lone surrogate, a non-string key, an integer beyond 64 bits, …
+        return False
+    if len(encoded) > MAX_STRING_CHARS or _ESCAPED_CONTROL.search(encoded):
+        return False
+    keys = encoded.replace(b"\\\\", b"__").replace(b'\\"', b"__").split(b'":')[:-1]
+    return all(len(k) - k.rfind(b'"') - 1 <= MAX_KEY_CHARS for k in keys)
 
 
 def _walk(value: Any, loc: tuple[str | int, ...], controls: bool) -> Iterator[dict[str, Any]]:

@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import re
 from itertools import pairwise
+from unittest.mock import patch
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from app.traces import redaction
 from app.traces.redaction import (
     RedactionMode,
     Redactor,
+    Span,
     find_spans,
     hash_key,
     iban_valid,
     luhn_valid,
     token,
 )
+from benchmarks.pii import load_corpus
 
 REDACTED = [
     # cards: every common layout, checked with Luhn
@@ -143,3 +147,77 @@ def test_any_text_gives_ordered_spans_inside_it_and_redacts_without_error(text: 
         assert a.end <= b.start
     assert all(0 <= s.start < s.end <= len(text) for s in spans)
     Redactor(mode=RedactionMode.hash, key=b"k").text(text)
+
+
+# The cheap prechecks (``NEEDS``) only decide which detectors run: every text must give the
+# spans it gives with every detector run on it.
+_FRAGMENTS = [
+    "0", "1", "4", "9", "12", "123", "1234", "00", "0049", "555", " ", "  ", "-", ".", "/", ":",
+    "::", "(", ")", "+", "#", "@", "a@b.co", "ex.com", ",", "\n", "²", "٣", "GB", "DE", "NL",
+    "AB", "fe80", "Street", "St", "ave", "Rd", "Box ", "P.O. ", "Main", "Apt 4", "SSN ", "SS# ",
+    "social security ", "MRN ", "patient id ", "DOB ", "born ", "né le ", "Jan", "March",
+    "12th", "of ", "tel ", "Tel. ", "phone: ", "call ", "fax ", "version ", "Hb ", "mg ",
+    "Medical Record # ", "med rec no. ", "NHS no. ", "Chart # ", "KRANKENAKTE ", "Dossier: ",
+    "D.O.B. ", "Birthdate ", "BORN ON ", "b. ", "geb. am ", "Geburtsdatum: ", "NATA IL ",
+    "fecha de nacimiento ", "nacida el ", "data di nascita ", "date de naissance ", "née ",
+    "1957", "03/14/", "14.03.", "A12345", "12345",
+]
+
+
+def _without_prechecks(text: str) -> list[Span]:
+    with patch.dict(redaction.NEEDS, clear=True):
+        return find_spans(text)
+
+
+def _corpus_texts() -> list[str]:
+    return [str(item["text"]) for item in load_corpus()] + [
+        text for text, *_ in REDACTED] + list(KEPT)
+
+
+def test_prechecks_skip_no_finding_in_the_corpus_or_the_hand_written_cases() -> None:
+    for text in _corpus_texts():
+        assert find_spans(text) == _without_prechecks(text), text
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map("".join)
+       | st.from_regex(r"[ +()0-9.:@a-fA-F/#-]{0,60}", fullmatch=True))
+def test_prechecks_skip_no_finding_in_random_text(text: str) -> None:
+    assert find_spans(text) == _without_prechecks(text)
+
+
+def test_each_precheck_is_needed_by_its_detector_on_the_corpus() -> None:
+    for text in _corpus_texts():
+        folded = text.encode("ascii").translate(redaction._FOLD) if text.isascii() else None
+        for kind, needs in redaction.NEEDS.items():
+            if list(redaction.DETECTORS[kind](text)):
+                assert any(p.search(text) for p in needs.patterns), (kind, text)
+                if folded is not None and needs.folded:
+                    assert any(p.search(folded) for p in needs.folded), (kind, text)
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map("".join)
+       | st.from_regex(r"[ +()0-9.:@a-zA-Z/#-]{0,60}", fullmatch=True))
+def test_a_folded_precheck_holds_wherever_its_plain_one_does(text: str) -> None:
+    if not text.isascii():
+        return
+    folded = text.encode("ascii").translate(redaction._FOLD)
+    for kind, needs in redaction.NEEDS.items():
+        if needs.folded and any(p.search(text) for p in needs.patterns):
+            assert any(p.search(folded) for p in needs.folded), kind
+
+
+_KEYWORD_FRAGMENTS = [
+    "tel", "TEL", "Tel.", "telephone", "téléphone", "Telefon", "phone", "PH", "Mobile", "mob",
+    "cell", "Cellulare", "fax", "called", "Contact", "reachable at", "WhatsApp", "SMS", "ſms",
+    "Handy", "móvil", "portable", "hotel", "lymphoma", " ", ": ", "is ", "no. ", "#", "5", "0",
+    "(", "x", "é",
+]
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(_KEYWORD_FRAGMENTS), max_size=12).map("".join))
+def test_the_phone_keyword_stem_check_skips_no_keyword(text: str) -> None:
+    assert redaction._keyword_ends(text) == {
+        m.end() for m in redaction._PHONE_KEYWORD.finditer(text)}
