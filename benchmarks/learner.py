@@ -31,10 +31,6 @@ The floor is the VmHWM of a process that loads model + LoRA + AdamW state withou
   6 KV heads: 107M parameters), trained on the first ``scale_groups`` groups in micro-batches of
   ``scale_micro_batch_size`` (memory only; the sequences are the bundled run's: ~140 padded
   tokens): ``learner_peak_rss_vs_floor``, target ≤ 1.5.
-
-Every arm and every RSS child runs with glibc's mmap threshold fixed at 128 KiB, as ``train``
-sets it (``workers/learner/heap.py``): by default glibc keeps freed activation blocks in the heap
-and the peak measured the allocator's high-water mark, not the tensors.
 """
 
 from __future__ import annotations
@@ -147,11 +143,9 @@ def sft_step_times(model_dir: Path, groups: list[Any], cfg: LearnerBenchConfig, 
     """Plain supervised steps on the same micro-batches with the same LoRA and optimizer."""
     import torch
 
-    from workers.learner import heap
     from workers.learner.data import flatten_groups, micro_batches
     from workers.learner.trainer import load_policy
 
-    heap.fix_mmap_threshold()  # the allocator setting ``train`` runs under (workers/learner/heap.py)
     tcfg = trainer_config(cfg, cfg.steps)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     records = flatten_groups(groups, tok, "oapl", tcfg.beta1)
@@ -249,10 +243,8 @@ def rss_child(mode: str, model_dir: str, groups_path: str, cfg_json: str) -> Non
     import transformers  # noqa: F401
     from transformers import AutoTokenizer
 
-    from workers.learner import heap, trainer  # noqa: F401
+    from workers.learner import trainer  # noqa: F401
     from workers.learner.data import load_groups_jsonl
-
-    heap.fix_mmap_threshold()  # every mode under the allocator setting training runs under
 
     cfg = LearnerBenchConfig(**json.loads(cfg_json))
     tok = AutoTokenizer.from_pretrained(model_dir)

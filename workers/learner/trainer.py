@@ -44,7 +44,6 @@ from torch import Tensor
 from workers.inference.base import AdapterRef, InferenceBackend, SamplingParams
 from workers.inference.chat import check_token_ids, embedding_rows
 from workers.learner import adapters as adapter_io
-from workers.learner import heap
 from workers.learner.data import (
     Batch,
     Grade,
@@ -637,7 +636,6 @@ def train(
 
     cfg = config
     _check_inputs(groups, out_dir, cfg, regenerate, heldout_eval)
-    heap.fix_mmap_threshold()  # peak RSS ≈ live tensors, not the heap's high-water mark
     rank, world = _dist_info()
     t0 = time.perf_counter()
 
