@@ -76,11 +76,13 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     from app.auth.service import Principal, Scope
     from app.db import Database, session_scope, set_database
     from app.engines import set_backend_override
+    from app.jobs.service import register_sender
     from app.models import Job, Outcome, OutcomeSource, RolloutGroup, Split, Trace
     from app.policies.schemas import PolicyCreate, SamplingSpec, TrainingSpec
     from app.policies.service import create_policy
     from app.rollouts import service as rollouts
     from app.settings import Settings, set_settings
+    from workers.celery_app import send_job
     from workers.clinical import task
     from workers.inference.base import SamplingParams
 
@@ -100,6 +102,9 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
                         inference_backend=args.backend, vllm_url=args.vllm_url)
     set_settings(settings)
     set_database(Database(settings))
+    # The pipeline arm plans a rollout job and needs it run here: the Celery shell's sender,
+    # eager under these settings (as every API/worker/CLI process registers it at start-up).
+    register_sender(send_job)
 
     if args.backend == "local":
         from workers.inference.local import LocalBackend
