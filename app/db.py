@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -69,14 +70,31 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def storable_text(text: str) -> str:
+    """Postgres text cannot hold NUL, and a model can generate one; such text keeps its place
+    with U+FFFD (what a lossy decode would show anyway). Input from clients is refused with 422
+    instead (``app.traces.strings``): only generated text is mended."""
+    return text.replace("\x00", "\ufffd")
+
+
+# An escaped NUL in serialized JSON: ``\u0000`` after an even number of backslashes (after an
+# odd number it is a literal backslash followed by the text "u0000").
+_ESCAPED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def json_dumps(value: Any) -> str:
     """JSON columns' serializer: orjson (several times faster than ``json.dumps`` on the ingest
     path's messages and metadata), falling back to ``json.dumps`` for what orjson refuses
-    (integers beyond 64 bits), so anything storable before stays storable."""
+    (integers beyond 64 bits), so anything storable before stays storable. Postgres JSONB refuses
+    ``\\u0000``, so a NUL anywhere in the value (generated text in an evaluation's examples, an
+    error message) is stored as U+FFFD, on SQLite too, rather than failing the whole write."""
     try:
-        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+        text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
     except TypeError:
-        return json.dumps(value)
+        text = json.dumps(value)
+    if "\\u0000" in text:
+        text = _ESCAPED_NUL.sub(r"\1\\ufffd", text)
+    return text
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

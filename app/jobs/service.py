@@ -29,7 +29,7 @@ from typing import Any, Literal
 from sqlalchemy import and_, event, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.db import session_scope, upsert_insert, utcnow
+from app.db import session_scope, storable_text, upsert_insert, utcnow
 from app.models import Job, JobKind, JobStatus
 from app.observability import ops
 from app.settings import get_settings
@@ -300,7 +300,7 @@ def fail(
         return None
     final = not retryable or job.attempts >= job.max_attempts
     job.status = JobStatus.failed if final else JobStatus.retrying
-    job.error = error[:8000]
+    job.error = storable_text(error[:8000])
     job.lease_owner = None
     job.lease_expires_at = None
     if not final:

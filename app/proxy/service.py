@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.auth.service import Principal
-from app.db import get_database
+from app.db import get_database, storable_text
 from app.engines import engine_for
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.models import Trace
@@ -434,7 +434,7 @@ def _response(answer: Answer) -> str | dict[str, Any]:
     """The answer as stored: its text, or the message with its tool calls. What the model
     generated, control characters included; a NUL (which no database column holds) becomes
     U+FFFD."""
-    text = answer.text.replace("\x00", "\ufffd")
+    text = storable_text(answer.text)
     if not answer.tool_calls:
         return text
     return {"role": "assistant", "content": text or None, "tool_calls": answer.tool_calls}

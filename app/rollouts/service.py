@@ -26,7 +26,7 @@ import torch
 from sqlalchemy import exists, insert, select
 from sqlalchemy.orm import Session, selectinload
 
-from app.db import session_scope, upsert_insert, utcnow
+from app.db import session_scope, storable_text, upsert_insert, utcnow
 from app.engines import adapter_for, backend_for
 from app.jobs.service import JobContext, PermanentJobError, active_jobs, enqueue
 from app.models import (
@@ -160,12 +160,6 @@ def plan_regeneration(session: Session, policy: Policy, *, limit: int | None = N
         ops.info("plan", policy=policy.name, snapshot=snapshot.served_name, traces=len(todo),
                  rollout_jobs=[j.id for j in jobs])
     return jobs
-
-
-def storable_text(text: str) -> str:
-    """Postgres text cannot hold NUL, and a byte-level model can sample one; the token ids stay
-    exact, the text gets U+FFFD in its place (what a lossy decode would show anyway)."""
-    return text.replace("\x00", "\ufffd")
 
 
 # --- regeneration ------------------------------------------------------------------------------
