@@ -661,66 +661,69 @@ def train(
     opt = make_optimizer(params, cfg)
     parent_ref = AdapterRef(Path(parent).name, str(parent)) if parent is not None else None
     window = fixed_window(pool, schedule, model, cfg) if source is None else None
-    work = Path(tempfile.mkdtemp(prefix="tracelearn-train-"))  # snapshots for sync and eval
     guard = CollapseGuard(cfg.guard_parse_drop, cfg.guard_length_ratio, cfg.max_new_tokens)
-
     history: list[dict[str, float]] = []
     used: dict[str, None] = {}  # group ids trained on, in first-use order
     optimizer_steps = steps_run = 0
     failure: str | None = None
-    if cfg.eval_every:
-        ev = _heldout(heldout_eval, parent_ref)
-        guard.check(ev)
-        history.append({"step": 0.0} | ev)
+    work = Path(tempfile.mkdtemp(prefix="tracelearn-train-"))  # snapshots for sync and eval
+    # The folder goes whatever ends the round: a collapse, a caller's progress hook raising to
+    # stop it (the time-to-target benchmark, a cancelled run), or an error mid-step.
+    try:
+        if cfg.eval_every:
+            ev = _heldout(heldout_eval, parent_ref)
+            guard.check(ev)
+            history.append({"step": 0.0} | ev)
 
-    model.train()
-    for step in range(1, total_steps + 1):
-        steps_run = step
-        metrics: dict[str, float] = {
-            "step": float(step), "epoch": float((step - 1) // steps_per_epoch + 1)
-        }
-        # 1. this step's groups; with a sync interval, every L steps π_ref ← current policy
-        if source is not None and sync is not None and (step - 1) % sync == 0:
-            model.eval()
-            reference = parent_ref if step == 1 else _snapshot(model, work, "sync", step, cfg)
-            window = regenerate_window(model, reference, source, schedule, step, cfg)
-            model.train()
-            metrics["synced"] = 1.0
-        assert window is not None
-        sampled = window.groups[step]
-        step_groups, dropped = select_groups(sampled, cfg.keep_zero_variance_groups)
-        dropped_total += dropped  # regenerated groups; a fixed pool was filtered above
-        metrics["train_reward"] = _mean_reward(sampled)
-        metrics["n_groups"] = float(len(step_groups))
-        records = flatten_groups(step_groups, tok, cfg.algorithm, cfg.beta1)
-        if not records:
-            history.append(metrics | {"skipped": 1.0})
-            continue
+        model.train()
+        for step in range(1, total_steps + 1):
+            steps_run = step
+            metrics: dict[str, float] = {
+                "step": float(step), "epoch": float((step - 1) // steps_per_epoch + 1)
+            }
+            # 1. this step's groups; with a sync interval, every L steps π_ref ← current policy
+            if source is not None and sync is not None and (step - 1) % sync == 0:
+                model.eval()
+                reference = parent_ref if step == 1 else _snapshot(model, work, "sync", step, cfg)
+                window = regenerate_window(model, reference, source, schedule, step, cfg)
+                model.train()
+                metrics["synced"] = 1.0
+            assert window is not None
+            sampled = window.groups[step]
+            step_groups, dropped = select_groups(sampled, cfg.keep_zero_variance_groups)
+            dropped_total += dropped  # regenerated groups; a fixed pool was filtered above
+            metrics["train_reward"] = _mean_reward(sampled)
+            metrics["n_groups"] = float(len(step_groups))
+            records = flatten_groups(step_groups, tok, cfg.algorithm, cfg.beta1)
+            if not records:
+                history.append(metrics | {"skipped": 1.0})
+                continue
 
-        # 2. one optimizer step over the step's sequences
-        lr = cfg.lr * lr_factor(step - 1, total_steps, cfg.lr_schedule, cfg.warmup_steps)
-        batches = micro_batches(records, cfg.micro_batch_size, pad_id)
-        metrics |= optimizer_step(model, window.frozen, opt, lr, batches, cfg)
-        optimizer_steps += 1
-        used.update(dict.fromkeys(g.group_id for g in step_groups))
+            # 2. one optimizer step over the step's sequences
+            lr = cfg.lr * lr_factor(step - 1, total_steps, cfg.lr_schedule, cfg.warmup_steps)
+            batches = micro_batches(records, cfg.micro_batch_size, pad_id)
+            metrics |= optimizer_step(model, window.frozen, opt, lr, batches, cfg)
+            optimizer_steps += 1
+            used.update(dict.fromkeys(g.group_id for g in step_groups))
 
-        # 3. held-out eval and the collapse guard
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            model.eval()
-            ev = _heldout(heldout_eval, _snapshot(model, work, "eval", step, cfg))
-            model.train()
-            metrics |= ev
-            reason = guard.check(ev)
-            if reason is not None:
-                failure = f"collapse guard at step {step}: {reason}"
-        history.append(metrics)
-        if progress is not None and rank == 0:
-            progress(step, total_steps, metrics)
-        if failure is not None:
-            break
+            # 3. held-out eval and the collapse guard
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                model.eval()
+                ev = _heldout(heldout_eval, _snapshot(model, work, "eval", step, cfg))
+                model.train()
+                metrics |= ev
+                reason = guard.check(ev)
+                if reason is not None:
+                    failure = f"collapse guard at step {step}: {reason}"
+            history.append(metrics)
+            if progress is not None and rank == 0:
+                progress(step, total_steps, metrics)
+            if failure is not None:
+                break
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     model.eval()
-    shutil.rmtree(work, ignore_errors=True)
     status: Literal["succeeded", "failed"] = "failed" if failure else "succeeded"
     losses = [h["loss"] for h in history if "loss" in h]
     summary: dict[str, Any] = {

@@ -149,6 +149,34 @@ def test_a_round_steps_through_shuffled_partitions_with_the_lr_schedule(
     assert result.history[3]["lr"] == pytest.approx(5e-3)
 
 
+class StopRound(Exception):
+    pass
+
+
+def test_a_progress_hook_that_stops_the_round_leaves_no_work_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, backend: LocalBackend,
+    make_groups: Callable[..., list[TrainingGroup]],
+) -> None:
+    """Callers stop a round by raising from ``progress`` (the time-to-target benchmark does); the
+    round's work folder (eval and sync snapshots) must not outlive it."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    seen: list[Path] = []
+
+    def stop_at_two(step: int, total: int, metrics: dict[str, float]) -> None:
+        seen.extend(scratch.glob("tracelearn-train-*"))
+        if step == 2:
+            raise StopRound
+
+    groups = make_groups(n_prompts=4, group_size=2, seed=6, max_tokens=16)
+    cfg = TrainerConfig(epochs=3, groups_per_step=2, keep_zero_variance_groups=True)
+    with pytest.raises(StopRound):
+        train(groups, tiny_model_dir, None, cfg, tokenizer=backend.tokenizer, progress=stop_at_two)
+    assert seen, "the round made no work folder under the patched temp dir: the test saw nothing"
+    assert list(scratch.iterdir()) == []
+
+
 def test_adapter_is_written_with_lineage_and_continues_from_parent(
     tmp_path: Path,
     tiny_model_dir: Path,
