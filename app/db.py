@@ -85,16 +85,23 @@ _ESCAPED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 def json_dumps(value: Any) -> str:
     """JSON columns' serializer: orjson (several times faster than ``json.dumps`` on the ingest
     path's messages and metadata), falling back to ``json.dumps`` for what orjson refuses
-    (integers beyond 64 bits), so anything storable before stays storable. Postgres JSONB refuses
+    (integers beyond 64 bits), so anything storable before stays storable. Timestamps are
+    RFC 3339 with their offset, a naive one read as UTC (as ``UtcDateTime`` binds it). Postgres JSONB refuses
     ``\\u0000``, so a NUL anywhere in the value (generated text in an evaluation's examples, an
     error message) is stored as U+FFFD, on SQLite too, rather than failing the whole write."""
     try:
-        text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+        text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC).decode()
     except TypeError:
-        text = json.dumps(value)
+        text = json.dumps(value, default=_utc_isoformat)
     if "\\u0000" in text:
         text = _ESCAPED_NUL.sub(r"\1\\ufffd", text)
     return text
+
+
+def _utc_isoformat(value: Any) -> str:
+    if not isinstance(value, datetime):
+        raise TypeError(f"{type(value).__name__} is not JSON serializable")
+    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).isoformat()
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

@@ -10,7 +10,7 @@ import json
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from app.audit import record
 from app.auth.service import Principal
 from app.cache import GenerationCache
-from app.db import upsert_insert, utcnow
+from app.db import json_dumps, upsert_insert, utcnow
 from app.errors import InvalidInput, NotFound, PayloadTooLarge, problem_body
 from app.models import (
     Outcome,
@@ -622,23 +622,7 @@ def _insert_postgres(session: Session, rows: list[dict[str, Any]]) -> Iterator[A
     every execution (it caches only short ones): that parse, not the database, was a quarter of
     a 1,000-trace batch."""
     for chunk in _chunks(rows, _PG_CHUNK):
-        yield from session.execute(_POSTGRES_INSERT, {"rows": rows_json(chunk)})
-
-
-def rows_json(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as one JSON array, values as the JSON columns' serializer writes them
-    (``app.db.json_dumps``); timestamps in RFC 3339 with their offset, a naive one read as
-    UTC (as ``UtcDateTime`` binds it)."""
-    try:
-        return orjson.dumps(rows, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC).decode()
-    except TypeError:  # integers beyond 64 bits: the stdlib writes them exactly
-        return json.dumps(rows, default=_utc_isoformat)
-
-
-def _utc_isoformat(value: Any) -> str:
-    if not isinstance(value, datetime):
-        raise TypeError(f"{type(value).__name__} is not JSON serializable")
-    return (value if value.tzinfo is not None else value.replace(tzinfo=UTC)).isoformat()
+        yield from session.execute(_POSTGRES_INSERT, {"rows": json_dumps(chunk)})
 
 
 def _row_values(
