@@ -241,10 +241,11 @@ def _keyword_ends(text: str) -> set[int]:
     return {m.end() for m in _PHONE_KEYWORD.finditer(text)}
 
 
-# A stretch that could hold a phone number: digits and the separators numbers are written with.
-# Only stretches with seven digits or more go through the matcher, which is slow (it parses
-# every digit run it meets, "80" and "12.5" included).
-_PHONE_STRETCH = re.compile(r"[+(]?\d[\d \t().\-/]*\d")
+# A stretch that could hold a phone number: seven digits or more, with the separators numbers
+# are written with. Shorter runs ("80", "12.5", a lab table's values) never reach the matcher,
+# which is slow (it parses every digit run it meets); digits and separators are disjoint, so the
+# pattern cannot backtrack.
+_PHONE_STRETCH = re.compile(r"[+(]?\d(?:[ \t().\-/]*\d){6,}")
 _NANP_SHAPE = re.compile(r"(?<!\d)(?:1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)")
 _DATE_ONLY = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")
 
@@ -264,7 +265,7 @@ def _phone_windows(probe: str, keyword_ends: set[int]) -> list[tuple[int, int]]:
     windows: list[tuple[int, int]] = []
     for m in _PHONE_STRETCH.finditer(probe):
         stretch = m.group()
-        if _digit_count(stretch) < 7 or _DATE_ONLY.fullmatch(stretch):
+        if _DATE_ONLY.fullmatch(stretch):
             continue
         if "+" not in stretch and not _NANP_SHAPE.search(stretch) and m.start() not in keyword_ends:
             continue
@@ -408,18 +409,32 @@ NEEDS: dict[str, Needs] = {
 }
 
 
-def _may_find(kind: str, work: str, ascii_forms: tuple[bytes, bytes] | None) -> bool:
-    """Whether ``kind``'s detector can find anything in ``work``; ``ascii_forms``: ``work``
-    folded and lower-cased, when it is ASCII."""
-    needs = NEEDS.get(kind)
-    if needs is None:
-        return True
+def _may_find(needs: Needs, work: str, ascii_forms: tuple[bytes, bytes] | None) -> bool:
+    """Whether a detector with ``needs`` can find anything in ``work``; ``ascii_forms``:
+    ``work`` folded and lower-cased, when it is ASCII."""
     if ascii_forms is not None and needs.folded:
         folded, lowered = ascii_forms
         if needs.stems and not any(stem in lowered for stem in needs.stems):
             return False
         return any(p.search(folded) for p in needs.folded)
     return any(p.search(work) for p in needs.patterns)
+
+
+def _ascii_forms(text: str) -> tuple[bytes, bytes]:
+    encoded = text.encode("ascii")
+    return encoded.translate(_FOLD), encoded.lower()
+
+
+def possible_kinds(serialized: str, kinds: tuple[str, ...] = DEFAULT_KINDS) -> tuple[str, ...]:
+    """The detectors of ``kinds`` that may find something in a value whose strings all appear
+    in ``serialized``, its JSON: escaping touches only quotes, backslashes and control
+    characters, which no need reads, so a need one string meets is met here too (keys and
+    numbers can only add false alarms, never hide a finding). A trace's needs are checked once
+    this way instead of once per string; detectors without needs always stay."""
+    if not _MAYBE_PII.search(serialized):
+        return ()
+    forms = _ascii_forms(serialized) if serialized.isascii() else None
+    return tuple(k for k in kinds if k not in NEEDS or _may_find(NEEDS[k], serialized, forms))
 
 
 # Every detector needs a digit or an "@": one cheap search lets most short strings (metadata
@@ -435,21 +450,22 @@ def find_spans(text: str, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Span]:
     if not _MAYBE_PII.search(text):
         return []
     work = text
-    # Made once; dropped when a finding is hidden (``work`` is then no longer ASCII).
-    ascii_forms = None
-    if text.isascii():
-        encoded = text.encode("ascii")
-        ascii_forms = (encoded.translate(_FOLD), encoded.lower())
+    ascii_text = text.isascii()  # False once a finding is hidden (``_HIDDEN`` is not ASCII)
+    forms: tuple[bytes, bytes] | None = None  # made when a detector first needs them
     spans: list[Span] = []
     for kind in kinds:
-        if not _may_find(kind, work, ascii_forms):
-            continue
+        needs = NEEDS.get(kind)
+        if needs is not None:
+            if ascii_text and forms is None and needs.folded:
+                forms = _ascii_forms(work)
+            if not _may_find(needs, work, forms if ascii_text else None):
+                continue
         found = sorted((s for s in DETECTORS[kind](work) if _HIDDEN not in work[s.start : s.end]),
                        key=lambda s: s.start)
         if found:
             spans += found
             work = splice(work, found, lambda s: _HIDDEN * (s.end - s.start))
-            ascii_forms = None
+            ascii_text = False
     return sorted(spans, key=lambda s: s.start)
 
 

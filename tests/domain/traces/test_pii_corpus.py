@@ -6,9 +6,16 @@ figures in docs/pii.md are the ones measured here."""
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
-from app.traces.redaction import DEFAULT_KINDS, iban_valid, luhn_valid
+from app.traces.redaction import (
+    DEFAULT_KINDS,
+    find_spans,
+    iban_valid,
+    luhn_valid,
+    possible_kinds,
+)
 from benchmarks.pii import (
     CORPUS,
     PRECISION_TARGET,
@@ -83,3 +90,24 @@ def test_docs_show_the_figures_measured_here(scores: Scores) -> None:
     block = doc.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0]
     assert block.strip() == report(scores, CORPUS_ITEMS).strip(), (
         "docs/pii.md is stale: run `python -m benchmarks.pii report`")
+
+
+def test_a_trace_level_needs_check_never_drops_a_detector_that_finds_something() -> None:
+    """``possible_kinds`` on a trace's JSON narrows the detectors each string runs; on every
+    corpus text, wrapped as a trace's pieces are (a message, metadata, non-ASCII around it),
+    every kind ``find_spans`` finds must survive it."""
+    wrappers = [
+        lambda t: [[{"role": "user", "content": t}], "ok", {}],
+        lambda t: [[{"role": "user", "content": "é"}], {"content": t}, {"note": "ü " + t}],
+    ]
+    checked = 0
+    for item in CORPUS_ITEMS:
+        found = {s.kind for s in find_spans(item["text"])}
+        for wrap in wrappers:
+            kept = possible_kinds(orjson.dumps(wrap(item["text"])).decode())
+            assert found <= set(kept), (item["id"], found - set(kept))
+        checked += bool(found)
+    assert checked >= 200
+    # Nothing to find anywhere: nothing to run.
+    assert possible_kinds(orjson.dumps([[{"role": "user", "content": "no digits"}], "yes", {}])
+                          .decode()) == ()
