@@ -2,8 +2,9 @@
 their outcomes arriving later through /v1/feedback), and nobody at the console. Every scheduled
 round must reach a verdict by itself, no job may fail, and ingest must stay fast meanwhile.
 
-The default suite runs a 3-minute version on the embedded default (SQLite + no-server broker) and
-on Postgres + Redis; the `slow` marker runs the 6-minute one.
+The default suite runs a 2.5-minute version (a round every 20 s, at least two reaching their verdict)
+on the embedded default (SQLite + no-server broker) and on Postgres + Redis; the `slow` marker
+runs the 6-minute one.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def database_url(service: Service) -> str:
     )
 
 
-def run_unattended(service: Service, minutes: float, schedule: str) -> None:
+def run_unattended(service: Service, minutes: float, schedule: str, min_rounds: int) -> None:
     key = cli(service.env, "keys", "create", "--tenant", "soak",
               "--scopes", "ingest,read,admin").strip().splitlines()[-1]
     policy = "soak"
@@ -148,7 +149,7 @@ def run_unattended(service: Service, minutes: float, schedule: str) -> None:
     }
     print(json.dumps(summary, indent=2))
     assert traffic.errors == []
-    assert len(rounds) >= 3, summary
+    assert len(rounds) >= min_rounds, summary
     assert all(c.status in VERDICTS for c in rounds), summary
     assert failed == [], summary
     assert traffic.p(0.99) < 1.0, summary
@@ -158,9 +159,9 @@ def run_unattended(service: Service, minutes: float, schedule: str) -> None:
 
 
 def test_every_scheduled_round_reaches_a_verdict_by_itself(service: Service) -> None:
-    run_unattended(service, minutes=3, schedule="* * * * * */20")
+    run_unattended(service, minutes=2.5, schedule="* * * * * */20", min_rounds=2)
 
 
 @pytest.mark.slow
 def test_six_minutes_unattended_on_a_one_minute_schedule(service: Service) -> None:
-    run_unattended(service, minutes=6, schedule="* * * * *")
+    run_unattended(service, minutes=6, schedule="* * * * *", min_rounds=3)
