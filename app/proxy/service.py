@@ -496,6 +496,9 @@ def complete(
     stored = stored_answer(session, principal, route)
     if stored is not None:
         return to_completion(route, stored), route, "duplicate"
+    # The transaction only read: end it, so no connection idles in it while the model writes
+    # (seconds, for every concurrent completion); recording opens the next one.
+    session.commit()
     answer = generate(route)
     status = record(session, principal, route, answer, settings)
     if status == "conflict":
@@ -657,7 +660,12 @@ async def stream(
         # Cancelled or closed mid-stream (the client went away): record what it was sent. A
         # replayed answer is stored already.
         if not done and stored is None:
-            _record_aborted(principal, route, generation.aborted("".join(delivered)), settings)
+            # In a worker thread, shielded: a database write must not stall the event loop
+            # (every other stream and request) nor be cut short by the cancellation that ended
+            # this stream.
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(_record_aborted, principal, route,
+                                        generation.aborted("".join(delivered)), settings)
 
 
 def _record_streamed(principal: Principal, route: Route, answer: Answer,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import psycopg
+import pytest
+
 from app.engines import set_engine_override
 from tests.conftest import bearer
-from tests.support.seeding import DownEngine
+from tests.support.seeding import DownEngine, ScriptedEngine
 
 MESSAGES = [{"role": "system", "content": "Answer YES or NO."},
             {"role": "user", "content": "ECOG 0, EGFR positive on osimertinib. PFS > 180 d?"}]
@@ -101,3 +104,37 @@ def test_proxy_needs_the_ingest_scope(client, make_key, tenant, policy_name):
     r = client.post("/v1/chat/completions", headers=bearer(make_key(tenant, "read")),
                     json={"model": policy_name, "messages": MESSAGES})
     assert r.status_code == 403
+
+
+class WatchingEngine(ScriptedEngine):
+    """Counts, while it generates, the connections of the test database that sit idle inside
+    a transaction."""
+
+    def __init__(self, dsn: str) -> None:
+        super().__init__(["YES"])
+        self.dsn = dsn
+        self.idle_in_transaction: int | None = None
+
+    def stream(self, model, messages, params):  # type: ignore[no-untyped-def]
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                               "current_database() AND state = 'idle in transaction'").fetchone()
+        self.idle_in_transaction = row[0] if row else None
+        yield from super().stream(model, messages, params)
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_no_connection_idles_in_a_transaction_while_the_model_writes(
+    client, admin_headers, policy_name, db_url
+):
+    engine = WatchingEngine(db_url.replace("postgresql+psycopg://", "postgresql://"))
+    set_engine_override(engine)
+    try:
+        r = client.post("/v1/chat/completions", headers=admin_headers,
+                        json={"model": policy_name, "messages": MESSAGES})
+    finally:
+        set_engine_override(None)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "YES"
+    assert engine.idle_in_transaction == 0
+    assert _trace(client, admin_headers, r.json()["id"])["response"] == "YES"
