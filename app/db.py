@@ -130,8 +130,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     # into "invalidate every older connection" and ``first_statement`` retries once.
     kwargs.setdefault("pool_recycle", 1800)
     if "poolclass" not in kwargs:
-        kwargs.setdefault("pool_size", 10)
-        kwargs.setdefault("max_overflow", 20)
+        # Up to 30 connections, opened on demand and all kept: with a smaller pool plus
+        # overflow, every request past the pool size opened a connection and closed it again
+        # (a Postgres backend forked per request: psycopg's connect was in the top frames of
+        # the API under 50 concurrent clients).
+        kwargs.setdefault("pool_size", 30)
+        kwargs.setdefault("max_overflow", 0)
     return create_engine(url, **kwargs)
 
 
