@@ -15,7 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope, authenticate
-from app.cache import per_request
+from app.cache import per_request, read_request_generations
 from app.db import get_database
 from app.errors import Forbidden, RateLimited, Unauthorized
 from app.settings import get_settings
@@ -84,6 +84,8 @@ def current_principal(
 
 def _admit(request: Request, session: Session, raw_key: str | None, refused: str) -> Principal:
     """The key's principal, rate-limited and set on the request; 401 with ``refused`` else."""
+    if raw_key:
+        read_request_generations(session)
     principal = authenticate(session, raw_key) if raw_key else None
     # End the read-only auth transaction now: its pooled connection must not stay checked out
     # while the request waits for a threadpool slot (200 concurrent requests otherwise held

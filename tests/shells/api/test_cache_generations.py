@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select, text, update
+from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import Session
 
 from app.auth.service import create_key, revoke_key
@@ -164,3 +164,27 @@ def test_revocation_and_a_policy_change_reach_another_api_process_on_its_next_re
                 r = c.post("/v1/traces", json=trace(f"x{i}", policy))
                 assert r.status_code == 401, r.text
     database.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgres"], indirect=True)
+def test_a_warm_request_reads_the_counters_in_one_autocommit_statement_and_nothing_else(
+    database: Database, client: TestClient, admin_headers: dict[str, str], policy_name: str,
+) -> None:
+    """On Postgres an authenticated request with warm caches makes one round trip for auth: the
+    counters, outside any transaction (no BEGIN, no COMMIT), and the key lookup only on a miss."""
+    seen: list[tuple[str, bool]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        seen.append((statement, conn.connection.dbapi_connection.autocommit))
+
+    assert client.get("/v1/policies", headers=admin_headers).status_code == 200  # warms the caches
+    event.listen(database.engine, "before_cursor_execute", record)
+    try:
+        assert client.get("/v1/policies", headers=admin_headers).status_code == 200
+    finally:
+        event.remove(database.engine, "before_cursor_execute", record)
+    reads = [(s, auto) for s, auto in seen if "cache_generations" in s]
+    assert len(reads) == 1 and reads[0][1] is True, seen
+    assert not any("api_keys" in s for s, _ in seen), seen
+    # Whatever the route itself ran came after, in the usual transactional mode.
+    assert all(auto is False for s, auto in seen if "cache_generations" not in s), seen
