@@ -329,8 +329,25 @@ def run_rounds(
     return model, history
 
 
+def save_partial(path: Path | None, name: str, table: dict[str, Any]) -> None:
+    """Every finished run goes to ``path`` at once (``{"table1": raw, "table2": raw}`` so far):
+    a sitting stopped after 40 minutes leaves its rows readable, not only in its log. ``run``
+    removes the file once ``quality.json`` is written."""
+    if path is None:
+        return
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(done | {name: table}, default=str))
+    tmp.replace(path)
+
+
+PARTIAL_NAME = "quality_partial.json"
+
+
 def table_one(
-    qc: QualityConfig, model_dir: Path, backend: LocalBackend, evalset: EvalSet, log: Log
+    qc: QualityConfig, model_dir: Path, backend: LocalBackend, evalset: EvalSet, log: Log,
+    partial: Path | None = None,
 ) -> dict[str, Any]:
     tuned = qc.tuned_points()
     rows = qc.rows_to_run()
@@ -369,6 +386,7 @@ def table_one(
                               hist[0]["groups_dropped_zero_variance"],
                               sum(h["seconds"] for h in hist), hist)
                     out["rows"][row.key][algo].append(dataclasses.asdict(run))
+                    save_partial(partial, "table1", out)
                     log(f"seed {seed} {algo} | {row.name}: {summary_line(ev)} "
                         f"steps={run.optimizer_steps} ({time.perf_counter() - t0:.0f}s)")
     finally:
@@ -428,7 +446,8 @@ def summarise_table_one(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def table_two(
-    qc: QualityConfig, model_dir: Path, backend: LocalBackend, log: Log
+    qc: QualityConfig, model_dir: Path, backend: LocalBackend, log: Log,
+    partial: Path | None = None,
 ) -> dict[str, Any]:
     held = items(EVAL_SEED, qc.lag_heldout, "heldout")
     source = RegenerationSource(
@@ -459,6 +478,7 @@ def table_two(
         out[str(interval)] = {"status": res.status, "failure_reason": res.failure_reason,
                               "history": res.history, "seconds": res.metrics["seconds"],
                               "optimizer_steps": res.metrics["optimizer_steps"]}
+        save_partial(partial, "table2", out)
     return out
 
 
@@ -531,10 +551,12 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     log(f"model {model_dir} ({info['n_params']} params; built in {info['seconds_total']}s)")
     backend = LocalBackend(model_dir)
     evalset = EvalSet.build(qc.heldout)
-    t1_raw = table_one(qc, model_dir, backend, evalset, log)
+    partial = out_dir / PARTIAL_NAME
+    partial.unlink(missing_ok=True)
+    t1_raw = table_one(qc, model_dir, backend, evalset, log, partial)
     summary = summarise_table_one(t1_raw)
     t_table1 = time.perf_counter() - t_start
-    t2 = table_two(qc, model_dir, backend, log) if qc.lag_intervals else {}
+    t2 = table_two(qc, model_dir, backend, log, partial) if qc.lag_intervals else {}
     kept_from: dict[str, Any] = {}
     if qc.keep_from:
         summary, t2, kept_from = keep_previous(qc, Path(qc.keep_from), summary, t2)
@@ -559,6 +581,7 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     result["seconds"] = time.perf_counter() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(result, indent=2, default=str))
+    partial.unlink(missing_ok=True)
     write_reports(result, out_dir)
     log(f"done in {result['seconds'] / 60:.1f} min: baseline "
         f"{result['baseline_heldout_correct']:.3f}, OAPL {result['oapl_one_update_heldout_correct']:.3f}"

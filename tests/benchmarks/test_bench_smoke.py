@@ -203,7 +203,7 @@ QUALITY_KEYS = {
 def test_quality_benchmark_reports_rounds_styles_and_cluster_cis(
     tmp_path: Path, model_cache: Path
 ) -> None:
-    from benchmarks.quality import QualityConfig, run
+    from benchmarks.quality import PARTIAL_NAME, QualityConfig, run
 
     point = (("lr", 5e-3), ("epochs", 1), ("keep_zero_variance_groups", True))
     cfg = QualityConfig(
@@ -211,7 +211,19 @@ def test_quality_benchmark_reports_rounds_styles_and_cluster_cis(
         max_tokens=12, rows=("more", "rounds10"), scale=4 / 128, rounds=2, group_size_cap=2, lag_intervals=(1, 2), lag_steps=2,
         lag_groups_per_step=2, lag_group_size=2, lag_heldout=4, lag_eval_every=1,
         tuned=(("oapl", (*point, ("beta2", 0.1))), ("grpo", point)))
-    run(cfg, tmp_path, log=lambda _: None)
+    partial = tmp_path / PARTIAL_NAME
+    oapl_runs_on_disk: list[int] = []
+
+    def log(line: str) -> None:  # logged right after each run: its row is on disk already
+        if " oapl | " in line:
+            oapl_runs_on_disk.append(
+                len(json.loads(partial.read_text())["table1"]["rows"]["more"]["oapl"]))
+
+    run(cfg, tmp_path, log=log)
+    # OAPL runs of the "more" row on disk after each OAPL run: seed 0 "more", seed 0 "rounds10",
+    # seed 1 "more" (the heavy 10-rounds row runs under one seed)
+    assert oapl_runs_on_disk == [1, 1, 2]
+    assert not partial.exists()  # removed once quality.json holds everything
     saved = json.loads((tmp_path / "quality.json").read_text())
     assert set(saved) >= QUALITY_KEYS
     for key in QUALITY_KEYS - {"oapl_best_parsed_accuracy"}:
