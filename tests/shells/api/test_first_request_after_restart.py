@@ -1,6 +1,6 @@
-"""After the database dropped every pooled connection (a restart), the very next /readyz and the
-very next dashboard page succeed: their first statement is retried once on a fresh connection,
-as the API's is (``app.db.first_statement``)."""
+"""After the database dropped every pooled connection (a restart), the very next /readyz, the
+very next dashboard page and the very next authenticated API request succeed: their first
+statement is retried once on a fresh connection (``app.db.first_statement``)."""
 
 from __future__ import annotations
 
@@ -43,3 +43,14 @@ def test_a_dashboard_page_loads_on_the_first_call_after_the_connections_died(
     drop_every_connection(database)
     r = client.get("/dashboard")
     assert r.status_code == 200 and "Policies" in r.text, r.text[:300]
+
+
+def test_an_authenticated_request_succeeds_on_the_first_call_after_the_connections_died(
+    client: TestClient, database: Database, admin_headers: dict[str, str]
+) -> None:
+    """Auth's counters read runs in autocommit (``app.cache.read_request_generations``): its
+    retry on a fresh connection must hold there too."""
+    assert client.get("/v1/policies", headers=admin_headers).status_code == 200
+    drop_every_connection(database)
+    r = client.get("/v1/policies", headers=admin_headers)
+    assert r.status_code == 200, r.text
