@@ -77,8 +77,8 @@ def storable_text(text: str) -> str:
     return text.replace("\x00", "\ufffd")
 
 
-# An escaped NUL in serialized JSON: ``\u0000`` after an even number of backslashes (after an
-# odd number it is a literal backslash followed by the text "u0000").
+# An escaped NUL in serialized JSON: ``\u0000`` whose backslash follows an even number of
+# backslashes (after an odd number, it is an escaped backslash and then the text "u0000").
 _ESCAPED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
@@ -86,9 +86,10 @@ def json_dumps(value: Any) -> str:
     """JSON columns' serializer: orjson (several times faster than ``json.dumps`` on the ingest
     path's messages and metadata), falling back to ``json.dumps`` for what orjson refuses
     (integers beyond 64 bits), so anything storable before stays storable. Timestamps are
-    RFC 3339 with their offset, a naive one read as UTC (as ``UtcDateTime`` binds it). Postgres JSONB refuses
-    ``\\u0000``, so a NUL anywhere in the value (generated text in an evaluation's examples, an
-    error message) is stored as U+FFFD, on SQLite too, rather than failing the whole write."""
+    RFC 3339 with their offset, a naive one read as UTC (as ``UtcDateTime`` binds it).
+    Postgres JSONB refuses ``\\u0000``, so a NUL anywhere in the value (generated text in an
+    evaluation's examples, an error message) is stored as U+FFFD, on SQLite too, rather than
+    failing the whole write."""
     try:
         text = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC).decode()
     except TypeError:
