@@ -29,6 +29,7 @@ V = TypeVar("V")
 _SESSION_KEY = "cache.generations"
 _PER_REQUEST = "cache.per_request"
 _ABSENT = object()
+_COUNTERS = select(CacheGeneration.name, CacheGeneration.generation)
 
 
 def per_request(session: Session) -> None:
@@ -48,8 +49,7 @@ def generations(session: Session) -> dict[str, int]:
     if held is not None and (held[0] is session.get_transaction()
                              or session.info.get(_PER_REQUEST)):
         return dict(held[1])
-    rows = first_statement(session, lambda: session.execute(
-        select(CacheGeneration.name, CacheGeneration.generation)).tuples().all())
+    rows = first_statement(session, lambda: session.execute(_COUNTERS).tuples().all())
     counters = dict(rows)
     session.info[_SESSION_KEY] = (session.get_transaction(), counters)
     return counters
@@ -68,7 +68,7 @@ def read_request_generations(session: Session) -> None:
         return
     rows = first_statement(session, lambda: session.connection(
         execution_options={"isolation_level": "AUTOCOMMIT"},
-    ).execute(select(CacheGeneration.name, CacheGeneration.generation)).tuples().all())
+    ).execute(_COUNTERS).tuples().all())
     session.info[_SESSION_KEY] = (None, dict(rows))
     session.commit()  # hands the connection back; the pool resets its isolation level
 

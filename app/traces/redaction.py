@@ -54,6 +54,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import phonenumbers
 from stdnum import iban as stdnum_iban
 
@@ -517,6 +518,21 @@ class Redactor:
             return value
         self.counts.update(s.kind for s in spans)
         return splice(value, spans, self.placeholder)
+
+    def narrow_to(self, value: Any) -> bool:
+        """Keep only the detectors that may find something in ``value`` (a whole trace: its
+        messages, response and metadata), checked once on its JSON instead of once per string
+        (``possible_kinds``); whether any is left to run. orjson keeps non-ASCII as it is (an
+        escaped digit would hide from ``\\d``); a value it refuses (an integer beyond 64 bits)
+        keeps every detector."""
+        if self.mode is RedactionMode.off:
+            return False
+        try:
+            serialized = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:
+            return bool(self.kinds)
+        self.kinds = possible_kinds(serialized, self.kinds)
+        return bool(self.kinds)
 
     def finds(self, value: str) -> list[str]:
         """The kinds of PII in ``value``, without counting them."""

@@ -40,7 +40,7 @@ from app.observability import INGEST_TOTAL
 from app.settings import Settings
 from app.tenants import service as tenants
 from app.traces.outcomes import Label, set_outcomes
-from app.traces.redaction import RedactionMode, Redactor, possible_kinds
+from app.traces.redaction import RedactionMode, Redactor
 from app.traces.schemas import (
     BatchResult,
     DeletedTrace,
@@ -634,18 +634,8 @@ def _row_values(
     item = p.item
     messages = dump_messages(item)
     response, metadata = _dump_response(item), item.metadata
-    if redactor is not None:
-        # One check of every detector's needs on the whole trace; each string then runs only
-        # the detectors that may find something (most traces: few or none). orjson keeps
-        # non-ASCII as it is (an escaped digit would hide from ``\d``); what it refuses (an
-        # integer beyond 64 bits) keeps every detector.
-        try:
-            whole = orjson.dumps([messages, response, metadata], option=orjson.OPT_NON_STR_KEYS)
-        except TypeError:
-            pass
-        else:
-            redactor.kinds = possible_kinds(whole.decode(), redactor.kinds)
-    if redactor is not None and redactor.kinds:
+    # Most traces leave few detectors, or none, to run on their strings.
+    if redactor is not None and redactor.narrow_to([messages, response, metadata]):
         messages = redactor.messages(messages)
         response = (redactor.text(response) if isinstance(response, str)
                     else redactor.message(response))
