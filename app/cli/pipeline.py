@@ -31,13 +31,23 @@ from app.runs.pipeline import run_policy_pipeline
 from app.runs.training import execute_run, start_run, train_job
 from app.schedules.service import maintenance, tick_policy
 from app.settings import get_settings
+from workers.learner.allocator import AllocatorUnavailable, learner_environment
 
 pipeline_app = typer.Typer(help="Rollout workers, scheduler and training runs.")
 
 
-def _exec(argv: list[str]) -> None:
+def _exec(argv: list[str], *, learner: bool = False) -> None:
+    """Replace this process with ``argv``; ``learner``: it may train, so it starts with the
+    learner's allocator (``workers.learner.allocator``: it cannot change after start)."""
     settings = get_settings()
-    os.execvpe(argv[0], argv, os.environ | settings_env(settings))
+    env = os.environ | settings_env(settings)
+    if learner:
+        try:
+            env = learner_environment(env, settings.learner_allocator)
+        except AllocatorUnavailable as exc:
+            console.print(f"[red]{exc}")
+            raise typer.Exit(2) from exc
+    os.execvpe(argv[0], argv, env)
 
 
 @pipeline_app.command("worker")
@@ -51,8 +61,8 @@ def worker(
     """Run a Celery worker. The train queue wants its own worker: --queues train (solo, 1)."""
     if "train" in queues.split(",") and (pool != "solo" or concurrency != 1):
         console.print("[yellow]the train queue runs one task at a time: forcing --pool solo -c 1")
-        pool, concurrency = "solo", 1
-    _exec(worker_argv(queues, pool=pool, concurrency=concurrency, name=name, loglevel=loglevel))
+    _exec(worker_argv(queues, pool=pool, concurrency=concurrency, name=name, loglevel=loglevel),
+          learner="train" in queues.split(","))
 
 
 @pipeline_app.command("beat")

@@ -17,6 +17,7 @@ from typing import Any
 
 from app.settings import Settings
 from workers.celery_app import get_celery
+from workers.learner.allocator import learner_environment
 
 ALL_QUEUES = "rollout,grade,train,eval,promote,maintenance"
 
@@ -45,6 +46,11 @@ def worker_argv(
     queues: str, *, pool: str = "solo", concurrency: int = 1, name: str = "worker",
     loglevel: str = "WARNING",
 ) -> list[str]:
+    """The Celery worker's command line. A worker that takes the train queue runs one task at a
+    time (solo pool, concurrency 1) whatever is asked: two runs in one process would share its
+    memory and cores, and a solo worker hands its run back cleanly on shutdown."""
+    if "train" in queues.split(","):
+        pool, concurrency = "solo", 1
     return [
         sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker",
         "--queues", queues, "--pool", pool, "--concurrency", str(concurrency),
@@ -60,8 +66,14 @@ def beat_argv(loglevel: str = "WARNING") -> list[str]:
     ]
 
 
-def spawn(argv: list[str], settings: Settings, log_path: Path | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str], settings: Settings, log_path: Path | None = None, *, learner: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with ``settings``; ``learner``: a process that trains, started with the
+    learner's allocator (``workers.learner.allocator``)."""
     env = os.environ | settings_env(settings)
+    if learner:
+        env = learner_environment(env, settings.learner_allocator)
     out: Any = open(log_path, "ab") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -159,7 +171,8 @@ def start_embedded_workers(
     handle = EmbeddedWorkers(log_dir=log_dir)
     # Training runs alone (solo pool) so a long run never starves rollouts and grading.
     handle.processes["train"] = spawn(
-        worker_argv("train", name="embedded-train"), settings, log_dir / "worker-train.log"
+        worker_argv("train", name="embedded-train"), settings, log_dir / "worker-train.log",
+        learner=True,
     )
     handle.processes["worker"] = spawn(
         worker_argv("rollout,grade,eval,promote,maintenance", pool="threads", concurrency=2,

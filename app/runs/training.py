@@ -52,6 +52,7 @@ from app.snapshots.evaluation import eval_job_key
 from app.snapshots.state import supersede_stale_candidates
 from workers.inference.chat import with_tools
 from workers.learner import adapters
+from workers.learner.allocator import AllocatorUnavailable, learner_environment
 
 log = logging.getLogger(__name__)
 
@@ -391,7 +392,14 @@ def _train_in_processes(
 
     work = spec_path.parent
     log_path = work / "learner.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The worker usually started with the learner's allocator already (``tracelearn worker``,
+    # ``up``); a run started elsewhere (``tracelearn train`` here, an eager task) gets it for
+    # its ranks from here.
+    try:
+        env = learner_environment(dict(os.environ, PYTHONUNBUFFERED="1"),
+                                  get_settings().learner_allocator)
+    except AllocatorUnavailable as exc:
+        raise PermanentJobError(str(exc)) from exc
     # torchrun's default of one thread per rank would leave cores idle when N < CPUs.
     env.setdefault("OMP_NUM_THREADS", str(max(1, launch.max_processes() // processes)))
 

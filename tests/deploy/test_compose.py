@@ -17,6 +17,7 @@ import jsonschema_rs
 import pytest
 import yaml
 
+from app.cli.processes import worker_argv
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,25 +67,28 @@ def _interpolate(arg: str) -> str:
     return re.sub(r"\$\{[A-Z0-9_]+(?::?[-?][^}]*)?\}", "1", arg)
 
 
-def check_tracelearn(args: list[str]) -> None:
-    """Parse a `tracelearn …` command line with the real Typer app, running nothing."""
+def check_tracelearn(args: list[str]) -> dict[str, Any]:
+    """Parse a `tracelearn …` command line with the real Typer app, running nothing; returns the
+    command's parsed parameters."""
     import typer
 
     from app.cli import cli
 
-    cmd: click.Command = typer.main.get_command(cli)
-    ctx = click.Context(cmd, info_name="tracelearn")
+    # Typer carries its own copy of click (``typer._click``): its groups are not click.Group.
+    cmd: Any = typer.main.get_command(cli)
+    ctx = typer.Context(cmd, info_name="tracelearn")
     rest = list(args)
-    while isinstance(cmd, click.Group):
+    while isinstance(cmd, typer.core.TyperGroup):
         assert rest, "a command group needs a subcommand"
         sub = cmd.get_command(ctx, rest[0])
         assert sub is not None, f"`tracelearn` has no command {rest[0]!r}"
         cmd, name, rest = sub, rest[0], rest[1:]
-        if isinstance(cmd, click.Group):
-            ctx = click.Context(cmd, info_name=name, parent=ctx)
+        if isinstance(cmd, typer.core.TyperGroup):
+            ctx = typer.Context(cmd, info_name=name, parent=ctx)
         else:
-            cmd.make_context(name, rest, parent=ctx)  # raises on unknown options/bad values
-            return
+            # Raises on unknown options and bad values.
+            return dict(cmd.make_context(name, rest, parent=ctx).params)
+    raise AssertionError(f"`tracelearn {' '.join(args)}` does not end in a command")
 
 
 def check_celery(args: list[str]) -> dict[str, Any]:
@@ -111,7 +115,11 @@ def check_command(argv: list[str]) -> dict[str, Any]:
     argv = [_interpolate(a) for a in argv]
     program = Path(argv[0]).name
     if program == "tracelearn":
-        check_tracelearn(argv[1:])
+        params = check_tracelearn(argv[1:])
+        if argv[1] == "worker":  # it execs Celery: check the command line it would run
+            celery_argv = worker_argv(params.pop("queues"), **params)
+            assert celery_argv[1:3] == ["-m", "celery"]
+            return check_command(["celery", *celery_argv[3:]])
         return {"_program": "tracelearn", "_subcommand": argv[1]}
     if program == "celery":
         params = check_celery(argv[1:])

@@ -44,6 +44,7 @@ from torch import Tensor
 from workers.inference.base import AdapterRef, InferenceBackend, SamplingParams
 from workers.inference.chat import check_token_ids, embedding_rows
 from workers.learner import adapters as adapter_io
+from workers.learner.allocator import allocator_in_use
 from workers.learner.data import (
     Batch,
     Grade,
@@ -246,7 +247,8 @@ class TrainResult:
     metrics: dict[str, Any]
     """Run summary: status, failure_reason, optimizer_steps, epochs (passes made, a float when a
     run stopped mid-epoch), groups_used (distinct groups trained on), groups_dropped_zero_variance,
-    final_loss, seconds, world_size. The manifest records the same dict."""
+    final_loss, seconds, world_size, allocator (``jemalloc`` or ``system``: what this process's
+    malloc is, ``workers.learner.allocator``). The manifest records the same dict."""
     history: list[dict[str, float]] = field(default_factory=list)
     failure_reason: str | None = None
     manifest: dict[str, Any] | None = None
@@ -736,6 +738,7 @@ def train(
         "final_loss": losses[-1] if losses else None,
         "seconds": round(time.perf_counter() - t0, 2),
         "world_size": world,
+        "allocator": allocator_in_use(),
     }
     manifest = None
     # A failed run never produces an adapter: nothing downstream can pick it up by accident.

@@ -26,6 +26,7 @@ from app.runs.training import handle_train_job, start_run, train_job
 from app.settings import Settings
 from tests.support.pipeline import seed_policy, vary_rewards, wait_until
 from workers.learner.adapters import load_verified, sha256_file
+from workers.learner.allocator import allocator_in_use
 
 # The stated tolerance of the torchrun test in tests/engines/learner/test_cli_ddp.py: two ranks
 # sum the same per-sequence gradients in another order, so the curves agree to fp32 rounding.
@@ -116,6 +117,8 @@ def test_two_learner_processes_give_the_one_process_run_through_the_train_job(
 
     s1, s2 = one.metrics["summary"], two.metrics["summary"]
     assert (s1["world_size"], s2["world_size"]) == (1, 2)
+    # The ranks start with the learner's allocator even when the worker itself did not.
+    assert (s1["allocator"], s2["allocator"]) == (allocator_in_use(), "jemalloc")
     for key in ("optimizer_steps", "epochs", "groups_used", "groups_dropped_zero_variance"):
         assert s2[key] == s1[key], key
     assert s2["optimizer_steps"] == 4 and s2["epochs"] == 2

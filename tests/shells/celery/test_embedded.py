@@ -13,6 +13,7 @@ from app.models import Job, JobStatus
 from app.rollouts.service import plan_regeneration
 from app.settings import Settings, set_settings
 from tests.support.pipeline import policy_row, seed_policy, wait_until
+from workers.learner.allocator import allocator_in_use
 
 
 def test_embedded_workers_run_the_pipeline_on_the_sqlite_broker(
@@ -36,6 +37,10 @@ def test_embedded_workers_run_the_pipeline_on_the_sqlite_broker(
 
         wait_until(finished, timeout=240, every=0.5)
         assert all(handle.alive().values())
+        # Only the process that trains starts with the learner's allocator.
+        allocators = {name: allocator_in_use(Path(f"/proc/{p.pid}/maps"))
+                      for name, p in handle.processes.items()}
+        assert allocators == {"train": "jemalloc", "worker": "system", "beat": "system"}
     finally:
         handle.stop()
         set_database(None)

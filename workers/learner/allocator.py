@@ -1,0 +1,96 @@
+"""The learner process's memory allocator: jemalloc with decay off, preloaded at process start.
+
+Why: a training step allocates and frees activation-sized blocks (tens to hundreds of MiB) in an
+order glibc's malloc fragments; its arenas keep the holes, so a learner's peak RSS sits ~1.6–1.8×
+the bytes it actually holds (model, LoRA, AdamW state and one micro-batch's activations) at
+~100M parameters. jemalloc with its dirty/muzzy decay off reuses those extents and peaks at
+~1.07× with no slower steps or sampling; with its default 10 s decay it peaks low too but the
+purging's page faults make steps ~1.5× slower (``benchmarks/findings.md``, "allocator").
+
+An allocator cannot be swapped inside a running process: the train worker (and the ranks of a
+data-parallel round, which inherit its environment) must START with ``LD_PRELOAD`` naming the
+library. ``learner_environment`` gives that environment; ``allocator_in_use`` says what a process
+actually got (recorded in each run's manifest).
+
+Choices (the ``TRACELEARN_LEARNER_ALLOCATOR`` setting): ``auto`` jemalloc when the library is
+installed (Debian/Ubuntu ``libjemalloc2``; the Docker image has it), else the C library's
+malloc; ``jemalloc`` required (an error when missing); ``system`` the C library's malloc.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import glob
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+AllocatorChoice = Literal["auto", "jemalloc", "system"]
+
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+"""Freed extents are kept for reuse, never purged back to the OS while the process lives: the
+learner's working set repeats every step, so purging only buys page faults."""
+
+_JEMALLOC_GLOBS = (
+    "/usr/lib/*-linux-gnu/libjemalloc.so.2",  # Debian, Ubuntu (multiarch)
+    "/usr/lib64/libjemalloc.so.2",  # Fedora, RHEL
+    "/usr/lib/libjemalloc.so.2",  # Alpine, Arch
+    "/usr/local/lib/libjemalloc.so.2",  # built from source
+)
+
+
+class AllocatorUnavailable(RuntimeError):
+    """``jemalloc`` was asked for and the library is not installed."""
+
+
+def find_jemalloc() -> Path | None:
+    """The jemalloc shared library's path, or None when it is not installed."""
+    for pattern in _JEMALLOC_GLOBS:
+        for hit in sorted(glob.glob(pattern)):
+            return Path(hit)
+    name = ctypes.util.find_library("jemalloc")  # ldconfig's cache: other layouts
+    if name:
+        for directory in ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/local/lib"):
+            candidate = Path(directory) / name
+            if candidate.exists():
+                return candidate
+    return None
+
+
+def learner_environment(
+    base: Mapping[str, str], choice: AllocatorChoice
+) -> dict[str, str]:
+    """``base`` with the allocator of ``choice`` set up for a process started with it.
+
+    jemalloc: its library first in ``LD_PRELOAD`` (entries already there are kept after it) and
+    ``MALLOC_CONF`` = ``JEMALLOC_CONF`` unless ``base`` sets its own. ``system`` returns ``base``
+    as given (an operator's own ``LD_PRELOAD`` stays theirs). Raises ``AllocatorUnavailable`` for
+    ``jemalloc`` without the library."""
+    env = dict(base)
+    if choice == "system":
+        return env
+    lib = find_jemalloc()
+    if lib is None:
+        if choice == "jemalloc":
+            raise AllocatorUnavailable(
+                "learner_allocator is 'jemalloc' but libjemalloc.so.2 is not installed "
+                "(Debian/Ubuntu: apt-get install libjemalloc2; or set "
+                "TRACELEARN_LEARNER_ALLOCATOR=auto or system)"
+            )
+        return env
+    preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p]
+    if not any("libjemalloc" in Path(p).name for p in preload):
+        preload.insert(0, str(lib))
+    env["LD_PRELOAD"] = " ".join(preload)
+    env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+    return env
+
+
+def allocator_in_use(maps: Path = Path("/proc/self/maps")) -> str:
+    """``jemalloc`` when the process has the library mapped, else ``system``; ``unknown`` where
+    there is no /proc to read."""
+    try:
+        text = maps.read_text()
+    except OSError:
+        return "unknown"
+    return "jemalloc" if "libjemalloc" in text else "system"
