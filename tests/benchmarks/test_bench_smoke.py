@@ -86,16 +86,24 @@ def test_learner_benchmark_reports_cost_ratio_and_rss(tmp_path: Path, model_cach
     run(cfg, tmp_path)
     saved = json.loads((tmp_path / "learner.json").read_text())
     assert set(saved["ratios"]) == {"oapl_vs_sft_cost_ratio", "learner_peak_rss_vs_floor",
-                                    "learner_peak_rss_vs_floor_bundled"}
+                                    "learner_peak_rss_vs_floor_bundled",
+                                    "learner_peak_rss_vs_floor_system_malloc"}
     assert all(finite(v) for v in saved["ratios"].values())
     assert saved["tokens"]["completion_tokens_per_step"] > 0
-    for r in (saved["rss"]["bundled"], saved["rss"]["scaled"]):
+    rss = saved["rss"]
+    for key, allocator in (("bundled", "jemalloc"), ("scaled", "jemalloc"),
+                           ("bundled_system", "system"), ("scaled_system", "system")):
+        r = rss[key]
+        # Floor and peak were measured in processes on the stated allocator.
+        assert r["allocator"] == allocator, key
         # The floor holds the same state in the same kind of process: training only adds.
         assert 0 < r["state_peak_rss_mib"] < r["floor_mib"] and r["activation_mib"] > 0
         assert r["oapl_vs_floor"] > 0.5
-    scaled = saved["rss"]["scaled"]
+    scaled = rss["scaled"]
     assert scaled["micro_batch"]["sequences"] == 4 and scaled["config"]["hidden_size"] == 64
     assert saved["ratios"]["learner_peak_rss_vs_floor"] == scaled["oapl_vs_floor"]
+    assert (saved["ratios"]["learner_peak_rss_vs_floor_system_malloc"]
+            == rss["scaled_system"]["oapl_vs_floor"])
     assert (tmp_path / "learner.png").stat().st_size > 0
 
 
@@ -132,14 +140,15 @@ def _load_run_all() -> Any:
     return module
 
 
-def test_run_all_summary_is_one_flat_object_with_the_eight_figures(
+def test_run_all_summary_is_one_flat_object_with_the_nine_figures(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run_all = _load_run_all()
     monkeypatch.setattr(run_all, "RESULTS", tmp_path)
     (tmp_path / "learner.json").write_text(json.dumps({
         "ratios": {"oapl_vs_sft_cost_ratio": 1.1, "learner_peak_rss_vs_floor": 3.0,
-                   "learner_peak_rss_vs_floor_bundled": 1.2},
+                   "learner_peak_rss_vs_floor_bundled": 1.2,
+                   "learner_peak_rss_vs_floor_system_malloc": 3.5},
         "tokens": {"completion_tokens_per_step": 10, "sequences": 2, "padding_share": 0.1,
                    "completion_share_of_logits": 0.3},
         "oapl_us_per_completion_token": 1.0, "sft_us_per_completion_token": 0.9, "rss": None,
@@ -151,6 +160,7 @@ def test_run_all_summary_is_one_flat_object_with_the_eight_figures(
         "ingest_http_vs_copy_ratio", "ingest_p99_ms_at_50", "ingest_rps_at_50_vs_1",
         "oapl_vs_sft_cost_ratio",
         "learner_peak_rss_vs_floor", "learner_peak_rss_vs_floor_bundled",
+        "learner_peak_rss_vs_floor_system_malloc",
         "time_to_45pct_speedup_vs_trl", "rollout_pipeline_vs_bare_ratio",
     }
     assert saved["oapl_vs_sft_cost_ratio"] == 1.1 and saved["ingest_p99_ms_at_50"] is None
@@ -158,6 +168,7 @@ def test_run_all_summary_is_one_flat_object_with_the_eight_figures(
     assert "| `oapl_vs_sft_cost_ratio` |" in report and "met" in report
     assert "missed: 2.00× the limit" in report  # the RSS ratio at ~100M
     assert "| `learner_peak_rss_vs_floor_bundled` |" in report and "| 1.2 | — | reported |" in report
+    assert "| `learner_peak_rss_vs_floor_system_malloc` |" in report and "| 3.5 | — |" in report
 
 
 # --- the quality benchmark -----------------------------------------------------------------------
