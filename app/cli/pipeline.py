@@ -5,6 +5,8 @@
     tracelearn reaper [--once]                    re-queue jobs whose lease expired
     tracelearn regenerate --policy NAME [--wait]  enqueue (or run here) regeneration + grading
     tracelearn train --policy NAME [--no-wait]    start a run and follow it with a progress bar
+                                                  (trained here: restarted on the learner's
+                                                  allocator first)
     tracelearn tick --policy NAME                 one scheduler tick by hand (what cron calls)
     tracelearn retention [--limit N]              one retention pass (beat runs it hourly)
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from typing import Annotated, Any
 
@@ -31,7 +34,11 @@ from app.runs.pipeline import run_policy_pipeline
 from app.runs.training import execute_run, start_run, train_job
 from app.schedules.service import maintenance, tick_policy
 from app.settings import get_settings
-from workers.learner.allocator import AllocatorUnavailable, learner_environment
+from workers.learner.allocator import (
+    AllocatorUnavailable,
+    allocator_in_use,
+    learner_environment,
+)
 
 pipeline_app = typer.Typer(help="Rollout workers, scheduler and training runs.")
 
@@ -48,6 +55,29 @@ def _exec(argv: list[str], *, learner: bool = False) -> None:
             console.print(f"[red]{exc}")
             raise typer.Exit(2) from exc
     os.execvpe(argv[0], argv, env)
+
+
+_ON_LEARNER_ALLOCATOR = "TRACELEARN_ON_LEARNER_ALLOCATOR"
+"""Set in the environment of a command restarted on the learner's allocator: never twice (a
+library that failed to preload would otherwise restart it forever)."""
+
+
+def _restart_on_learner_allocator() -> None:
+    """Restart this command on the learner's allocator when it is to train here, in this
+    process: the allocator is chosen at process start (``workers.learner.allocator``)."""
+    if allocator_in_use() == "jemalloc" or os.environ.get(_ON_LEARNER_ALLOCATOR):
+        return
+    try:
+        env = learner_environment(os.environ, get_settings().learner_allocator)
+    except AllocatorUnavailable as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from exc
+    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+        return  # ``system``, or ``auto`` without the library: nothing to change
+    env[_ON_LEARNER_ALLOCATOR] = "1"
+    # orig_argv: the interpreter's own command line (``python -m app.cli …`` or the console
+    # script's path and its arguments), run again by this interpreter.
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 @pipeline_app.command("worker")
@@ -128,6 +158,8 @@ def train_cmd(
                                             "enqueue for the train worker).")] = True,
 ) -> None:
     """Start a training run on the policy's graded groups."""
+    if wait:
+        _restart_on_learner_allocator()
     overrides: dict[str, Any] = {}
     if algorithm:
         overrides["algorithm"] = algorithm
