@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import time
@@ -52,7 +53,11 @@ from app.snapshots.evaluation import eval_job_key
 from app.snapshots.state import supersede_stale_candidates
 from workers.inference.chat import with_tools
 from workers.learner import adapters
-from workers.learner.allocator import AllocatorUnavailable, learner_environment
+from workers.learner.allocator import (
+    AllocatorUnavailable,
+    learner_environment,
+    release_free_memory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -549,6 +554,11 @@ def handle_train_job(ctx: JobContext) -> dict[str, Any]:
         else:
             _set_run(run_id, error=error)
         raise
+    finally:
+        # The run's model and optimizer are garbage now (torch modules hold reference cycles);
+        # give their pages back, or the worker idles at the run's peak until the next one.
+        gc.collect()
+        release_free_memory()
     return {"run_id": run_id, "status": run.status.value,
             "output_snapshot_id": run.output_snapshot_id}
 

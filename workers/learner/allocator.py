@@ -10,7 +10,8 @@ purging's page faults make steps ~1.5× slower (``benchmarks/findings.md``, "all
 An allocator cannot be swapped inside a running process: the train worker (and the ranks of a
 data-parallel round, which inherit its environment) must START with ``LD_PRELOAD`` naming the
 library. ``learner_environment`` gives that environment; ``allocator_in_use`` says what a process
-actually got (recorded in each run's manifest).
+actually got (recorded in each run's manifest); ``release_free_memory`` gives the kept extents
+back after a run.
 
 Choices (the ``TRACELEARN_LEARNER_ALLOCATOR`` setting): ``auto`` jemalloc when the library is
 installed (Debian/Ubuntu ``libjemalloc2``; the Docker image has it), else the C library's
@@ -19,6 +20,7 @@ malloc; ``jemalloc`` required (an error when missing); ``system`` the C library'
 
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import glob
 from collections.abc import Mapping
@@ -84,6 +86,30 @@ def learner_environment(
     env["LD_PRELOAD"] = " ".join(preload)
     env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return env
+
+
+_ALL_ARENAS = 4096
+"""jemalloc's ``MALLCTL_ARENAS_ALL``: ``arena.<i>.purge`` with it purges every arena."""
+
+
+def release_free_memory() -> bool:
+    """Hand the allocator's free pages back to the OS; whether it could.
+
+    With decay off, jemalloc keeps every freed extent for reuse, which is what a training step
+    wants and what an idle train worker does not: between runs it would hold its last run's
+    peak. So after a run: jemalloc purges every arena (``mallctl("arena.4096.purge")``), the C
+    library's malloc trims its heaps (``malloc_trim(0)``). Neither touches live memory."""
+    process = ctypes.CDLL(None)  # the symbols this process resolved: the preloaded library first
+    if allocator_in_use() == "jemalloc" and hasattr(process, "mallctl"):
+        mallctl = process.mallctl
+        mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_size_t]
+        return int(mallctl(f"arena.{_ALL_ARENAS}.purge".encode(), None, None, None, 0)) == 0
+    if hasattr(process, "malloc_trim"):
+        process.malloc_trim.argtypes = [ctypes.c_size_t]
+        process.malloc_trim(0)
+        return True
+    return False
 
 
 def allocator_in_use(maps: Path = Path("/proc/self/maps")) -> str:

@@ -78,3 +78,39 @@ def test_allocator_in_use_reads_the_process_maps(tmp_path: Path) -> None:
     maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
     assert allocator_in_use(maps) == "system"
     assert allocator_in_use(tmp_path / "missing") == "unknown"
+
+
+_HOLD_FREE_RELEASE = """
+import gc
+from workers.learner.allocator import allocator_in_use, release_free_memory
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+base = rss_mib()
+# Activation-sized blocks, as a training step allocates them: 64 × 4 MiB, written to.
+blocks = [bytearray(4 << 20) for _ in range(64)]
+for b in blocks:
+    b[::4096] = b"x" * len(b[::4096])
+held = rss_mib()
+del blocks, b
+gc.collect()
+freed = rss_mib()
+ok = release_free_memory()
+print(allocator_in_use(), round(held - base), round(freed - base), round(rss_mib() - base), ok)
+"""
+
+
+def test_after_a_run_the_free_pages_go_back_to_the_os() -> None:
+    env = learner_environment({"PATH": "/usr/bin:/bin"}, "jemalloc")
+    out = subprocess.run([sys.executable, "-c", _HOLD_FREE_RELEASE], env=env, cwd=REPO,
+                         check=True, capture_output=True, text=True).stdout.split()
+    allocator_name, held, freed, released, ok = out[0], *map(int, out[1:4]), out[4]
+    assert (allocator_name, ok) == ("jemalloc", "True")
+    assert held >= 250  # 256 MiB touched
+    # Decay off: jemalloc keeps what was freed for the next step...
+    assert freed >= 200, (held, freed)
+    # ...until it is asked to give it back.
+    assert released <= 32, (held, freed, released)
