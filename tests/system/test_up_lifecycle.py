@@ -17,12 +17,14 @@ import httpx
 import pytest
 from sqlalchemy import create_engine, func, select
 
+from app.cli.serve import CannotStart, run_embedded
 from app.models import Trace
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 from benchmarks._common import wait_healthy
 from tests.conftest import REPO, free_port
 from tests.support.seeding import build_model
 from workers.clinical import task
+from workers.learner import allocator
 
 
 @pytest.fixture
@@ -137,3 +139,14 @@ def test_a_data_dir_in_use_is_refused(up_env: dict[str, str], tmp_path: Path) ->
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=60)
+
+
+def test_a_required_allocator_that_is_not_installed_is_refused_before_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(allocator, "_JEMALLOC_GLOBS", ("/nonexistent/libjemalloc.so.2",))
+    monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: None)
+    settings = Settings(data_dir=tmp_path / "data", learner_allocator="jemalloc")
+    with pytest.raises(CannotStart, match="apt-get install libjemalloc2"):
+        run_embedded(settings, "127.0.0.1", free_port())
+    assert not (tmp_path / "data").exists()  # no lock, no database, no model copied
