@@ -135,8 +135,8 @@ class Settings(BaseSettings):
     learner_allocator: Literal["auto", "jemalloc", "system"] = Field(
         default="auto",
         description="malloc of the learner processes (the train worker and a data-parallel "
-        "round's ranks, set at their start): `jemalloc` with decay off peaks at ~1.07× the "
-        "memory a step holds at 100M parameters against ~1.6–1.8× with the C library's malloc, "
+        "round's ranks, set at their start): `jemalloc` with decay off peaks at ~1.04× the "
+        "memory a step holds at 100M parameters against ~1.8× with the C library's malloc, "
         "and is no slower. `auto`: jemalloc when `libjemalloc.so.2` is installed (Debian: "
         "`libjemalloc2`; in the Docker image), else the C library's; `jemalloc`: required; "
         "`system`: the C library's.",

@@ -4,7 +4,7 @@ Why: a training step allocates and frees activation-sized blocks (tens to hundre
 order glibc's malloc fragments; its arenas keep the holes, so a learner's peak RSS sits ~1.6–1.8×
 the bytes it actually holds (model, LoRA, AdamW state and one micro-batch's activations) at
 ~100M parameters. jemalloc with its dirty/muzzy decay off reuses those extents and peaks at
-~1.07× with no slower steps or sampling; with its default 10 s decay it peaks low too but the
+~1.04–1.07× with no slower steps or sampling; with its default 10 s decay it peaks low too but the
 purging's page faults make steps ~1.5× slower (``benchmarks/findings.md``, "allocator").
 
 An allocator cannot be swapped inside a running process: the train worker (and the ranks of a
