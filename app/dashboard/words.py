@@ -90,6 +90,7 @@ TRAINING_ROWS: tuple[tuple[str, str, str], ...] = (
     ("beta1", "β₁ (value temperature)", "OAPL soft value V̂ = β₁·log mean exp(r/β₁)"),
     ("beta2", "β₂ (log-ratio weight)", "how far πθ may move from π_ref per unit advantage"),
     ("lora_rank", "LoRA rank", "adapter capacity"),
+    ("device", "learner device", "auto (a GPU when the train worker has one), cpu or cuda"),
     ("keep_zero_variance_groups", "keep equal-reward groups",
      "groups whose G completions all scored the same carry no signal; dropped by default"),
     ("min_groups", "data trigger", "informative groups needed before a scheduled run starts"),

@@ -304,7 +304,7 @@ def execute_run(
 ) -> TrainingRun:
     """Train run ``run_id``; a run that already finished is returned untouched."""
     from workers.learner import launch  # torch: see trainer_config
-    from workers.learner.trainer import TrainerConfig, train
+    from workers.learner.trainer import TrainerConfig, device_problem, train
 
     with session_scope() as session:
         run = session.get(TrainingRun, run_id)
@@ -321,12 +321,17 @@ def execute_run(
             processes = learner_processes(policy.training_config or {})
         except InvalidInput as exc:
             raise PermanentJobError(exc.detail) from exc
-        if processes > launch.max_processes():
+        config = TrainerConfig.from_dict(dict(run.config))
+        problem = device_problem(config.device, processes)
+        if problem is not None:  # no retry helps: the machine has no such GPU
+            raise PermanentJobError(problem)
+        limit = launch.max_processes(config.device)
+        if processes > limit:
+            unit = "GPU" if launch.on_gpu(config.device) else "CPU"
             raise PermanentJobError(
                 f"the policy asks for {processes} learner processes; this machine runs at most "
-                f"{launch.max_processes()} (one per CPU)"
+                f"{limit} (one per {unit})"
             )
-        config = TrainerConfig.from_dict(dict(run.config))
         groups = _learner_groups(session, policy, parent, max_groups,
                                  config.keep_zero_variance_groups)
         run.status, run.started_at, run.heartbeat_at = RunStatus.running, utcnow(), utcnow()
@@ -406,7 +411,7 @@ def _train_in_processes(
     except AllocatorUnavailable as exc:
         raise PermanentJobError(str(exc)) from exc
     # torchrun's default of one thread per rank would leave cores idle when N < CPUs.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, launch.max_processes() // processes)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, launch.max_processes("cpu") // processes)))
 
     def handle(events: list[Any]) -> None:
         for event in events:

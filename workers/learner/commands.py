@@ -91,7 +91,11 @@ def train_offline(
     except (OSError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from exc
-    distributed = init_distributed_from_env()
+    try:
+        distributed = init_distributed_from_env(cfg)
+    except TrainerConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from exc
     rank = dist.get_rank() if distributed else 0
     try:
         with _progress() as prog:

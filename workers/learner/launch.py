@@ -6,7 +6,7 @@ memory or a database with the ranks::
     write_round(work, groups, …) → work/spec.json + work/groups.jsonl
     LearnerProcess(torchrun_argv(N, spec))        torchrun, its own session (process group)
       every rank: python -m workers.learner.launch work/spec.json
-        init_distributed_from_env (gloo) → trainer.train(…)
+        init_distributed_from_env (gloo on CPU, NCCL on GPUs) → trainer.train(…)
         rank 0: one PROGRESS_MARK line per optimizer step on stdout,
                 the adapter (written atomically by the trainer), then work/result.json
         a rank that raises: its traceback in work/error-rank{R}.txt, then exits non-zero
@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import torch
 import torch.distributed as dist
 
 from workers.learner.data import TrainingGroup, dump_groups_jsonl, load_groups_jsonl
@@ -53,9 +54,17 @@ RESULT_FILE = "result.json"
 ERROR_FILES = "error-rank*.txt"
 
 
-def max_processes() -> int:
-    """How many learner processes this machine can run: one per CPU (the trainer runs on CPU)."""
+def max_processes(device: str = "cpu") -> int:
+    """How many learner processes this machine can run on ``device`` (``TrainerConfig.device``):
+    one per GPU when they train on GPUs, else one per CPU."""
+    if on_gpu(device):
+        return torch.cuda.device_count()
     return os.cpu_count() or 1
+
+
+def on_gpu(device: str) -> bool:
+    """Whether learner processes asked to train on ``device`` train on GPUs here."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 # --- the round, as files ----------------------------------------------------------------------
@@ -268,7 +277,8 @@ class LearnerProcess:
 def run_rank(spec_path: str | Path) -> int:
     """One rank of the round: train, and on rank 0 report progress and write the result."""
     spec = read_spec(spec_path)
-    distributed = init_distributed_from_env()
+    config = TrainerConfig.from_dict(spec.config)
+    distributed = init_distributed_from_env(config)
     rank = dist.get_rank() if distributed else 0
 
     def report(step: int, total: int, metrics: dict[str, float]) -> None:
@@ -277,7 +287,7 @@ def run_rank(spec_path: str | Path) -> int:
     try:
         result = train(
             load_groups_jsonl(spec.groups_path), spec.base_model, spec.out_dir,
-            TrainerConfig.from_dict(spec.config), parent=spec.parent, progress=report,
+            config, parent=spec.parent, progress=report,
         )
     finally:
         if distributed:

@@ -15,7 +15,8 @@ and ``epochs × ⌈groups / groups_per_step⌉`` AdamW steps over shuffled parti
         every eval_every steps: held-out parse rate / length → collapse guard
     write adapter atomically (rank 0) with manifest + lineage
 
-Data-parallel under ``torchrun --nproc_per_node N`` (gloo on CPU): every rank computes the same
+Data-parallel under ``torchrun --nproc_per_node N`` (gloo on CPU, NCCL with one GPU per rank on
+``device: cuda``): every rank computes the same
 schedule from the seed, takes every N-th micro-batch of a step, and the LoRA gradients are summed
 across ranks before clipping. Because every loss term is divided by the step's global sequence
 count, the sum equals the single-process gradient; only floating-point summation order differs
@@ -160,6 +161,11 @@ class TrainerConfig:
     seed: int = 0
     """Seeds the LoRA init, the epoch permutations and regeneration sampling."""
     dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the learner trains: ``cuda`` (a GPU; under torchrun rank r takes GPU LOCAL_RANK
+    and the ranks talk over NCCL), ``cpu`` (gloo between ranks), or ``auto``: a GPU when torch
+    sees one. Checked when the round starts, not here: a policy's config is written on the API
+    host, which need not have the learner's GPU. Set ``cpu`` where the GPU is serving's alone."""
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -215,6 +221,8 @@ class TrainerConfig:
             p.append(f"guard_length_ratio must be in (0, 1], got {self.guard_length_ratio}")
         if self.dtype not in ("float32", "bfloat16"):
             p.append(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            p.append(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         return p
 
     @property
@@ -342,10 +350,39 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed_from_env() -> bool:
-    """Join the torchrun process group (gloo) when launched with WORLD_SIZE > 1."""
+def device_problem(choice: str, processes: int = 1) -> str | None:
+    """Why ``processes`` learner processes cannot train on ``choice`` here (None: they can)."""
+    if choice != "cuda":
+        return None
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        return "device 'cuda' was asked for, but torch sees no GPU on this machine"
+    if processes > gpus:
+        return f"{processes} learner processes on 'cuda' need {processes} GPUs; torch sees {gpus}"
+    return None
+
+
+def resolve_device(choice: str) -> torch.device:
+    """The device this process trains on: under torchrun, rank r's GPU is LOCAL_RANK (torchrun
+    sets it) so that no two ranks share one; ``auto`` is a GPU when torch sees one."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    problem = device_problem(choice, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if problem is not None:
+        raise TrainerConfigError(problem)
+    if choice == "cpu":
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed_from_env(cfg: TrainerConfig) -> bool:
+    """Join the torchrun process group when launched with WORLD_SIZE > 1: NCCL between GPUs,
+    gloo between CPU processes."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        device = resolve_device(cfg.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.is_initialized()
 
 
@@ -525,8 +562,10 @@ def optimizer_step(
     params = [p for g in opt.param_groups for p in g["params"]]
     n_total = sum(len(mb) for mb in batches)
     opt.zero_grad(set_to_none=False)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    ratio_sum = torch.zeros((), dtype=torch.float64)
+    # On the parameters' device: NCCL reduces GPU tensors only.
+    device = params[0].device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    ratio_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in batches[rank::world]:
         per_seq, seq_logp, ref_seq = sequence_losses(model, frozen_ref, mb, cfg)
         loss = per_seq.sum() / n_total
@@ -638,6 +677,7 @@ def train(
 
     cfg = config
     _check_inputs(groups, out_dir, cfg, regenerate, heldout_eval)
+    device = resolve_device(cfg.device)  # a GPU asked for and absent: refused before loading
     rank, world = _dist_info()
     t0 = time.perf_counter()
 
@@ -655,7 +695,7 @@ def train(
 
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(base_path))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    model = load_policy(base_path, cfg, parent)
+    model = load_policy(base_path, cfg, parent).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if world > 1:
         for p in params:  # identical start on every rank even if their init RNG differed
@@ -703,7 +743,7 @@ def train(
 
             # 2. one optimizer step over the step's sequences
             lr = cfg.lr * lr_factor(step - 1, total_steps, cfg.lr_schedule, cfg.warmup_steps)
-            batches = micro_batches(records, cfg.micro_batch_size, pad_id)
+            batches = [mb.to(device) for mb in micro_batches(records, cfg.micro_batch_size, pad_id)]
             metrics |= optimizer_step(model, window.frozen, opt, lr, batches, cfg)
             optimizer_steps += 1
             used.update(dict.fromkeys(g.group_id for g in step_groups))
@@ -738,6 +778,7 @@ def train(
         "final_loss": losses[-1] if losses else None,
         "seconds": round(time.perf_counter() - t0, 2),
         "world_size": world,
+        "device": str(device),
         "allocator": allocator_in_use(),
     }
     manifest = None

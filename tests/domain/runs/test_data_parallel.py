@@ -11,6 +11,7 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from sqlalchemy import select
@@ -218,6 +219,20 @@ def test_a_run_asking_for_more_learner_processes_than_cpus_fails_with_the_reason
     run = _run(run_id)
     assert run.status == RunStatus.failed
     assert run.error is not None and "this machine runs at most" in run.error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has the GPU asked for")
+def test_a_run_asking_for_a_gpu_the_machine_lacks_fails_at_once_with_the_reason(
+    sqlite_settings: Settings, model_dir: Path
+) -> None:
+    name = _trainable_policy(sqlite_settings, model_dir, device="cuda")
+    run_id, job_id = _start(name)
+    assert run_job(job_id, handle_train_job) == "failed"
+    run = _run(run_id)
+    assert run.status == RunStatus.failed
+    assert run.error == "device 'cuda' was asked for, but torch sees no GPU on this machine"
+    job = _job(job_id)
+    assert job.status == JobStatus.failed and job.attempts == 1  # permanent: never retried
 
 
 def test_processes_is_a_positive_integer_set_on_the_policy(

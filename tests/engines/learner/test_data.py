@@ -1,13 +1,23 @@
-"""Training groups on disk: the sampling temperature travels with the group."""
+"""Training groups on disk (the sampling temperature travels with the group) and the batches
+the trainer makes of them."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
-from workers.learner.data import GradedCompletion, TrainingGroup, load_groups_jsonl
+from workers.learner.data import (
+    Batch,
+    GradedCompletion,
+    SequenceRecord,
+    TrainingGroup,
+    load_groups_jsonl,
+    micro_batches,
+)
 
 
 def _line(**extra: object) -> str:
@@ -31,3 +41,15 @@ def test_a_negative_temperature_is_refused_with_its_line(tmp_path: Path) -> None
         load_groups_jsonl(tmp_path / "g.jsonl")
     with pytest.raises(ValueError, match="temperature"):
         TrainingGroup("g", [], [], temperature=float("nan"))
+
+
+def test_a_micro_batch_moves_to_the_trainer_device_whole() -> None:
+    records = [SequenceRecord(0, [1, 2], [3, 4, 5], [-0.5, -0.25, -1.0], -1.75, 1.0, 0.5, 0.7),
+               SequenceRecord(0, [1], [3], None, -2.0, -1.0, -0.5, 0.7)]
+    (batch,) = micro_batches(records, 2, pad_id=0)
+    assert batch.to(torch.device("cpu")) is batch  # already there: no copy
+    moved = batch.to(torch.device("meta"))  # a device every machine has
+    for f in fields(Batch):
+        before, after = getattr(batch, f.name), getattr(moved, f.name)
+        assert after.device.type == "meta", f.name
+        assert (after.shape, after.dtype) == (before.shape, before.dtype), f.name

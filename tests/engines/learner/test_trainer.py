@@ -38,9 +38,10 @@ SEQUENCE_LOGPROB_TOL = 1e-3
 
 def test_invalid_config_lists_every_problem() -> None:
     with pytest.raises(TrainerConfigError) as err:
-        TrainerConfig(lr=0.0, lora_rank=0, algorithm="ppo")  # type: ignore[arg-type]
+        TrainerConfig(lr=0.0, lora_rank=0, algorithm="ppo", device="tpu")  # type: ignore[arg-type]
     msg = str(err.value)
     assert "lr must be" in msg and "lora_rank" in msg and "algorithm" in msg
+    assert "device must be 'auto', 'cpu' or 'cuda', got 'tpu'" in msg
 
 
 def test_unknown_config_keys_are_rejected() -> None:
@@ -57,6 +58,16 @@ def test_bad_inputs_fail_before_any_model_is_loaded(tmp_path: Path) -> None:
         train([], missing_model, None, TrainerConfig(sync_interval=2, groups_per_step=1))
     with pytest.raises(TrainerConfigError, match="heldout_eval"):
         train([], missing_model, None, TrainerConfig(eval_every=1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has the GPU asked for")
+def test_a_gpu_asked_for_and_absent_is_refused_before_any_model_is_loaded(
+    tmp_path: Path, make_groups: Callable[..., list[TrainingGroup]]
+) -> None:
+    groups = make_groups(n_prompts=1, group_size=2, seed=3)
+    with pytest.raises(TrainerConfigError, match=r"^device 'cuda' was asked for, but torch sees "
+                       r"no GPU on this machine$"):
+        train(groups, tmp_path / "no-such-model", None, TrainerConfig(device="cuda"))
 
 
 def weighted_mean_reward(model: torch.nn.Module, groups: list[TrainingGroup], tok) -> float:  # type: ignore[no-untyped-def]
@@ -87,6 +98,8 @@ def test_one_oapl_update_raises_mean_reward_on_its_training_groups(
     assert result.metrics["groups_used"] > 0
     after = weighted_mean_reward(result.model, groups, backend.tokenizer)
     assert after > before + 0.3  # measured: 0.06 → 0.75
+    # ``auto``: the GPU when torch sees one (benchmarks/learner_cuda.py checks that path)
+    assert result.metrics["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 def test_zero_variance_groups_are_dropped_and_counted(
