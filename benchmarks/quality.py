@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -257,6 +257,9 @@ class QualityConfig:
     keep_from: str | None = None
     """A previous ``quality.json``: rows (and table 2) this run skips are taken from it, so the
     benchmark can run in two sittings. Refused when its held-out setup differs."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the sampler and the learner run (``TrainerConfig.device``): ``auto`` is a GPU when
+    torch sees one. The algorithms are the same on both; the numbers differ by sampling noise."""
 
     def rows_to_run(self) -> list[Row]:
         out = []
@@ -372,7 +375,7 @@ def table_one(
             for row in seed_rows:
                 for algo in ("oapl", "grpo"):
                     t0 = time.perf_counter()
-                    cfg = round_config(algo, tuned, seed)
+                    cfg = dataclasses.replace(round_config(algo, tuned, seed), device=qc.device)
                     model, hist = run_rounds(model_dir, backend,
                                              subset(pool, row.prompts, row.group_size),
                                              train_items[: row.prompts], row, cfg, seed, work, log,
@@ -466,6 +469,7 @@ def table_two(
             max_new_tokens=qc.max_tokens,
             eval_every=qc.lag_eval_every,
             seed=0,
+            device=qc.device,
             **LAG,
         )
         t0 = time.perf_counter()
@@ -549,7 +553,9 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
         config=BootstrapConfig(size=qc.size, **dict(qc.bootstrap_overrides)), cache_dir=qc.cache_dir)
     info = bootstrap_info(model_dir)
     log(f"model {model_dir} ({info['n_params']} params; built in {info['seconds_total']}s)")
-    backend = LocalBackend(model_dir)
+    on_gpu = qc.device == "cuda" or (qc.device == "auto" and torch.cuda.is_available())
+    backend = LocalBackend(model_dir, device="cuda" if on_gpu else "cpu")
+    log(f"sampler on {backend.device}; learner device {qc.device!r}")
     evalset = EvalSet.build(qc.heldout)
     partial = out_dir / PARTIAL_NAME
     partial.unlink(missing_ok=True)
@@ -771,6 +777,8 @@ def main() -> None:
                     help="rewrite quality.md and the plots from the existing quality.json")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
+                    help="sampler and learner: auto = a GPU when torch sees one")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
@@ -785,7 +793,7 @@ def main() -> None:
         lag_steps=args.lag_steps, lag_groups_per_step=args.lag_groups_per_step,
         lag_group_size=args.lag_group_size, lag_heldout=args.lag_heldout,
         lag_eval_every=args.lag_eval_every, tuned_path=str(args.tuned),
-        keep_from=str(args.keep_from) if args.keep_from else None)
+        keep_from=str(args.keep_from) if args.keep_from else None, device=args.device)
     t0 = time.perf_counter()
     with (args.out / "quality.log").open("w") as log_file:
 
