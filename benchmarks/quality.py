@@ -55,7 +55,7 @@ from workers.inference.base import AdapterRef, SamplingParams
 from workers.inference.local import LocalBackend
 from workers.learner.bootstrap import BootstrapConfig, bootstrap_info, bootstrap_model
 from workers.learner.data import PromptItem, TrainingGroup, make_rollout_groups
-from workers.learner.trainer import RegenerationSource, TrainerConfig, train
+from workers.learner.trainer import RegenerationSource, TrainerConfig, select_groups, train
 
 RESULTS = Path(__file__).parent / "results"
 TUNED = RESULTS / "tune_round.json"
@@ -318,6 +318,18 @@ def run_rounds(
             pool = make_rollout_groups(sampler, prompts, row.group_size,
                                        SamplingParams(max_tokens, 1.0, seed * 1000 + r), grade,
                                        group_prefix=f"round{r}/")
+            if not select_groups(pool, cfg.keep_zero_variance_groups)[0]:
+                # A collapsed policy (GRPO at its cliff): every prompt's completions scored alike,
+                # so the round has nothing to learn from. The policy stays as the last round
+                # left it, and the next round samples it again.
+                rewards = [c.reward for g in pool for c in g.completions]
+                history.append({"round": r + 1, "train_reward": float(np.mean(rewards)),
+                                "optimizer_steps": 0, "epochs": 0.0, "groups_used": 0,
+                                "groups_dropped_zero_variance": len(pool), "seconds": 0.0,
+                                "skipped": "every group has equal rewards"})
+                log(f"  round {r + 1}/{row.rounds}: train reward "
+                    f"{history[-1]['train_reward']:.3f}, every group has equal rewards: skipped")
+                continue
         out = work / f"{cfg.algorithm}-s{seed}-{row.key}-r{r}" if row.rounds > 1 else None
         res = train(pool, model_dir, out, dataclasses.replace(cfg, seed=cfg.seed + r),
                     parent=parent, tokenizer=backend.tokenizer)

@@ -372,3 +372,37 @@ def test_run_all_reports_every_wrk_level_the_copy_ratio_per_batch_size_and_the_p
     for s, r in ((1, 0.11), (10, 0.12), (100, 0.13), (1000, 0.14)):
         assert f"| {s} | 6 | {10.0 * s} | {100.0 * s} | {r} | {r / 2}–{2 * r} |" in report
     assert "75.0%  GroupWriter._gather" in report
+
+
+def test_a_round_whose_groups_all_scored_alike_is_skipped_not_fatal(
+    tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GRPO at its cliff collapses to answers that all score the same: the 10-rounds row must
+    record the rounds it could not train and go on, not end the sitting (as it once did)."""
+    import benchmarks.quality as quality
+    from workers.inference.base import SamplingParams
+    from workers.inference.local import LocalBackend
+    from workers.learner.bootstrap import BootstrapConfig, bootstrap_model
+    from workers.learner.data import make_rollout_groups
+    from workers.learner.trainer import TrainerConfig
+
+    overrides: dict[str, Any] = dict(TINY)
+    model_dir = bootstrap_model(config=BootstrapConfig(size="test", **overrides),
+                                cache_dir=model_cache)
+    backend = LocalBackend(model_dir)
+    prompts = quality.items(0, 2, "train")
+    by_length = lambda m, text, o: (1.0 if len(text) % 2 else -1.0, True)  # noqa: E731
+    first = make_rollout_groups(backend, prompts, 4, SamplingParams(12, 1.0, 0), by_length)
+    assert any(len(set(g.rewards)) > 1 for g in first)
+    monkeypatch.setattr(quality, "grade", lambda m, text, o: (-1.0, False))  # the collapse
+    row = quality.Row("rounds10", "3 rounds", 2, 4, rounds=3)
+    cfg = TrainerConfig(epochs=1, groups_per_step=2, lr=1e-2)
+    lines: list[str] = []
+    model, history = quality.run_rounds(model_dir, backend, first, prompts, row, cfg, 0,
+                                        tmp_path, lines.append, max_tokens=12)
+    assert model is not None  # round 1's policy, kept
+    assert history[0]["optimizer_steps"] >= 1 and "skipped" not in history[0]
+    assert [h.get("skipped") for h in history[1:]] == ["every group has equal rewards"] * 2
+    assert [h["train_reward"] for h in history[1:]] == [-1.0, -1.0]
+    assert lines[-1] == ("  round 3/3: train reward -1.000, every group has equal rewards: "
+                         "skipped")
