@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, computed_field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from workers.learner.allocator import AllocatorChoice
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TRACELEARN_", env_file=".env", extra="ignore")
@@ -132,7 +134,7 @@ class Settings(BaseSettings):
         "sends `tool_choice: none` and splits the calls off the text itself.",
     )
 
-    learner_allocator: Literal["auto", "jemalloc", "system"] = Field(
+    learner_allocator: AllocatorChoice = Field(
         default="auto",
         description="malloc of the learner processes (the train worker and a data-parallel "
         "round's ranks, set at their start): `jemalloc` with decay off peaks at ~1.04× the "

@@ -403,8 +403,8 @@ def measure_rss(model_dir: Path, groups: list[Any], cfg: LearnerBenchConfig,
             dump_groups_jsonl(sub, spath)
             sdir, n_scaled = scale_model(model_dir, cfg, Path(tmp) / "scale-model")
             sact, sshape = largest_activation_bytes(sdir, sub, scfg, tok)
-        for suffix, env in (("", allocator_environments()["learner"]),
-                            ("_system", allocator_environments()["system"])):
+        environments = allocator_environments()
+        for suffix, env in (("", environments["learner"]), ("_system", environments["system"])):
             res = _rss_children(model_dir, path, child_cfg, ("floor", "oapl", "sft"), env)
             bundled = _vs_floor(res, act, shape, _n_params(model_dir))
             bundled["interpreter_baseline_mib"] = round(res["oapl"]["baseline_bytes"] / 2**20, 1)

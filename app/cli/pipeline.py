@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 import typer
@@ -38,6 +39,7 @@ from workers.learner.allocator import (
     AllocatorUnavailable,
     allocator_in_use,
     learner_environment,
+    planned_allocator,
 )
 
 pipeline_app = typer.Typer(help="Rollout workers, scheduler and training runs.")
@@ -46,15 +48,18 @@ pipeline_app = typer.Typer(help="Rollout workers, scheduler and training runs.")
 def _exec(argv: list[str], *, learner: bool = False) -> None:
     """Replace this process with ``argv``; ``learner``: it may train, so it starts with the
     learner's allocator (``workers.learner.allocator``: it cannot change after start)."""
-    settings = get_settings()
-    env = os.environ | settings_env(settings)
-    if learner:
-        try:
-            env = learner_environment(env, settings.learner_allocator)
-        except AllocatorUnavailable as exc:
-            console.print(f"[red]{exc}")
-            raise typer.Exit(2) from exc
-    os.execvpe(argv[0], argv, env)
+    env = os.environ | settings_env(get_settings())
+    os.execvpe(argv[0], argv, _learner_env(env) if learner else env)
+
+
+def _learner_env(base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` set up for the learner's allocator; exit 2 with the reason when it cannot be."""
+    choice = get_settings().learner_allocator
+    try:
+        return learner_environment(base, choice)
+    except AllocatorUnavailable as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from exc
 
 
 _ON_LEARNER_ALLOCATOR = "TRACELEARN_ON_LEARNER_ALLOCATOR"
@@ -67,12 +72,8 @@ def _restart_on_learner_allocator() -> None:
     process: the allocator is chosen at process start (``workers.learner.allocator``)."""
     if allocator_in_use() == "jemalloc" or os.environ.get(_ON_LEARNER_ALLOCATOR):
         return
-    try:
-        env = learner_environment(os.environ, get_settings().learner_allocator)
-    except AllocatorUnavailable as exc:
-        console.print(f"[red]{exc}")
-        raise typer.Exit(2) from exc
-    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+    env = _learner_env(os.environ)
+    if planned_allocator(get_settings().learner_allocator) == "system":
         return  # ``system``, or ``auto`` without the library: nothing to change
     env[_ON_LEARNER_ALLOCATOR] = "1"
     # orig_argv: the interpreter's own command line (``python -m app.cli …`` or the console

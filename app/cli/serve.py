@@ -24,7 +24,7 @@ from app.cli.progress import console, stage_progress
 from app.install import model_build_reason, prepare
 from app.main import create_app
 from app.settings import Settings, get_settings
-from workers.learner.allocator import AllocatorUnavailable, learner_environment
+from workers.learner.allocator import AllocatorUnavailable, planned_allocator
 
 serve_app = typer.Typer()
 
@@ -99,7 +99,7 @@ def run_embedded(settings: Settings, host: str, port: int) -> None:
         raise CannotStart(f"port {port} on {host} is already in use; stop what listens there or "
                           "pass --port")
     try:
-        learner = learner_environment({}, settings.learner_allocator)
+        learner = planned_allocator(settings.learner_allocator)
     except AllocatorUnavailable as exc:
         raise CannotStart(str(exc)) from exc
     lock = _claim_data_dir(settings)
@@ -119,7 +119,7 @@ def run_embedded(settings: Settings, host: str, port: int) -> None:
 [bold green]tracelearn is up[/bold green]
   data      {settings.data_dir.resolve()}  (SQLite + no-server broker)
   model     {model_dir}
-  learner   {"jemalloc" if "LD_PRELOAD" in learner else "system"} malloc  (TRACELEARN_LEARNER_ALLOCATOR)
+  learner   {learner} malloc  (TRACELEARN_LEARNER_ALLOCATOR)
   API docs  {url}/docs
   dashboard {url}/dashboard
   metrics   {url}/metrics

@@ -9,7 +9,8 @@ purging's page faults make steps ~1.5× slower (``benchmarks/findings.md``, "all
 
 An allocator cannot be swapped inside a running process: the train worker (and the ranks of a
 data-parallel round, which inherit its environment) must START with ``LD_PRELOAD`` naming the
-library. ``learner_environment`` gives that environment; ``allocator_in_use`` says what a process
+library. ``learner_environment`` gives that environment (``planned_allocator`` names what it
+sets up); ``allocator_in_use`` says what a process
 actually got (recorded in each run's manifest); ``release_free_memory`` gives the kept extents
 back after a run.
 
@@ -59,6 +60,22 @@ def find_jemalloc() -> Path | None:
     return None
 
 
+def planned_allocator(choice: AllocatorChoice) -> Literal["jemalloc", "system"]:
+    """The allocator a learner process started under ``choice`` gets on this machine. Raises
+    ``AllocatorUnavailable`` for ``jemalloc`` without the library."""
+    if choice == "system":
+        return "system"
+    if find_jemalloc() is not None:
+        return "jemalloc"
+    if choice == "jemalloc":
+        raise AllocatorUnavailable(
+            "learner_allocator is 'jemalloc' but libjemalloc.so.2 is not installed "
+            "(Debian/Ubuntu: apt-get install libjemalloc2; or set "
+            "TRACELEARN_LEARNER_ALLOCATOR=auto or system)"
+        )
+    return "system"
+
+
 def learner_environment(
     base: Mapping[str, str], choice: AllocatorChoice
 ) -> dict[str, str]:
@@ -69,16 +86,8 @@ def learner_environment(
     as given (an operator's own ``LD_PRELOAD`` stays theirs). Raises ``AllocatorUnavailable`` for
     ``jemalloc`` without the library."""
     env = dict(base)
-    if choice == "system":
-        return env
     lib = find_jemalloc()
-    if lib is None:
-        if choice == "jemalloc":
-            raise AllocatorUnavailable(
-                "learner_allocator is 'jemalloc' but libjemalloc.so.2 is not installed "
-                "(Debian/Ubuntu: apt-get install libjemalloc2; or set "
-                "TRACELEARN_LEARNER_ALLOCATOR=auto or system)"
-            )
+    if planned_allocator(choice) == "system" or lib is None:
         return env
     preload = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p]
     if not any("libjemalloc" in Path(p).name for p in preload):

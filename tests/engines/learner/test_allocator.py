@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from workers.learner.allocator import (
     allocator_in_use,
     find_jemalloc,
     learner_environment,
+    planned_allocator,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -54,8 +56,18 @@ def test_without_the_library_auto_falls_back_and_jemalloc_is_an_error(
     monkeypatch.setattr(allocator.ctypes.util, "find_library", lambda name: None)
     assert find_jemalloc() is None
     assert learner_environment({"HOME": "/root"}, "auto") == {"HOME": "/root"}
+    assert planned_allocator("auto") == planned_allocator("system") == "system"
     with pytest.raises(AllocatorUnavailable, match="apt-get install libjemalloc2"):
         learner_environment({}, "jemalloc")
+    with pytest.raises(AllocatorUnavailable, match="apt-get install libjemalloc2"):
+        planned_allocator("jemalloc")
+
+
+def test_the_planned_allocator_is_what_the_environment_sets_up() -> None:
+    _jemalloc()
+    assert planned_allocator("auto") == planned_allocator("jemalloc") == "jemalloc"
+    assert _child_allocator(learner_environment(dict(os.environ), "auto")) == "jemalloc"
+    assert planned_allocator("system") == "system"
 
 
 def _child_allocator(env: dict[str, str]) -> str:
