@@ -32,7 +32,7 @@ def _ship(cfg: BootstrapConfig, cache_dir: Path | None) -> Path:
         with stage_progress("building the bundled model") as report:
             built = bootstrap_model(Path(scratch) / "tiny", cfg,
                                     cache_dir=cache_dir or Path(scratch) / "cache",
-                                    progress=report)
+                                    progress=report, from_package=False)
         console.print(f"measuring the baseline on {BASELINE_PROMPTS} held-out prompts at T=1…")
         bundled.write_manifest(built, baseline(built, BASELINE_PROMPTS))
         shutil.rmtree(bundled.SHIPPED_DIR, ignore_errors=True)

@@ -46,6 +46,7 @@ from workers.graders.contract import parse_answer
 from workers.inference.base import SamplingParams
 from workers.inference.chat import encode_prompt
 from workers.inference.local import LocalBackend
+from workers.learner import bundled
 from workers.learner.recipe import CODE_VERSION, SIZES, BootstrapConfig, ModelSize
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -221,16 +222,23 @@ def bootstrap_model(
     config: BootstrapConfig | None = None,
     cache_dir: str | Path | None = None,
     progress: BuildProgress | None = None,
+    *,
+    from_package: bool = True,
 ) -> Path:
     """Build (or fetch from cache) the bundled model and return its directory.
 
-    The model is built into ``cache_dir/<size>-<key>`` (atomically: temp dir then rename) unless it
+    A recipe the package ships a build of (``workers.learner.bundled``) is copied from there,
+    not built, unless ``from_package`` is False (a rebuild to ship or to check). Any other is
+    built into ``cache_dir/<size>-<key>`` (atomically: temp dir then rename) unless it
     is already there. With ``out`` the cached directory is also copied to ``out``, which must not
     exist unless it already holds the same build (then it is returned unchanged).
     """
     cfg = config or BootstrapConfig()
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     cached = cache / f"{cfg.size}-{cfg.cache_key()}"
+    if (from_package and not (cached / MANIFEST).is_file()
+            and bundled.unusable_reason(cfg) is None):
+        bundled.install(cached)  # the package ships this very recipe's build: no minutes of SFT
     if not (cached / MANIFEST).is_file():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{cached.name}.tmp-", dir=cache))

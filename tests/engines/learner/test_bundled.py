@@ -76,6 +76,18 @@ def test_install_copies_the_shipped_model_whole(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny"]  # no temp dir left
 
 
+def test_bootstrapping_the_shipped_recipe_copies_the_package_build_instead_of_training(
+    tmp_path: Path,
+) -> None:
+    stages: list[str] = []
+    built = bootstrap_model(config=BootstrapConfig(), cache_dir=tmp_path,
+                            progress=lambda stage, done, total: stages.append(stage))
+    assert stages == []  # no demonstrations, tokenizer or warm-start: minutes saved
+    assert built == tmp_path / f"tiny-{BootstrapConfig().cache_key()}"
+    assert bundled.file_digests(built) == bundled.read_manifest()["files"]
+    assert bootstrap_model(config=BootstrapConfig(), cache_dir=tmp_path) == built  # cached
+
+
 def test_a_recipe_mismatch_or_a_changed_file_makes_the_shipped_model_unusable(
     tmp_path: Path,
 ) -> None:
@@ -92,7 +104,8 @@ def test_a_recipe_mismatch_or_a_changed_file_makes_the_shipped_model_unusable(
 @pytest.mark.slow
 def test_rebuilding_from_scratch_gives_the_shipped_bytes(tmp_path: Path) -> None:
     """Minutes on 2 cores: the whole warm-start."""
-    built = bootstrap_model(config=BootstrapConfig(), cache_dir=tmp_path)
+    built = bootstrap_model(config=BootstrapConfig(), cache_dir=tmp_path, from_package=False)
+    assert not (built / bundled.MANIFEST).exists()  # built here, not copied from the package
     shipped = bundled.read_manifest()["files"]
     rebuilt = bundled.file_digests(built)
     del shipped[bundled.BUILD_INFO], rebuilt[bundled.BUILD_INFO]  # timings differ
