@@ -72,7 +72,7 @@ def engine_for(settings: Settings, base_model: str) -> ServingEngine:
         engine = _engines.get(key)
         if engine is None:
             if kind == "local":
-                engine = LocalServingEngine(base_model)
+                engine = LocalServingEngine(base_model, device=settings.local_device)
             else:
                 engine = VllmServingEngine(_vllm_http(settings, base_model),
                                            timeout_s=settings.vllm_timeout_s,
@@ -108,7 +108,8 @@ def backend_for(settings: Settings, base_model: str) -> InferenceBackend:
             # Imported here: torch + transformers take seconds, and only this branch needs them.
             from workers.inference.local import LocalBackend
 
-            backend = LockedBackend(LocalBackend(base_model), threading.Lock())
+            backend = LockedBackend(LocalBackend(base_model, device=settings.local_device),
+                                    threading.Lock())
     with _lock:
         return _backends.setdefault(key, backend)
 

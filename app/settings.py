@@ -122,6 +122,13 @@ class Settings(BaseSettings):
     inference_backend: Literal["local", "vllm_http", "vllm_engine"] = Field(
         default="local", description="Which inference backend rollout and eval workers use."
     )
+    local_device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where the local transformers backend (rollouts, evaluation and serving "
+        "when `inference_backend` is `local`) runs: `auto`, a GPU when torch sees one, else the "
+        "CPU; `cpu`; `cuda` or `cuda:N`. A GPU asked for and absent fails the job that needs "
+        "the model, with the reason.",
+    )
     vllm_url: str = Field(
         default="http://127.0.0.1:8000", description="Base URL of the vLLM OpenAI server."
     )

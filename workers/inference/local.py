@@ -20,12 +20,27 @@ from workers.inference.base import AdapterRef, Completion, SamplingParams, Unkno
 from workers.inference.chat import check_token_ids, embedding_rows, encode_prompt
 
 
+def pick_device(choice: str) -> torch.device:
+    """``choice`` as a torch device; ``auto``: the first GPU when torch sees one, else the CPU."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choice)
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= gpus:
+            raise ValueError(f"device {choice!r} was asked for, but torch sees "
+                             f"{gpus or 'no'} GPU{'' if gpus == 1 else 's'} on this machine")
+    return device
+
+
 class LocalBackend:
     """``InferenceBackend`` on local transformers.
 
     ``base_path``: HF model directory (e.g. from ``tracelearn model bootstrap``). Adapters are
     verified (sha256 against their manifest), merged into a copy of the base and cached by name
     (``max_cached_adapters`` most recent); names are immutable, so a cached name is never stale.
+    ``device``: a torch device (``cpu``, ``cuda``, ``cuda:1``) or ``auto``, a GPU when torch sees
+    one; a GPU asked for and absent raises ``ValueError`` before anything loads.
     """
 
     def __init__(
@@ -38,7 +53,7 @@ class LocalBackend:
         max_cached_adapters: int = 4,
     ) -> None:
         self.base_path = str(base_path)
-        self.device = torch.device(device)
+        self.device = pick_device(device)
         self.dtype = dtype
         self.max_batch_size = max_batch_size
         self.max_cached_adapters = max_cached_adapters

@@ -112,9 +112,11 @@ class LocalServingEngine:
     it is first loaded, so ``load_adapter`` does the full work up front and a request never pays it.
     """
 
-    def __init__(self, base_model_dir: str | Path, backend: Any = None) -> None:
+    def __init__(self, base_model_dir: str | Path, backend: Any = None, device: str = "cpu") -> None:
         self.base_model_dir = str(base_model_dir)
         self._backend = backend
+        self.device = device
+        """Where the model loads when the engine makes its own backend (``LocalBackend``)."""
         self._adapters: dict[str, AdapterRef] = {}
         # transformers models are not safe to drive from two threads at once.
         self.lock = threading.RLock()
@@ -126,7 +128,7 @@ class LocalServingEngine:
 
             with self.lock:
                 if self._backend is None:
-                    self._backend = LocalBackend(self.base_model_dir)
+                    self._backend = LocalBackend(self.base_model_dir, device=self.device)
         return self._backend
 
     def load_adapter(self, name: str, path: str) -> None:

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from sqlalchemy import func, select
 
+from app import engines
 from app.auth.service import Principal, Scope
 from app.db import session_scope
 from app.models import (
@@ -264,3 +266,21 @@ def test_a_trace_with_special_token_text_regenerates_and_the_text_stays_text(
     specials = {t for t, added in tok.added_tokens_decoder.items() if added.special}
     assert tok.convert_ids_to_tokens([t for t in prompt if t in specials]) == [
         "<|system|>", "<|end|>", "<|user|>", "<|end|>", "<|assistant|>"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has the GPU asked for")
+def test_a_local_backend_asked_for_a_missing_gpu_fails_the_rollout_job_with_the_reason(
+    sqlite_settings: Settings, model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_settings, "local_device", "cuda")
+    engines.reset()  # backends are per process: the next job builds one on the asked device
+    name, trace_ids = seed_policy(sqlite_settings, model_dir, n_traces=2, group_size=2)
+    with session_scope() as s:
+        (job,) = plan_regeneration(s, policy_row(name))
+    with session_scope() as s:
+        ran = s.get(Job, job.id)
+        assert ran is not None and ran.status != JobStatus.succeeded
+        assert ran.error is not None
+        assert "device 'cuda' was asked for, but torch sees no GPUs on this machine" in ran.error
+        assert not list(s.scalars(select(RolloutGroup).where(
+            RolloutGroup.trace_id.in_(trace_ids), RolloutGroup.status == GroupStatus.graded)))
