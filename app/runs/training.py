@@ -57,6 +57,7 @@ from workers.learner.allocator import (
     AllocatorUnavailable,
     learner_environment,
     release_free_memory,
+    release_gpu_cache,
 )
 
 log = logging.getLogger(__name__)
@@ -564,6 +565,7 @@ def handle_train_job(ctx: JobContext) -> dict[str, Any]:
         # give their pages back, or the worker idles at the run's peak until the next one.
         gc.collect()
         release_free_memory()
+        release_gpu_cache()
     return {"run_id": run_id, "status": run.status.value,
             "output_snapshot_id": run.output_snapshot_id}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -119,6 +120,20 @@ def release_free_memory() -> bool:
         process.malloc_trim(0)
         return True
     return False
+
+
+def release_gpu_cache() -> bool:
+    """Hand torch's cached GPU blocks back to the driver; whether there were any to hand back.
+
+    After a run on a GPU the caching allocator keeps the run's peak reserved for this process,
+    where vLLM on the same GPU, or the next run's ranks, would want it. torch is looked up, not
+    imported: a process that never loaded it has no GPU memory to give back (and the API
+    process must not pay seconds to load it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return False
+    torch.cuda.empty_cache()
+    return True
 
 
 def allocator_in_use(maps: Path = Path("/proc/self/maps")) -> str:

@@ -126,3 +126,17 @@ def test_after_a_run_the_free_pages_go_back_to_the_os() -> None:
     assert freed >= 200, (held, freed)
     # ...until it is asked to give it back.
     assert released <= 32, (held, freed, released)
+
+
+def test_a_process_that_never_loaded_torch_has_no_gpu_cache_to_release() -> None:
+    code = ("import sys; from workers.learner.allocator import release_gpu_cache; "
+            "print(release_gpu_cache(), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["False", "False"]  # and it did not import torch to find that out
+    code = ("import torch; from workers.learner.allocator import release_gpu_cache; "
+            "x = torch.ones(1, device='cuda') if torch.cuda.is_available() else None; "
+            "print(release_gpu_cache() == torch.cuda.is_available())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["True"]
