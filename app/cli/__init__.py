@@ -16,14 +16,13 @@ from app.cli.db import db_cli
 from app.cli.demo import demo_app
 from app.cli.keys import keys_cli
 from app.cli.model import model_app
-from app.cli.pipeline import pipeline_app
+from app.cli.pipeline import pipeline_app, train_offline_on_learner_allocator
 from app.cli.serve import serve_app
 from app.cli.tenants import tenants_cli
 from app.cli.transfer import transfer_app
 from app.jobs.service import register_sender
 from app.observability import quiet_libraries
 from workers.celery_app import send_job
-from workers.learner.commands import train_offline
 
 cli = typer.Typer(help="tracelearn: better LoRA adapters from production traces.",
                   no_args_is_help=True)
@@ -36,7 +35,7 @@ cli.add_typer(keys_cli, name="keys")
 cli.add_typer(tenants_cli, name="tenants")
 cli.add_typer(model_app, name="model")
 cli.command("train-offline", help="Train an adapter offline from a JSONL of graded groups "
-            "(also under torchrun).")(train_offline)
+            "(also under torchrun).")(train_offline_on_learner_allocator)
 
 
 @cli.callback()

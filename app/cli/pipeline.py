@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -41,6 +42,7 @@ from workers.learner.allocator import (
     learner_environment,
     planned_allocator,
 )
+from workers.learner.commands import train_offline
 
 pipeline_app = typer.Typer(help="Rollout workers, scheduler and training runs.")
 
@@ -79,6 +81,14 @@ def _restart_on_learner_allocator() -> None:
     # orig_argv: the interpreter's own command line (``python -m app.cli …`` or the console
     # script's path and its arguments), run again by this interpreter.
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+@functools.wraps(train_offline)
+def train_offline_on_learner_allocator(*args: Any, **kwargs: Any) -> None:
+    """``tracelearn train-offline``: the engine's command, in a process on the learner's
+    allocator (each torchrun rank restarts itself once; the pid, which torchrun watches, stays)."""
+    _restart_on_learner_allocator()
+    train_offline(*args, **kwargs)
 
 
 @pipeline_app.command("worker")
