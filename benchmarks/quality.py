@@ -376,6 +376,8 @@ def table_one(
         for seed in range(qc.seeds):
             torch.manual_seed(seed)
             seed_rows = [r for r in rows if not r.heavy or seed < qc.heavy_row_seeds]
+            if not seed_rows:  # only heavy rows asked for, and they run under fewer seeds
+                continue
             max_g = max(r.group_size for r in seed_rows)
             max_p = max(r.prompts for r in seed_rows)
             train_items = items(seed, max_p, "train")
@@ -560,6 +562,9 @@ def keep_previous(
 
 def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     """Both tables and the reports; returns what ``quality.json`` holds."""
+    if HEADLINE not in qc.rows and not qc.keep_from:
+        raise ValueError(f"the headline row {HEADLINE!r} is neither run nor taken from an "
+                         "earlier quality.json (--keep-from)")
     t_start = time.perf_counter()
     model_dir = bootstrap_model(
         config=BootstrapConfig(size=qc.size, **dict(qc.bootstrap_overrides)), cache_dir=qc.cache_dir)

@@ -3,6 +3,7 @@ finite numbers. Timings are never asserted (they depend on the machine and its l
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.machinery
 import importlib.util
 import json
@@ -406,3 +407,31 @@ def test_a_round_whose_groups_all_scored_alike_is_skipped_not_fatal(
     assert [h["train_reward"] for h in history[1:]] == [-1.0, -1.0]
     assert lines[-1] == ("  round 3/3: train reward -1.000, every group has equal rewards: "
                          "skipped")
+
+
+def test_a_sitting_of_heavy_rows_alone_runs_them_under_their_seeds_only(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """`--rows rounds10` with 3 seeds: seeds 1 and 2 have no row to run (the heavy rows run
+    under ``heavy_row_seeds``); they are passed over, not a crash after the last row."""
+    from benchmarks.quality import QualityConfig, run
+
+    point = (("lr", 5e-3), ("epochs", 1), ("keep_zero_variance_groups", True))
+    cfg = QualityConfig(
+        size="test", bootstrap_overrides=TINY, seeds=1, heavy_row_seeds=1, heldout=4, samples=1,
+        max_tokens=8, rows=("more",), scale=2 / 128, rounds=2, group_size_cap=2,
+        lag_intervals=(), tuned=(("oapl", (*point, ("beta2", 0.1))), ("grpo", point)))
+    first = tmp_path / "first"
+    run(cfg, first, log=lambda _: None)
+    heavy = dataclasses.replace(cfg, seeds=3, rows=("rounds10",), keep_from=None)
+    with pytest.raises(ValueError, match="headline row 'more' is neither run nor taken"):
+        run(heavy, tmp_path / "refused", log=lambda _: None)
+    lines: list[str] = []
+    run(dataclasses.replace(heavy, keep_from=str(first / "quality.json")), tmp_path / "second",
+        log=lines.append)
+    saved = json.loads((tmp_path / "second" / "quality.json").read_text())
+    rows = saved["table1"]["summary"]["rows"]
+    assert rows["rounds10"]["oapl"]["seeds"] == rows["rounds10"]["grpo"]["seeds"] == 1
+    assert rows["more"] == json.loads((first / "quality.json").read_text())[
+        "table1"]["summary"]["rows"]["more"]
+    assert not any(line.startswith(("seed 1", "seed 2")) for line in lines)
