@@ -537,6 +537,10 @@ def headline_keys(summary: dict[str, Any], t2: dict[str, Any], evalset: EvalSet)
     return out
 
 
+HEADLINE_BASELINE_KEYS = ("baseline_heldout_correct", "baseline_parse_rate",
+                          "baseline_unseen_style_")
+
+
 def keep_previous(
     qc: QualityConfig, path: Path, summary: dict[str, Any], t2: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -557,6 +561,12 @@ def keep_previous(
     summary = summary | {"rows": {r.key: rows[r.key] for r in ROWS if r.key in rows}}
     if not t2 and before.get("table2"):
         t2, taken["table2"] = before["table2"], True
+    if taken["rows"] or taken["table2"]:
+        taken["baseline_correct"] = before.get("baseline_heldout_correct")
+    if HEADLINE in taken["rows"]:
+        # The headline keys pair the headline row with the baseline it was measured against.
+        taken["headline_baseline"] = {k: v for k, v in before.items()
+                                      if k.startswith(HEADLINE_BASELINE_KEYS)}
     return summary, t2, taken
 
 
@@ -584,7 +594,8 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     if qc.keep_from:
         summary, t2, kept_from = keep_previous(qc, Path(qc.keep_from), summary, t2)
         log(f"taken from {qc.keep_from}: {kept_from}")
-    result: dict[str, Any] = headline_keys(summary, t2, evalset) | {
+    result: dict[str, Any] = headline_keys(summary, t2, evalset) | kept_from.get(
+        "headline_baseline", {}) | {
         "headline_row": next(r.name for r in ROWS if r.key == HEADLINE),
         "bayes_optimal_accuracy": task.bayes_optimal_accuracy(50_000),
         "model": info,
@@ -671,6 +682,20 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sittings(result: dict[str, Any]) -> str:
+    """What of the report an earlier sitting measured (``--keep-from``), said in the header."""
+    kept = result.get("kept_from_previous_run") or {}
+    parts = [f"table 1's rows {', '.join(kept['rows'])}"] if kept.get("rows") else []
+    parts += ["table 2"] if kept.get("table2") else []
+    if not parts:
+        return ""
+    earlier = kept.get("baseline_correct")
+    baseline = f", whose baseline was {pct(earlier)} correct at T=1" if earlier is not None else ""
+    return (f" Two sittings: {' and '.join(parts)} come from the earlier one "
+            f"(`--keep-from {result['setup']['keep_from']}`{baseline}); the baseline row and the "
+            "other rows from this one, on the same model and held-out prompts.")
+
+
 def write_reports(result: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -692,7 +717,7 @@ def write_reports(result: dict[str, Any], out: Path) -> None:
         f"One update = one round: OAPL lr {tuned['oapl'].get('lr')}, β₂ {tuned['oapl'].get('beta2')}, "
         f"{tuned['oapl'].get('epochs')} epochs; GRPO lr {tuned['grpo'].get('lr')}, "
         f"{tuned['grpo'].get('epochs')} epochs; {ROUND['groups_per_step']} groups per step. "
-        f"Total wall time {result['seconds'] / 60:.1f} min.",
+        f"Total wall time {result['seconds'] / 60:.1f} min.{_sittings(result)}",
         "",
         "## Table 1 — one round, rollouts from the baseline snapshot",
         "",

@@ -324,13 +324,15 @@ def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: 
     qc = QualityConfig(heldout=10, samples=2, rows=("rounds10",), lag_intervals=())
     setup = {"heldout": 10, "samples": 2, "max_tokens": qc.max_tokens,
              "seen_styles": list(task.SEEN_STYLES), "unseen_style": task.UNSEEN_STYLE}
-    first = {"setup": setup, "table2": {"1": {"history": []}},
+    first = {"setup": setup, "table2": {"1": {"history": []}}, "baseline_heldout_correct": 0.045,
              "table1": {"summary": {"rows": {"more": {"oapl": "A"}, "rounds10": {"oapl": "old"}}}}}
     (tmp_path / "q.json").write_text(json.dumps(first))
     summary = {"baseline": {}, "rows": {"rounds10": {"oapl": "new"}}}
     merged, t2, taken = keep_previous(qc, tmp_path / "q.json", summary, {})
     assert merged["rows"] == {"more": {"oapl": "A"}, "rounds10": {"oapl": "new"}}
-    assert t2 == first["table2"] and taken == {"rows": ["more"], "table2": True}
+    assert t2 == first["table2"]
+    assert taken == {"rows": ["more"], "table2": True, "baseline_correct": 0.045,
+                     "headline_baseline": {"baseline_heldout_correct": 0.045}}
     (tmp_path / "q.json").write_text(json.dumps(first | {"setup": setup | {"heldout": 500}}))
     with pytest.raises(ValueError, match="held-out setup differs"):
         keep_previous(qc, tmp_path / "q.json", summary, {})
@@ -432,6 +434,14 @@ def test_a_sitting_of_heavy_rows_alone_runs_them_under_their_seeds_only(
     saved = json.loads((tmp_path / "second" / "quality.json").read_text())
     rows = saved["table1"]["summary"]["rows"]
     assert rows["rounds10"]["oapl"]["seeds"] == rows["rounds10"]["grpo"]["seeds"] == 1
-    assert rows["more"] == json.loads((first / "quality.json").read_text())[
-        "table1"]["summary"]["rows"]["more"]
+    earlier_result = json.loads((first / "quality.json").read_text())
+    assert rows["more"] == earlier_result["table1"]["summary"]["rows"]["more"]
+    # the headline keys pair the kept headline row with the baseline of its own sitting
+    for key in ("baseline_heldout_correct", "baseline_parse_rate_ci95",
+                "baseline_unseen_style_heldout_correct", "oapl_one_update_heldout_correct"):
+        assert saved[key] == earlier_result[key], key
     assert not any(line.startswith(("seed 1", "seed 2")) for line in lines)
+    header = (tmp_path / "second" / "quality.md").read_text().split("\n")[2]
+    earlier = json.loads((first / "quality.json").read_text())["baseline_heldout_correct"]
+    assert f"table 1's rows more come from the earlier one (`--keep-from {first}/quality.json`, " \
+        f"whose baseline was {100 * earlier:.1f}% correct at T=1)" in header
