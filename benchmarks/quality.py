@@ -580,8 +580,7 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
         config=BootstrapConfig(size=qc.size, **dict(qc.bootstrap_overrides)), cache_dir=qc.cache_dir)
     info = bootstrap_info(model_dir)
     log(f"model {model_dir} ({info['n_params']} params; built in {info['seconds_total']}s)")
-    on_gpu = qc.device == "cuda" or (qc.device == "auto" and torch.cuda.is_available())
-    backend = LocalBackend(model_dir, device="cuda" if on_gpu else "cpu")
+    backend = LocalBackend(model_dir, device=qc.device)  # resolves ``auto`` as the trainer does
     log(f"sampler on {backend.device}; learner device {qc.device!r}")
     evalset = EvalSet.build(qc.heldout)
     partial = out_dir / PARTIAL_NAME

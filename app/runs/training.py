@@ -305,7 +305,7 @@ def execute_run(
 ) -> TrainingRun:
     """Train run ``run_id``; a run that already finished is returned untouched."""
     from workers.learner import launch  # torch: see trainer_config
-    from workers.learner.trainer import TrainerConfig, device_problem, train
+    from workers.learner.trainer import TrainerConfig, device_problem, on_gpu, train
 
     with session_scope() as session:
         run = session.get(TrainingRun, run_id)
@@ -328,7 +328,7 @@ def execute_run(
             raise PermanentJobError(problem)
         limit = launch.max_processes(config.device)
         if processes > limit:
-            unit = "GPU" if launch.on_gpu(config.device) else "CPU"
+            unit = "GPU" if on_gpu(config.device) else "CPU"
             raise PermanentJobError(
                 f"the policy asks for {processes} learner processes; this machine runs at most "
                 f"{limit} (one per {unit})"

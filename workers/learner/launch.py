@@ -44,6 +44,7 @@ from workers.learner.trainer import (
     TrainerConfig,
     TrainResult,
     init_distributed_from_env,
+    on_gpu,
     train,
 )
 
@@ -60,11 +61,6 @@ def max_processes(device: str = "cpu") -> int:
     if on_gpu(device):
         return torch.cuda.device_count()
     return os.cpu_count() or 1
-
-
-def on_gpu(device: str) -> bool:
-    """Whether learner processes asked to train on ``device`` train on GPUs here."""
-    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
 # --- the round, as files ----------------------------------------------------------------------

@@ -362,11 +362,16 @@ def device_problem(choice: str, processes: int = 1) -> str | None:
     return None
 
 
+def on_gpu(choice: str) -> bool:
+    """Whether learner processes asked to train on ``choice`` train on GPUs here: ``cuda``, or
+    ``auto`` where torch sees a GPU."""
+    return choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+
+
 def resolve_device(choice: str) -> torch.device:
     """The device this process trains on: under torchrun, rank r's GPU is LOCAL_RANK (torchrun
     sets it) so that no two ranks share one; ``auto`` is a GPU when torch sees one."""
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    choice = "cuda" if on_gpu(choice) else "cpu"
     problem = device_problem(choice, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if problem is not None:
         raise TrainerConfigError(problem)
