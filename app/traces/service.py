@@ -280,6 +280,10 @@ def admit(
 
     policies = _policies_by_name(session, tenant, {item.policy for _, item in valid})
     tenant_mode = tenants.redaction_mode(session, tenant) if valid else RedactionMode.mask
+    redacted = [item.external_id for _, item in valid
+                if (p := policies.get(item.policy)) is not None and p.redaction_enabled
+                and tenant_mode is not RedactionMode.off]
+    leaks = dict(zip(redacted, Redactor().finds_each(redacted), strict=True))
     pending: list[_Pending] = []
     for index, item in valid:
         policy = policies.get(item.policy)
@@ -287,7 +291,7 @@ def admit(
             results[index] = _invalid(index, item.model_dump(), f"unknown policy {item.policy!r}")
             continue
         mode = tenant_mode if policy.redaction_enabled else RedactionMode.off
-        leaked = Redactor().finds(item.external_id) if mode is not RedactionMode.off else []
+        leaked = leaks[item.external_id] if mode is not RedactionMode.off else []
         if leaked:
             # Refused, not redacted: the external_id is the idempotency key, and rewriting it
             # would merge distinct traces (every `user-[EMAIL]`) and break retries.
