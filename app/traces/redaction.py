@@ -247,9 +247,19 @@ def _keyword_ends(text: str) -> set[int]:
 # which is slow (it parses every digit run it meets); digits and separators are disjoint, so the
 # pattern cannot backtrack.
 _PHONE_STRETCH = re.compile(r"[+(]?\d(?:[ \t().\-/]*\d){6,}")
-# The same stretch where a tab may be written ``\t`` (in a trace's JSON), less the optional
-# sign that opens it: what any text holding a stretch holds.
-_PHONE_STRETCH_NEED = r"\d(?:(?:[ \t().\-/]|\\t)*\d){6,}"
+# What a text holds wherever ``_phone_windows`` gives a window that no keyword opened: a stretch
+# that opens with "+", or with "00" (read as "+"), or a North-American shape. A tab may be
+# written ``\t`` (in a trace's JSON).
+_TAB = r"(?:\t|\\t)"
+_SEP = r"(?:[ \t().\-/]|\\t)"
+_PHONE_WINDOW_NEEDS = [
+    rf"\+\d(?:{_SEP}*\d){{6,}}",
+    rf"00\d(?:{_SEP}*\d){{6,}}",
+    # Two patterns, not one alternation, and digits spelled out: folded, each then opens with
+    # a literal ("(000)", "000"), which sre looks for at memchr speed (13 against 1 µs).
+    rf"\(\d\d\d\)(?: |{_TAB})?\d\d\d(?:[ .-]|{_TAB})\d\d\d\d",
+    rf"\d\d\d(?:[ .-]|{_TAB})\d\d\d(?:[ .-]|{_TAB})\d\d\d\d",
+]
 _NANP_SHAPE = re.compile(r"(?<!\d)(?:1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?!\d)")
 _DATE_ONLY = re.compile(r"\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}")
 
@@ -415,10 +425,11 @@ NEEDS: dict[str, Needs] = {
                    b"nacimiento", b"nacid", b"nascita", b"nat")),
     "IP": _needs([r":[0-9A-Fa-f]{0,4}:", r"\d\.\d{1,3}\.\d{1,3}\.\d"],
                  [rb":[0Aa-f]{0,4}:", rb"0\.0{1,3}\.0{1,3}\.0"]),
-    # Seven digits in a stretch (``_PHONE_STRETCH``; a tab is ``\\t`` in JSON), or a phone
-    # keyword: its stem in ASCII text, the keyword itself in other text.
-    "PHONE": _needs([_PHONE_STRETCH_NEED, _PHONE_KEYWORD.pattern],
-                    [_PHONE_STRETCH_NEED.replace(r"\d", "0").encode()],
+    # A stretch the matcher is shown (``_PHONE_WINDOW_NEEDS``), or a phone keyword: its stem in
+    # ASCII text, the keyword itself in other text. Folded, "00" followed by a digit is three
+    # zeros, which a three-digit number also is: the stretch still asks for nine digits.
+    "PHONE": _needs([*_PHONE_WINDOW_NEEDS, _PHONE_KEYWORD.pattern],
+                    [p.replace(r"\d", "0").encode() for p in _PHONE_WINDOW_NEEDS],
                     tuple(stem.encode() for stem in _PHONE_KEYWORD_STEMS), stems_suffice=True),
     # Letters matter here: no folded form, the patterns run on the text itself. A house number,
     # one to five words (a direction, the street's name) and a street suffix; or a PO box.
