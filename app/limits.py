@@ -46,7 +46,16 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
     step: strings cut out, every byte but brackets dropped, then the deepest running depth."""
     if body.count(b"[") + body.count(b"{") <= limit:  # cannot nest deeper than it opens
         return False
-    brackets = _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS)
+    # Backslash pairs out first (in a string a pair is one escaped backslash; outside one, two
+    # bytes that count for nothing). Where no backslash-quote is left, every quote opens or
+    # closes a string and a split on quotes cuts the strings out (~1 ms for a 1 MB batch against
+    # ~8 ms for the regex, which also reads escaped quotes).
+    unpaired = body.replace(b"\\\\", b"")
+    if b'\\"' in unpaired:
+        outside = _JSON_STRING.sub(b"", body)
+    else:
+        outside = b"".join(unpaired.split(b'"')[::2])
+    brackets = outside.translate(None, _NOT_BRACKETS)
     return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0) > limit
 
 

@@ -22,7 +22,7 @@ import uvicorn
 from app.cli.processes import EmbeddedWorkers, start_embedded_workers
 from app.cli.progress import console, stage_progress
 from app.install import model_build_reason, prepare
-from app.main import create_app
+from app.main import create_app, create_served_app
 from app.settings import Settings, get_settings
 from workers.learner.allocator import AllocatorUnavailable, planned_allocator
 
@@ -137,7 +137,7 @@ Then post traces:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _exit_on_signal)
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="warning",
+        uvicorn.run(create_served_app(settings), host=host, port=port, log_level="warning",
                     access_log=False)
     finally:
         if handle is not None:
@@ -187,7 +187,7 @@ def api(
         "up to 30 database connections and its own group-commit writer."),
 ) -> None:
     """Serve the HTTP API and dashboard (production: behind a proxy, several workers)."""
-    uvicorn.run("app.main:create_app", factory=True, host=host, port=port,
+    uvicorn.run("app.main:create_served_app", factory=True, host=host, port=port,
                 workers=workers or default_api_workers(), log_level="warning",
                 access_log=False)
 

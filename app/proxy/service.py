@@ -18,7 +18,6 @@ leaves the answer as text.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -226,8 +225,7 @@ class Route:
             "tool_choice": b.tool_choice,
             "sampling_params": self.stored_sampling(),
         }
-        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return traces.canonical_digest(canonical)
 
 
 def resolve(
