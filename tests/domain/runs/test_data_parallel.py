@@ -32,9 +32,9 @@ from workers.learner.allocator import allocator_in_use
 # The stated tolerance of the torchrun test in tests/engines/learner/test_cli_ddp.py: two ranks
 # sum the same per-sequence gradients in another order, so the curves agree to fp32 rounding.
 LOSS_RTOL = 1e-4
-# Weights: one process trains with this process's two threads and each rank with one (another
-# matmul summation order too), and AdamW's early steps (m̂/√v̂, about ±lr per entry whatever the
-# gradient's size) turn rounding in a near-zero gradient entry into a visible step. So: the mean
+# Weights: the ranks' gradients are summed in another order, and AdamW's early steps (m̂/√v̂,
+# about ±lr per entry whatever the gradient's size) turn rounding in a near-zero gradient entry
+# into a visible step. So: the mean
 # difference must be rounding-sized, and no entry may differ by more than 1% of the farthest
 # AdamW can move it (lr × steps). Measured: mean ~3e-8; max 2.9e-5 and 1.1e-4 on two runs.
 WEIGHT_MEAN_ATOL = 1e-6
@@ -95,11 +95,21 @@ def _adapter(run: TrainingRun) -> Path:
 
 
 def test_two_learner_processes_give_the_one_process_run_through_the_train_job(
-    sqlite_settings: Settings, model_dir: Path
+    sqlite_settings: Settings, model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Both arms on one thread: the one-process run trains in this process, whose torch thread
+    # count earlier tests may have left at 1 or 2, and a matmul sums in another order on two
+    # threads (a grad_norm 3.3e-4 apart once, in a full suite). The ranks get one thread each.
+    # So pinned, the two curves came out equal to the last bit here.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     name = _trainable_policy(sqlite_settings, model_dir)
     one_id, one_job = _start(name)
-    assert run_job(one_job, handle_train_job) == "succeeded"
+    try:
+        assert run_job(one_job, handle_train_job) == "succeeded"
+    finally:
+        torch.set_num_threads(threads)
     one = _run(one_id)
     assert one.status == RunStatus.succeeded and "learner" not in one.metrics
     with session_scope() as s:  # as if that run had failed: its groups are trainable again
