@@ -409,6 +409,13 @@ def _needs(patterns: list[str], folded: list[bytes] | None = None,
 
 
 _FOLD = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", b"0" * 10 + b"A" * 26)
+
+
+def _folded_words(*alternations: str) -> bytes:
+    """The words of regex alternations of plain words (``(?:Street|St|…)``), folded, as one
+    alternation."""
+    words = [w for alt in alternations for w in alt.removeprefix("(?:").removesuffix(")").split("|")]
+    return b"|".join(dict.fromkeys(w.encode().translate(_FOLD) for w in words))
 NEEDS: dict[str, Needs] = {
     "EMAIL": _needs([r"@"], [rb"@"]),
     "IBAN": _needs([r"[A-Z]{2}\d\d"], [rb"AA00"]),
@@ -431,10 +438,12 @@ NEEDS: dict[str, Needs] = {
     "PHONE": _needs([*_PHONE_WINDOW_NEEDS, _PHONE_KEYWORD.pattern],
                     [p.replace(r"\d", "0").encode() for p in _PHONE_WINDOW_NEEDS],
                     tuple(stem.encode() for stem in _PHONE_KEYWORD_STEMS), stems_suffice=True),
-    # Letters matter here: no folded form, the patterns run on the text itself. A house number,
-    # one to five words (a direction, the street's name) and a street suffix; or a PO box.
-    "ADDRESS": _needs([rf"\d[A-Z]?(?: [A-Za-z0-9.]+){{1,5}} (?:{_STREET_SUFFIX}|{_LOWER_SUFFIX})\b",
-                       r"Box \d"]),
+    # A house number, one to five words (a direction, the street's name) and a street suffix;
+    # or a PO box. Folded, capitals read "A" ("Street" is "Atreet"), lower case stays.
+    "ADDRESS": _needs(
+        [rf"\d[A-Z]?(?: [A-Za-z0-9.]+){{1,5}} (?:{_STREET_SUFFIX}|{_LOWER_SUFFIX})\b", r"Box \d"],
+        [rb"0A?(?: [Aa-z0.]+){1,5} (?:" + _folded_words(_STREET_SUFFIX, _LOWER_SUFFIX) + rb")\b",
+         rb"Aox 0"]),
 }
 
 
