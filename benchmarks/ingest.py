@@ -710,6 +710,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", type=str, default=None)
     a = p.parse_args(argv)
+    for flag, value in (("--connections", a.connections), ("--batch-sizes", a.batch_sizes)):
+        if not _ints(value) or min(_ints(value)) < 1:
+            p.error(f"{flag} needs at least one positive number (comma-separated), got {value!r}")
     cfg = IngestConfig(
         connections=_ints(a.connections), duration_s=a.duration, warmup_s=a.warmup,
         healthz_floor=not a.no_healthz, reference_connections=a.profile_at,

@@ -4,10 +4,13 @@ and the profile excerpt. The end-to-end run is in ``test_bench_smoke.py``."""
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.ingest import (
     IngestConfig,
     batch_summary,
     batches_for,
+    main,
     parse_wrk,
     reference_level,
     top_self_frames,
@@ -98,3 +101,13 @@ def test_the_profile_excerpt_is_the_top_self_section() -> None:
     assert top_self_frames(summary, 1) == ["   66.7%  b"]
     assert top_self_frames(summary, 5) == ["   66.7%  b", "   33.3%  c"]
     assert top_self_frames("no profile", 5) == []
+
+
+def test_no_connection_level_or_batch_size_is_refused_before_any_work(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for argv in (["--connections", ""], ["--batch-sizes", "0"], ["--connections", "1,-5"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        assert "needs at least one positive number" in capsys.readouterr().err
