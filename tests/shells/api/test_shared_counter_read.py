@@ -60,17 +60,26 @@ def test_calls_one_after_another_each_read_afresh() -> None:
     assert [shared.get(reads) for _ in range(3)] == [1, 2, 3]
 
 
-def test_callers_arriving_during_a_read_share_the_next_one_never_the_one_in_flight() -> None:
-    shared, reads = SharedRead[int](), Reads(hold=frozenset({1}))
+def _callers_during_read_one(
+    shared: SharedRead[int], reads: Reads, n: int
+) -> tuple[dict[str, object], list[threading.Thread]]:
+    """A caller ("first") whose read 1 is held, then ``n`` callers ("later<i>") that arrive
+    while it is in flight; read 1 is released once they all wait."""
     out: dict[str, object] = {}
     first = _in_thread(lambda: shared.get(reads), out, "first")
     assert reads.started[1].wait(10)
-    # Read 1 began before these callers: what it returns may predate them (a key revoked just
-    # before they arrived), so they must not take it.
-    later = [_in_thread(lambda: shared.get(reads), out, f"later{i}") for i in range(5)]
-    _waiting(shared, 5)
+    later = [_in_thread(lambda: shared.get(reads), out, f"later{i}") for i in range(n)]
+    _waiting(shared, n)
     reads.release[1].set()
-    for thread in [first, *later]:
+    return out, [first, *later]
+
+
+def test_callers_arriving_during_a_read_share_the_next_one_never_the_one_in_flight() -> None:
+    # Read 1 began before the later callers: what it returns may predate them (a key revoked
+    # just before they arrived), so they must not take it.
+    shared, reads = SharedRead[int](), Reads(hold=frozenset({1}))
+    out, threads = _callers_during_read_one(shared, reads, 5)
+    for thread in threads:
         thread.join(10)
     assert out["first"] == 1
     assert {out[f"later{i}"] for i in range(5)} == {2}
@@ -79,16 +88,11 @@ def test_callers_arriving_during_a_read_share_the_next_one_never_the_one_in_flig
 
 def test_a_failed_shared_read_fails_its_reader_and_the_others_read_for_themselves() -> None:
     shared, reads = SharedRead[int](), Reads(hold=frozenset({1, 2}), fail=frozenset({2}))
-    out: dict[str, object] = {}
-    first = _in_thread(lambda: shared.get(reads), out, "first")
-    assert reads.started[1].wait(10)
-    later = [_in_thread(lambda: shared.get(reads), out, f"later{i}") for i in range(3)]
-    _waiting(shared, 3)
-    reads.release[1].set()
+    out, threads = _callers_during_read_one(shared, reads, 3)
     assert reads.started[2].wait(10)  # one of the three runs read 2, the others wait for it
     _waiting(shared, 2)
     reads.release[2].set()
-    for thread in [first, *later]:
+    for thread in threads:
         thread.join(10)
     results = [out[f"later{i}"] for i in range(3)]
     assert out["first"] == 1
