@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -125,6 +126,7 @@ class ChatMessage(_Strict):
         return self
 
 
+_CONTROL_CHAR = re.compile(r"[\x00-\x1f]")
 _PARTS_BY_ROLE: dict[str, frozenset[str]] = {
     "system": frozenset({"text"}),
     "developer": frozenset({"text"}),
@@ -225,7 +227,7 @@ class TraceIn(BaseModel):
     @field_validator("external_id")
     @classmethod
     def _no_control_chars(cls, v: str) -> str:
-        if any(ord(c) < 32 for c in v):
+        if _CONTROL_CHAR.search(v):
             raise ValueError("external_id must not contain control characters")
         return v
 

@@ -87,6 +87,11 @@ def string_problems(
 # In orjson's encoding every refused control character is one of these escapes (a literal
 # backslash before "b" or "f" trips it too, which only costs the walk).
 _ESCAPED_CONTROL = re.compile(rb"\\u00[01]|\\[bf]")
+# A key longer than the limit, in the encoding with escaped backslashes and quotes blanked: a
+# quote, more bytes than the limit (each character is one or more) and none of them a quote,
+# then the ``":`` that ends a key. One search in C, where splitting at every ``":`` made a
+# Python loop over the keys.
+_LONG_KEY = re.compile(rb'"[^"]{%d,}+":' % (MAX_KEY_CHARS + 1))
 
 
 def _certainly_clean(value: Any) -> bool:
@@ -102,8 +107,8 @@ def _certainly_clean(value: Any) -> bool:
         return False
     if len(encoded) > MAX_STRING_CHARS or _ESCAPED_CONTROL.search(encoded):
         return False
-    keys = encoded.replace(b"\\\\", b"__").replace(b'\\"', b"__").split(b'":')[:-1]
-    return all(len(k) - k.rfind(b'"') - 1 <= MAX_KEY_CHARS for k in keys)
+    blanked = encoded.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    return _LONG_KEY.search(blanked) is None
 
 
 def _walk(value: Any, loc: tuple[str | int, ...], controls: bool) -> Iterator[dict[str, Any]]:
