@@ -416,6 +416,8 @@ def _folded_words(*alternations: str) -> bytes:
     alternation."""
     words = [w for alt in alternations for w in alt.removeprefix("(?:").removesuffix(")").split("|")]
     return b"|".join(dict.fromkeys(w.encode().translate(_FOLD) for w in words))
+
+
 NEEDS: dict[str, Needs] = {
     "EMAIL": _needs([r"@"], [rb"@"]),
     "IBAN": _needs([r"[A-Z]{2}\d\d"], [rb"AA00"]),
