@@ -7,9 +7,10 @@ import binascii
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
@@ -21,17 +22,38 @@ from app.errors import Forbidden, RateLimited, Unauthorized
 from app.settings import get_settings
 
 
-def get_session() -> Iterator[Session]:
+async def get_session() -> AsyncGenerator[Session, None]:
     """The request's session, committed on success and rolled back on error.
 
     Routes take it as ``SessionDep`` (``Depends(get_session, scope="function")``): with FastAPI's default
     ("request") scope the commit runs *after* the response has been sent, so a commit that fails
     (database restarting) would leave the client holding a 2xx for data that was never stored.
     Function scope commits before the response goes out and turns a failed commit into a 503.
-    """
-    with get_database().session() as session:
-        per_request(session)
+
+    Async, so that making the session and ending it cost no thread hop when they need no I/O:
+    a session takes a connection only at its first statement, and one whose transaction has
+    ended (auth's and the group writer's requests end theirs early) has nothing to commit or
+    close. Ending one that still holds a transaction runs in the threadpool, shielded from the
+    request's cancellation so the connection always goes back."""
+    session = get_database().sessionmaker()
+    per_request(session)
+    try:
         yield session
+    except BaseException:
+        await _end(session, session.rollback)
+        raise
+    else:
+        await _end(session, session.commit)
+    finally:
+        await _end(session, session.close)
+
+
+async def _end(session: Session, step: Callable[[], None]) -> None:
+    if not session.in_transaction():
+        step()  # no transaction: nothing to flush, no connection held, no I/O
+        return
+    with anyio.CancelScope(shield=True):
+        await anyio.to_thread.run_sync(step)
 
 
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
