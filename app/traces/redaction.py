@@ -589,7 +589,8 @@ class Redactor:
         kinds = possible_kinds("\n".join(values), self.kinds) if self.kinds else ()
         if not kinds:
             return [[] for _ in values]
-        return [sorted({s.kind for s in find_spans(v, kinds)}) for v in values]
+        narrowed = Redactor(kinds=kinds)
+        return [narrowed.finds(v) for v in values]
 
     def messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [self.message(m) for m in messages]
