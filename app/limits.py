@@ -35,6 +35,7 @@ PER_ITEM_PATHS = frozenset({"/v1/traces", "/v1/feedback", "/v1/chat/completions"
 # that never sees its closing quote reads it).
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_NOT_QUOTES_OR_BRACKETS = bytes(b for b in range(256) if b not in b'"[]{}')
 _BRACKET_STEP = [0] * 256
 _BRACKET_STEP[ord("[")] = _BRACKET_STEP[ord("{")] = 1
 _BRACKET_STEP[ord("]")] = _BRACKET_STEP[ord("}")] = -1
@@ -54,7 +55,13 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
     if b'\\"' in unpaired:
         outside = _JSON_STRING.sub(b"", body)
     else:
-        outside = b"".join(unpaired.split(b'"')[::2])
+        # Quotes and brackets alone: a string without brackets leaves two adjacent quotes, so
+        # where dropping the pairs leaves no quote, no string holds a bracket and what is left
+        # is the brackets outside strings (~1 ms of C for a 1 MB batch, where the split makes a
+        # bytes object per string: ~3 ms).
+        outside = unpaired.translate(None, _NOT_QUOTES_OR_BRACKETS).replace(b'""', b"")
+        if b'"' in outside:
+            outside = b"".join(unpaired.split(b'"')[::2])
     brackets = outside.translate(None, _NOT_BRACKETS)
     return max(accumulate(map(_BRACKET_STEP.__getitem__, brackets)), default=0) > limit
 
