@@ -6,6 +6,7 @@ leaves nothing written and the session usable."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -90,21 +91,18 @@ def test_a_chunk_is_sent_before_the_next_is_made_and_not_waited_for(
     dsn = db_url.replace("+psycopg", "")
     blocker = psycopg.connect(dsn)
     seen: list[tuple[str, str | None, str]] = []
-    made = service._Screened.admit
 
-    def admit(self: service._Screened, pending: Any) -> list[service.Admitted]:
-        if pending[0].item.external_id == "b4":  # the second chunk
-            with psycopg.connect(dsn, autocommit=True) as watcher:
-                row = watcher.execute(
-                    "SELECT state, wait_event_type, query FROM pg_stat_activity"
-                    " WHERE query LIKE 'INSERT INTO traces%%' AND pid <> pg_backend_pid()"
-                    " AND datname = current_database()").fetchone()
-            assert row is not None
-            seen.append(row)
-            blocker.rollback()  # gives way
-        return made(self, pending)
+    def watch_then_give_way() -> None:
+        with psycopg.connect(dsn, autocommit=True) as watcher:
+            row = watcher.execute(
+                "SELECT state, wait_event_type, query FROM pg_stat_activity"
+                " WHERE query LIKE 'INSERT INTO traces%%' AND pid <> pg_backend_pid()"
+                " AND datname = current_database()").fetchone()
+        assert row is not None
+        seen.append(row)
+        blocker.rollback()
 
-    monkeypatch.setattr(service._Screened, "admit", admit)
+    on_chunk(monkeypatch, "b4", watch_then_give_way)  # the second chunk
     with database.session() as session:
         policy_id = session.scalar(select(Policy.id).where(Policy.tenant == principal.tenant))
     blocker.execute(
@@ -125,31 +123,43 @@ def test_a_chunk_is_sent_before_the_next_is_made_and_not_waited_for(
     assert result.counts["created"] == 8
 
 
+def on_chunk(monkeypatch: pytest.MonkeyPatch, first_external_id: str,
+             action: Callable[[], None]) -> None:
+    """Run ``action`` when the chunk that opens with ``first_external_id`` is about to be made."""
+    made = service._Screened.admit
+
+    def admit(self: service._Screened, pending: Any) -> list[service.Admitted]:
+        if pending[0].item.external_id == first_external_id:
+            action()
+        return made(self, pending)
+
+    monkeypatch.setattr(service._Screened, "admit", admit)
+
+
+def assert_nothing_written_and_session_usable(
+    database: Database, settings: Settings, principal: Principal, batch: list[dict[str, Any]],
+) -> None:
+    assert stored_count(database, principal.tenant) == 0
+    with database.session() as session:  # the pooled connection serves the next batch
+        result = service.ingest(session, principal, batch, settings)
+        session.commit()
+    assert result.counts["created"] == len(batch)
+
+
 @pg_only
 @pytest.mark.usefixtures("small_chunks")
 def test_a_failed_chunk_fails_the_batch_as_sqlalchemy_would(
     database: Database, settings: Settings, principal: Principal,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    made = service._Screened.admit
-
-    def admit(self: service._Screened, pending: Any) -> list[service.Admitted]:
-        if pending[0].item.external_id == "f4":  # the first chunk is sent: break the second
-            monkeypatch.setattr(service, "_PIPELINED_INSERT",
-                                "INSERT INTO no_such_table VALUES (%s)")
-        return made(self, pending)
-
-    monkeypatch.setattr(service._Screened, "admit", admit)
+    batch = [trace(principal, f"f{i}") for i in range(10)]
+    # The first chunk is sent by the time the second is made: break the second's statement.
+    on_chunk(monkeypatch, "f4", lambda: monkeypatch.setattr(
+        service, "_PIPELINED_INSERT", "INSERT INTO no_such_table VALUES (%s)"))
     with pytest.raises(ProgrammingError, match="no_such_table"), database.session() as session:
-        service.ingest(session, principal, [trace(principal, f"f{i}") for i in range(10)],
-                       settings)
+        service.ingest(session, principal, batch, settings)
     monkeypatch.undo()
-    assert stored_count(database, principal.tenant) == 0
-    with database.session() as session:  # the pooled connection is usable again
-        result = service.ingest(session, principal,
-                                [trace(principal, f"f{i}") for i in range(10)], settings)
-        session.commit()
-    assert result.counts["created"] == 10
+    assert_nothing_written_and_session_usable(database, settings, principal, batch)
 
 
 @pytest.mark.usefixtures("small_chunks")
@@ -157,20 +167,13 @@ def test_a_failure_while_making_rows_propagates_and_writes_nothing(
     database: Database, settings: Settings, principal: Principal,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    made = service._Screened.admit
+    batch = [trace(principal, f"m{i}") for i in range(10)]
 
-    def admit(self: service._Screened, pending: Any) -> list[service.Admitted]:
-        if pending[0].item.external_id == "m8":  # the third chunk, two inserts in flight/done
-            raise RuntimeError("redaction broke")
-        return made(self, pending)
+    def broken() -> None:
+        raise RuntimeError("redaction broke")
 
-    monkeypatch.setattr(service._Screened, "admit", admit)
+    on_chunk(monkeypatch, "m8", broken)  # the third chunk: two chunks sent before it
     with pytest.raises(RuntimeError, match="redaction broke"), database.session() as session:
-        service.ingest(session, principal, [trace(principal, f"m{i}") for i in range(10)], settings)
+        service.ingest(session, principal, batch, settings)
     monkeypatch.undo()
-    assert stored_count(database, principal.tenant) == 0
-    with database.session() as session:
-        result = service.ingest(session, principal, [trace(principal, f"m{i}") for i in range(10)],
-                                settings)
-        session.commit()
-    assert result.counts["created"] == 10
+    assert_nothing_written_and_session_usable(database, settings, principal, batch)
