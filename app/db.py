@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
 from sqlalchemy import (
@@ -18,10 +18,12 @@ from sqlalchemy import (
     Engine,
     Integer,
     MetaData,
+    Table,
     TypeDecorator,
     create_engine,
     event,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
@@ -220,3 +222,33 @@ def upsert_insert(session: Session, table: Any) -> Any:
 
         return sqlite_insert(table)
     raise RuntimeError(f"unsupported database dialect {name!r}")
+
+
+def _json_column_expression(column: Any) -> str:
+    """How ``json_array_insert_sql`` reads ``column`` from a row's JSON object ``r``: JSON
+    columns as the JSON value itself (a JSON ``null`` stays ``'null'``, as SQLAlchemy stores
+    ``None``), strings as text (assigned to ``varchar(n)``, a value too long fails as it would
+    when bound, where a cast would cut it), the others as text cast to the column's type."""
+    name, sql_type = column.name, column.type.compile(postgresql.dialect())
+    if sql_type == "JSONB":
+        return f"r->'{name}'"
+    if sql_type == "TEXT" or sql_type.startswith("VARCHAR"):
+        return f"r->>'{name}'"
+    return f"(r->>'{name}')::{sql_type}"
+
+
+def json_array_insert_sql(model: type[Base], parameter: str = ":rows") -> str:
+    """Postgres: ``INSERT INTO`` the model's table ``(every column but id) SELECT … FROM
+    jsonb_array_elements(CAST(parameter AS jsonb)) AS r``, to which a caller adds its ``ON
+    CONFLICT`` and ``RETURNING``. All rows travel as one JSON array (``json_dumps``) in one short
+    statement: a multi-row VALUES clause has a parameter per column and row, and psycopg
+    re-parses a query text that long on every execution (it caches only short ones), which cost
+    more than the database's work. Every row must carry every column: Python-side defaults are
+    not applied."""
+    table = cast(Table, model.__table__)
+    columns = [c for c in table.columns if c.name != "id"]
+    return (
+        f"INSERT INTO {table.name} ({', '.join(c.name for c in columns)}) "
+        f"SELECT {', '.join(_json_column_expression(c) for c in columns)} "
+        f"FROM jsonb_array_elements(CAST({parameter} AS jsonb)) AS r"
+    )

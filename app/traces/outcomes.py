@@ -29,16 +29,16 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from app.audit import record
-from app.db import upsert_insert, utcnow
+from app.audit import record_each
+from app.db import json_array_insert_sql, json_dumps, upsert_insert, utcnow
 from app.models import Outcome, OutcomeOrigin, OutcomeSource
 
 _RANK = {OutcomeOrigin.inline: 0, OutcomeOrigin.feedback: 1}
@@ -113,16 +113,18 @@ def set_outcomes(
         final |= redo_final
     changed_keys = [k for k in final if k in stored and final[k] is not stored[k][1]]
     _update(session, [(stored[k][0], final[k]) for k in changed_keys])
-    for key, row_id in inserted.items():
-        record(session, tenant, actor, "outcome.set", "outcome", row_id,
-               before={}, after={"trace_external_id": key[0], "name": key[1],
-                                 **final[key].audit_view()})
+    changes: list[tuple[int | str, dict[str, Any], dict[str, Any]]] = [
+        (row_id, {}, {"trace_external_id": key[0], "name": key[1], **final[key].audit_view()})
+        for key, row_id in inserted.items()
+    ]
     for key in changed_keys:
         old, new = stored[key][1], final[key]
         if not _same_label(old, new):
-            record(session, tenant, actor, "outcome.set", "outcome", stored[key][0],
-                   before={"trace_external_id": key[0], "name": key[1], **old.audit_view()},
-                   after={"trace_external_id": key[0], "name": key[1], **new.audit_view()})
+            changes.append((
+                stored[key][0],
+                {"trace_external_id": key[0], "name": key[1], **old.audit_view()},
+                {"trace_external_id": key[0], "name": key[1], **new.audit_view()}))
+    record_each(session, tenant, actor, "outcome.set", "outcome", changes)
     return decisions
 
 
@@ -186,15 +188,10 @@ def _aware(at: datetime) -> datetime:
 
 
 def _insert(session: Session, tenant: str, labels: list[Label]) -> dict[tuple[str, str], int]:
+    """The new labels' rows, where no row of their key exists yet: their ids by key."""
     if not labels:
         return {}
-    table = Outcome.__table__
     now = utcnow()
-    stmt = (
-        upsert_insert(session, table)
-        .on_conflict_do_nothing(index_elements=["tenant", "trace_external_id", "name"])
-        .returning(table.c.id, table.c.trace_external_id, table.c.name)
-    )
     rows = [
         {"tenant": tenant, "trace_external_id": label.trace_external_id, "name": label.name,
          "trace_id": label.trace_id, "value": label.value, "source": label.source,
@@ -202,11 +199,38 @@ def _insert(session: Session, tenant: str, labels: list[Label]) -> dict[tuple[st
          "updated_at": now}
         for label in labels
     ]
-    out: dict[tuple[str, str], int] = {}
+    returned = (_insert_postgres(session, rows)
+                if session.get_bind().dialect.name == "postgresql"
+                else _insert_portable(session, rows))
+    return {(ext, name): row_id for row_id, ext, name in returned}
+
+
+def _insert_portable(session: Session, rows: list[dict[str, Any]]) -> Iterator[Any]:
+    """SQLite: one cached statement, the rows as executemany parameters."""
+    table = Outcome.__table__
+    stmt = (
+        upsert_insert(session, table)
+        .on_conflict_do_nothing(index_elements=["tenant", "trace_external_id", "name"])
+        .returning(table.c.id, table.c.trace_external_id, table.c.name)
+    )
     for i in range(0, len(rows), _CHUNK):
-        for row_id, ext, name in session.execute(stmt, rows[i : i + _CHUNK]):
-            out[(ext, name)] = row_id
-    return out
+        yield from session.execute(stmt, rows[i : i + _CHUNK])
+
+
+def _insert_postgres(session: Session, rows: list[dict[str, Any]]) -> Iterator[Any]:
+    """Postgres: every row as one JSON parameter (``json_array_insert_sql``): ~13 against
+    ~46 ms for a batch's 1,000 outcomes as executemany parameters."""
+    for i in range(0, len(rows), _JSON_CHUNK):
+        yield from session.execute(_POSTGRES_INSERT,
+                                   {"rows": json_dumps(rows[i : i + _JSON_CHUNK])})
+
+
+_POSTGRES_INSERT = text(
+    f"{json_array_insert_sql(Outcome)} "
+    "ON CONFLICT (tenant, trace_external_id, name) DO NOTHING "
+    "RETURNING id, trace_external_id, name"
+)
+_JSON_CHUNK = 5000
 
 
 def _update(session: Session, changes: list[tuple[int, Label]]) -> None:

@@ -30,14 +30,13 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from app.audit import record
 from app.auth.service import Principal
 from app.cache import GenerationCache
-from app.db import json_dumps, upsert_insert, utcnow
+from app.db import json_array_insert_sql, json_dumps, upsert_insert, utcnow
 from app.errors import InvalidInput, NotFound, PayloadTooLarge, problem_body
 from app.models import (
     Outcome,
@@ -784,26 +783,9 @@ def _insert_portable(session: Session, rows: list[dict[str, Any]]) -> Iterator[A
         yield from session.execute(stmt, list(chunk))
 
 
-def _select_expression(column: Any) -> str:
-    """How ``_insert_postgres`` reads ``column`` from a row's JSON object ``r``: JSON columns
-    as the JSON value itself (a JSON ``null`` stays ``'null'``, as SQLAlchemy stores ``None``),
-    strings as text (assigned to ``varchar(n)``, a value too long fails as it would when bound,
-    where a cast would cut it), the others as text cast to the column's type."""
-    name, sql_type = column.name, column.type.compile(postgresql.dialect())
-    if sql_type == "JSONB":
-        return f"r->'{name}'"
-    if sql_type == "TEXT" or sql_type.startswith("VARCHAR"):
-        return f"r->>'{name}'"
-    return f"(r->>'{name}')::{sql_type}"
-
-
 def _postgres_insert_sql(parameter: str = ":rows") -> str:
-    table = Trace.__table__
-    columns = [c for c in table.columns if c.name != "id"]
     return (
-        f"INSERT INTO traces ({', '.join(c.name for c in columns)}) "
-        f"SELECT {', '.join(_select_expression(c) for c in columns)} "
-        f"FROM jsonb_array_elements(CAST({parameter} AS jsonb)) AS r "
+        f"{json_array_insert_sql(Trace, parameter)} "
         "ON CONFLICT (tenant, external_id) DO NOTHING "
         f"RETURNING id, tenant, external_id, split, {_OUTCOME_WAITING}"
     )
@@ -814,10 +796,8 @@ _PIPELINED_INSERT = _postgres_insert_sql("%s")  # psycopg's own placeholder
 
 
 def _insert_postgres(session: Session, rows: list[dict[str, Any]]) -> Iterator[Any]:
-    """Postgres: all rows as one JSON array parameter of one short statement. A multi-row
-    VALUES clause has ~23 parameters a row, and psycopg re-parses a query text that long on
-    every execution (it caches only short ones): that parse, not the database, was a quarter of
-    a 1,000-trace batch."""
+    """Postgres: all rows as one JSON array parameter of one short statement
+    (``json_array_insert_sql``; a multi-row VALUES was a quarter of a 1,000-trace batch)."""
     for chunk in _chunks(rows, _PG_CHUNK):
         yield from session.execute(_POSTGRES_INSERT, {"rows": json_dumps(chunk)})
 
