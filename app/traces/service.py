@@ -666,12 +666,19 @@ class OverlappedInsert:
         self.inserted: dict[tuple[str, str], tuple[int, Split]] = {}
         self.awaited: set[tuple[str, str]] = set()
         self._sent: set[tuple[str, str]] = set()
+        self._opened = False
         self._connection: Connection | None = None
         self._driver: psycopg.Connection[Any] | None = None
         self._pipeline: ExitStack | None = None  # holds the connection in pipeline mode
         self._in_flight: psycopg.Cursor[Any] | None = None
 
     def __enter__(self) -> OverlappedInsert:
+        return self
+
+    def _open(self) -> None:
+        """Pipeline mode on the session's connection, at the first chunk to insert (a batch
+        whose items were all refused takes no connection)."""
+        self._opened = True
         connection = self.session.connection()
         if connection.dialect.name == "postgresql":
             self._connection = connection
@@ -681,13 +688,14 @@ class OverlappedInsert:
             with self._translated():
                 pipeline.enter_context(self._driver.pipeline())
             self._pipeline = pipeline
-        return self
 
     def send(self, entries: Sequence[Admitted]) -> None:
         fresh = [e for e in _firsts(entries) if e.key not in self._sent]
         if not fresh:
             return
         self._sent.update(e.key for e in fresh)
+        if not self._opened:
+            self._open()
         if self._driver is None:
             self._record(_insert(self.session, fresh))
             return

@@ -177,3 +177,12 @@ def test_a_failure_while_making_rows_propagates_and_writes_nothing(
         service.ingest(session, principal, batch, settings)
     monkeypatch.undo()
     assert_nothing_written_and_session_usable(database, settings, principal, batch)
+
+
+def test_a_batch_of_refused_items_takes_no_connection(
+    database: Database, settings: Settings, principal: Principal
+) -> None:
+    with database.session() as session:
+        result = service.ingest(session, principal, [{"external_id": "x"}, 3], settings)
+        assert not session.in_transaction()
+    assert result.counts["invalid"] == 2
