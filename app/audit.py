@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import insert, text
 from sqlalchemy.orm import Session
 
-from app.db import json_array_insert_sql, json_dumps, utcnow
+from app.db import execute_json_array, json_array_insert_sql, utcnow
 from app.models import AuditEvent
 
 
@@ -51,11 +51,9 @@ def record_each(
              "created_at": now}
             for entity_id, before, after in changes]
     if session.get_bind().dialect.name == "postgresql":
-        for i in range(0, len(rows), _JSON_CHUNK):
-            session.execute(_POSTGRES_INSERT, {"rows": json_dumps(rows[i : i + _JSON_CHUNK])})
+        execute_json_array(session, _POSTGRES_INSERT, rows)
     else:
         session.execute(insert(AuditEvent), rows)
 
 
 _POSTGRES_INSERT = text(json_array_insert_sql(AuditEvent))
-_JSON_CHUNK = 5000

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,8 +14,10 @@ import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CursorResult,
     DateTime,
     Engine,
+    Executable,
     Integer,
     MetaData,
     Table,
@@ -235,6 +237,24 @@ def _json_column_expression(column: Any) -> str:
     if sql_type == "TEXT" or sql_type.startswith("VARCHAR"):
         return f"r->>'{name}'"
     return f"(r->>'{name}')::{sql_type}"
+
+
+# Rows per JSON parameter: a 1,000-trace batch (the API's limit) fits in one statement.
+_JSON_ARRAY_CHUNK = 5000
+
+
+def execute_json_array(
+    session: Session, statement: Executable, rows: Sequence[dict[str, Any]]
+) -> list[Any]:
+    """Run a ``json_array_insert_sql`` statement (parameter ``:rows``) over ``rows``, the rows
+    as one JSON array a chunk; what its RETURNING gives, if it has one."""
+    returned: list[Any] = []
+    for i in range(0, len(rows), _JSON_ARRAY_CHUNK):
+        result = cast("CursorResult[Any]", session.execute(
+            statement, {"rows": json_dumps(rows[i : i + _JSON_ARRAY_CHUNK])}))
+        if result.returns_rows:
+            returned += result.all()
+    return returned
 
 
 def json_array_insert_sql(model: type[Base], parameter: str = ":rows") -> str:

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from app.audit import record
 from app.auth.service import Principal
 from app.cache import GenerationCache
-from app.db import json_array_insert_sql, json_dumps, upsert_insert, utcnow
+from app.db import execute_json_array, json_array_insert_sql, json_dumps, upsert_insert, utcnow
 from app.errors import InvalidInput, NotFound, PayloadTooLarge, problem_body
 from app.models import (
     Outcome,
@@ -69,8 +69,6 @@ from app.traces.strings import describe, problem_type, string_problem, string_pr
 
 _trace_adapter: TypeAdapter[TraceIn] = TypeAdapter(TraceIn)
 _CHUNK = 500
-# One JSON parameter holds a chunk on Postgres, so a whole batch fits in one statement.
-_PG_CHUNK = 5000
 
 
 def assign_split(tenant: str, external_id: str, heldout_fraction: float) -> Split:
@@ -803,11 +801,10 @@ _POSTGRES_INSERT = text(_postgres_insert_sql())
 _PIPELINED_INSERT = _postgres_insert_sql("%s")  # psycopg's own placeholder
 
 
-def _insert_postgres(session: Session, rows: list[dict[str, Any]]) -> Iterator[Any]:
+def _insert_postgres(session: Session, rows: list[dict[str, Any]]) -> list[Any]:
     """Postgres: all rows as one JSON array parameter of one short statement
     (``json_array_insert_sql``; a multi-row VALUES was a quarter of a 1,000-trace batch)."""
-    for chunk in _chunks(rows, _PG_CHUNK):
-        yield from session.execute(_POSTGRES_INSERT, {"rows": json_dumps(chunk)})
+    return execute_json_array(session, _POSTGRES_INSERT, rows)
 
 
 def _row_values(
