@@ -22,6 +22,7 @@ from app.runs.endpoints import router as runs_router
 from app.settings import Settings, get_settings
 from app.snapshots.endpoints import router as snapshots_router
 from app.tenants.endpoints import router as tenant_router
+from app.traces import service as trace_service
 from app.traces.endpoints import router as traces_router
 from workers.celery_app import send_job
 
@@ -67,4 +68,5 @@ def create_served_app(settings: Settings | None = None) -> FastAPI:
     a test process builds many apps and drops them, and frozen cycles are never collected."""
     app = create_app(settings)
     gc.freeze()
+    trace_service.start_helpers(settings or get_settings())
     return app

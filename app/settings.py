@@ -78,6 +78,21 @@ class Settings(BaseSettings):
         "its window ends.",
     )
 
+    # Large batches: admitted (validated, hashed, redacted) by helper processes beside the API's
+    ingest_helper_processes: int | None = Field(
+        default=None, ge=0, le=64,
+        description="Helper processes per API process that admit parts of a large batch while "
+        "the request's own thread admits the first part; spawned in the background when the "
+        "server starts (each ~100 MiB). Unset: one per usable core beyond the first, at most 3 "
+        "(none on one core). 0: every batch is admitted in the API process.",
+    )
+    ingest_parallel_min_items: int = Field(
+        default=256, ge=2, le=100_000,
+        description="Batches of at least this many traces are shared with the helper "
+        "processes; smaller ones are admitted in the API process (handing a part over costs "
+        "~10 µs a trace, and a helper's answer a few ms).",
+    )
+
     # Security
     rate_limit_per_minute: int = Field(
         default=6000, ge=0, description="Requests per minute per API key (0 disables); 429 beyond."

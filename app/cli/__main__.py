@@ -2,4 +2,6 @@
 
 from app.cli import main
 
-main()
+# Guarded: a spawned process (the ingest helpers) imports the main module of its parent.
+if __name__ == "__main__":
+    main()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import math
 import os
 import signal
 import socket
@@ -13,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TextIO
 
 import typer
@@ -21,6 +19,7 @@ import uvicorn
 
 from app.cli.processes import EmbeddedWorkers, start_embedded_workers
 from app.cli.progress import console, stage_progress
+from app.cores import usable_cores
 from app.install import model_build_reason, prepare
 from app.main import create_app, create_served_app
 from app.settings import Settings, get_settings
@@ -148,22 +147,6 @@ Then post traces:
 
 
 MAX_DEFAULT_API_WORKERS = 4
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity, bounded by a cgroup v2 CPU quota
-    (a container's ``cpus:`` limit), which ``os.cpu_count`` ignores."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cores)
 
 
 def default_api_workers() -> int:

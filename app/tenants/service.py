@@ -30,16 +30,16 @@ def redaction_mode(session: Session, tenant: str) -> RedactionMode:
     return found.get(tenant, RedactionMode.mask)
 
 
+def redaction_key(tenant: str) -> bytes:
+    """The tenant's hash-mode token key: the same value gives the same token within a tenant
+    and unrelated tokens across tenants."""
+    settings = get_settings()
+    return hash_key(settings.pii_hash_secret or settings.session_secret, tenant)
+
+
 def redactor(mode: RedactionMode, tenant: str) -> Redactor | None:
-    """The redactor for ``mode`` (None for ``off``); hash tokens are keyed per tenant, so the
-    same value gives the same token within a tenant and unrelated tokens across tenants."""
-    if mode is RedactionMode.off:
-        return None
-    if mode is RedactionMode.hash:
-        settings = get_settings()
-        secret = settings.pii_hash_secret or settings.session_secret
-        return Redactor(mode=mode, key=hash_key(secret, tenant))
-    return Redactor()
+    """The redactor for ``mode`` (None for ``off``), hash tokens keyed per tenant."""
+    return Redactor.for_mode(mode, redaction_key(tenant) if mode is RedactionMode.hash else None)
 
 
 def get_tenant(session: Session, tenant: str) -> TenantOut:

@@ -555,6 +555,14 @@ class Redactor:
         if self.mode is RedactionMode.hash and self.key is None:
             raise ValueError("hash mode needs a key")
 
+    @classmethod
+    def for_mode(cls, mode: RedactionMode, key: bytes | None) -> Redactor | None:
+        """A redactor in ``mode`` with every detector, None for ``off``; ``key`` is used only
+        in ``hash`` mode, which needs it."""
+        if mode is RedactionMode.off:
+            return None
+        return cls(mode=mode, key=key if mode is RedactionMode.hash else None)
+
     def placeholder(self, span: Span) -> str:
         if self.mode is RedactionMode.hash:
             assert self.key is not None

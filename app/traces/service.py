@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -53,6 +55,7 @@ from app.models import (
 from app.observability import INGEST_TOTAL
 from app.settings import Settings
 from app.tenants import service as tenants
+from app.traces import parallel
 from app.traces.outcomes import Label, set_outcomes
 from app.traces.redaction import RedactionMode, Redactor
 from app.traces.schemas import (
@@ -66,6 +69,8 @@ from app.traces.schemas import (
     TracePage,
 )
 from app.traces.strings import describe, problem_type, string_problem, string_problems
+
+log = logging.getLogger(__name__)
 
 _trace_adapter: TypeAdapter[TraceIn] = TypeAdapter(TraceIn)
 _CHUNK = 500
@@ -217,17 +222,36 @@ def _conflict(index: int, external_id: str, existing_id: int) -> ItemResult:
     )
 
 
-@dataclass
-class _Pending:
-    index: int
-    item: TraceIn
-    chash: str
-    policy: Policy
-    untrainable: str | None
-    mode: RedactionMode  # the tenant's; ``off`` where the policy does not redact
+@dataclass(frozen=True)
+class PolicyRef:
+    """What admitting a trace needs of its policy."""
 
-    def redactor(self, tenant: str) -> Redactor | None:
-        return tenants.redactor(self.mode, tenant)
+    id: int
+    redaction_enabled: bool
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Everything admitting items needs besides the items, read from the session before any
+    item is looked at. Plain data, so that ``admit_items`` can run in a helper process
+    (``app.traces.helpers``) on part of a large batch."""
+
+    tenant: str
+    actor: str
+    settings: Settings
+    policies: dict[str, PolicyRef]
+    tenant_mode: RedactionMode
+    hash_key: bytes | None  # the tenant's token key, in hash mode
+    snapshots: dict[tuple[int, str], int]  # (policy id, served name) -> snapshot id
+    now: datetime
+    untrainable: str | None
+    generated_response: bool
+
+    def redactor(self, policy: PolicyRef) -> Redactor | None:
+        """A fresh redactor for one trace of ``policy``: the tenant's mode where the policy
+        redacts, none where it does not."""
+        return Redactor.for_mode(
+            self.tenant_mode if policy.redaction_enabled else RedactionMode.off, self.hash_key)
 
 
 def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
@@ -271,13 +295,14 @@ def ingest(
         raise PayloadTooLarge(
             f"batch has {len(raw_items)} traces; the limit is {settings.max_batch_items}"
         )
-    results, screened = _screen(session, principal, raw_items, settings,
-                                untrainable=untrainable, generated_response=generated_response)
-    # Postgres inserts one chunk while this thread redacts the next (``OverlappedInsert``).
+    admission = prepare(session, principal, raw_items, settings, untrainable=untrainable,
+                        generated_response=generated_response)
+    # Postgres inserts one chunk while this thread admits the next (``OverlappedInsert``).
+    results: dict[int, ItemResult] = {}
     admitted: list[Admitted] = []
     with OverlappedInsert(session) as inserts:
-        for chunk in _chunks(screened.pending, _OVERLAP_CHUNK):
-            entries = screened.admit(chunk)
+        for refused, entries in _admitted_in_order(list(enumerate(raw_items)), admission):
+            results |= refused
             inserts.send(entries)
             admitted += entries
     for entry, result in zip(admitted, settle(session, admitted, inserts.inserted,
@@ -309,63 +334,73 @@ def admit(
     """Everything short of writing: the results of the items refused (by index) and the rows of
     the others. Reads only what the process caches hold (policies, the tenant's redaction mode,
     served names), so on a warm cache it costs no statement beyond ``generations``."""
-    results, screened = _screen(session, principal, raw_items, settings,
-                                untrainable=untrainable, generated_response=generated_response)
-    return results, screened.admit(screened.pending)
+    admission = prepare(session, principal, raw_items, settings, untrainable=untrainable,
+                        generated_response=generated_response)
+    return admit_items(list(enumerate(raw_items)), admission)
 
 
-@dataclass
-class _Screened:
-    """The items that passed ``_screen`` and what making their rows needs, none of it read
-    from the session: rows are made while the session is busy inserting earlier ones."""
-
-    pending: list[_Pending]
-    tenant: str
-    actor: str
-    settings: Settings
-    snapshots: dict[tuple[int, str], int]
-    now: datetime
-
-    def admit(self, pending: Sequence[_Pending]) -> list[Admitted]:
-        """The rows of ``pending``: redacted, with their inline outcomes."""
-        return [
-            Admitted(index=p.index, tenant=self.tenant, actor=self.actor, content_hash=p.chash,
-                     row=_row_values(p, self.tenant, self.settings, self.snapshots, self.now),
-                     outcome=_inline_outcome(p, self.tenant, self.now))
-            for p in pending
-        ]
+# The longest policy name and served model name a trace may carry (``TraceIn``): longer ones
+# fail validation, so they are not looked up.
+_MAX_POLICY_NAME = 64
+_MAX_MODEL_NAME = 256
 
 
-def _screen(
-    session: Session, principal: Principal, raw_items: list[Any], settings: Settings,
+def _names(raw_items: Sequence[Any], field: str, longest: int) -> set[str]:
+    """The strings items carry in ``field``, before validation: a superset of what the valid
+    items name (validation does not rewrite these fields). A name validation would refuse is
+    not looked up: a NUL character, say, is not even a valid query parameter."""
+    return {name for raw in raw_items if isinstance(raw, dict)
+            and isinstance(name := raw.get(field), str) and 0 < len(name) <= longest
+            and string_problem(name) is None}
+
+
+def prepare(
+    session: Session, principal: Principal, raw_items: Sequence[Any], settings: Settings,
     *, untrainable: str | None, generated_response: bool,
-) -> tuple[dict[int, ItemResult], _Screened]:
-    """The results of the items refused (by index) and the others, validated and hashed, with
-    every lookup their rows need done."""
+) -> Admission:
+    """What admitting ``raw_items`` needs from the session: their policies, the tenant's
+    redaction mode and key, the served snapshots their models name."""
     tenant = principal.tenant
+    names = _names(raw_items, "policy", _MAX_POLICY_NAME)
+    policies = {name: PolicyRef(policy.id, policy.redaction_enabled)
+                for name, policy in _policies_by_name(session, tenant, names).items()}
+    # Not read for a batch that names no policy: every item of it is refused.
+    tenant_mode = tenants.redaction_mode(session, tenant) if names else RedactionMode.mask
+    return Admission(
+        tenant=tenant, actor=principal.actor, settings=settings, policies=policies,
+        tenant_mode=tenant_mode,
+        hash_key=tenants.redaction_key(tenant) if tenant_mode is RedactionMode.hash else None,
+        snapshots=_served_snapshots(session, _names(raw_items, "model", _MAX_MODEL_NAME)),
+        now=utcnow(), untrainable=untrainable, generated_response=generated_response)
+
+
+def admit_items(
+    items: Sequence[tuple[int, Any]], admission: Admission,
+) -> tuple[dict[int, ItemResult], list[Admitted]]:
+    """The results of the items refused (by index) and the rows of the others, validated,
+    hashed and redacted. Pure: reads no session, so a large batch's parts can be admitted in
+    helper processes."""
+    settings = admission.settings
     results: dict[int, ItemResult] = {}
     valid: list[tuple[int, TraceIn]] = []
-    for index, raw in enumerate(raw_items):
-        checked = _validate(index, raw, settings, generated_response)
+    for index, raw in items:
+        checked = _validate(index, raw, settings, admission.generated_response)
         if isinstance(checked, ItemResult):
             results[index] = checked
         else:
             valid.append((index, checked))
-
-    policies = _policies_by_name(session, tenant, {item.policy for _, item in valid})
-    tenant_mode = tenants.redaction_mode(session, tenant) if valid else RedactionMode.mask
+    redacting = admission.tenant_mode is not RedactionMode.off
     redacted = [item.external_id for _, item in valid
-                if (p := policies.get(item.policy)) is not None and p.redaction_enabled
-                and tenant_mode is not RedactionMode.off]
+                if redacting and (p := admission.policies.get(item.policy)) is not None
+                and p.redaction_enabled]
     leaks = dict(zip(redacted, Redactor().finds_each(redacted), strict=True))
-    pending: list[_Pending] = []
+    admitted: list[Admitted] = []
     for index, item in valid:
-        policy = policies.get(item.policy)
+        policy = admission.policies.get(item.policy)
         if policy is None:
             results[index] = _invalid(index, item.model_dump(), f"unknown policy {item.policy!r}")
             continue
-        mode = tenant_mode if policy.redaction_enabled else RedactionMode.off
-        leaked = leaks[item.external_id] if mode is not RedactionMode.off else []
+        leaked = leaks[item.external_id] if redacting and policy.redaction_enabled else []
         if leaked:
             # Refused, not redacted: the external_id is the idempotency key, and rewriting it
             # would merge distinct traces (every `user-[EMAIL]`) and break retries.
@@ -376,18 +411,65 @@ def _screen(
             continue
         # The hash is of the raw trace whatever the mode, so a retry is a duplicate even after
         # the tenant's mode changed in between.
-        pending.append(_Pending(index, item, content_hash(item), policy,
-                                untrainable or untrainable_reason(item), mode))
-    snapshots = _served_snapshots(session, {p.item.model for p in pending if p.item.model})
-    return results, _Screened(pending, tenant, principal.actor, settings, snapshots, utcnow())
+        chash = content_hash(item)
+        admitted.append(Admitted(
+            index=index, tenant=admission.tenant, actor=admission.actor, content_hash=chash,
+            row=_row_values(item, policy, chash,
+                            admission.untrainable or untrainable_reason(item), admission),
+            outcome=_inline_outcome(item, admission.redactor(policy), admission.now)))
+    return results, admitted
 
 
-def _inline_outcome(p: _Pending, tenant: str, now: datetime) -> Label | None:
-    o = p.item.outcome
+# The helper processes that admit parts of large batches (``app.traces.parallel``); what they
+# import before their first part is this module.
+_helpers = parallel.HelperPool(__name__)
+
+
+def start_helpers(settings: Settings) -> None:
+    """Start the helper processes in the background (a server at start-up), so that the first
+    large batch finds them ready."""
+    if (count := parallel.helper_count(settings)) > 0:
+        _helpers.executor(count)
+
+
+def _admitted_in_order(
+    items: list[tuple[int, Any]], admission: Admission,
+) -> Iterator[tuple[dict[int, ItemResult], list[Admitted]]]:
+    """``admit_items`` over ``items`` a part at a time, in order: chunks small enough for the
+    insert of one to overlap the admission of the next; on a large batch, the parts after the
+    first admitted meanwhile by the helper processes (a helper that died: its part here)."""
+    settings = admission.settings
+    count = (parallel.helper_count(settings)
+             if len(items) >= settings.ingest_parallel_min_items else 0)
+    executor = _helpers.executor(count) if count else None
+    own: Sequence[tuple[int, Any]] = items
+    others: list[Sequence[tuple[int, Any]]] = []
+    if executor is not None:
+        # This thread's share first; the rest goes out in chunks, so that each chunk's insert
+        # overlaps the admission of the next one here as in the helpers.
+        cut = len(items) // (count + 1)
+        own, others = items[:cut], list(_chunks(items[cut:], _OVERLAP_CHUNK))
+    futures = parallel.submit_all(executor, admit_items, others, admission) if executor else []
+    for chunk in _chunks(own, _OVERLAP_CHUNK):
+        yield admit_items(chunk, admission)
+    for part, future in zip(others, futures, strict=True):
+        try:
+            answer = future.result()
+        except BrokenProcessPool:
+            assert executor is not None
+            if _helpers.discard(executor):
+                log.warning("an ingest helper process died; the batch's parts are admitted in "
+                            "the API process and the helpers started afresh")
+            answer = admit_items(part, admission)
+        yield answer
+
+
+def _inline_outcome(item: TraceIn, redactor: Redactor | None, now: datetime) -> Label | None:
+    o = item.outcome
     if o is None:
         return None
-    return Label(trace_external_id=p.item.external_id, name=o.name,
-                 value=redact_outcome_value(o.value, p.redactor(tenant)), source=o.source,
+    return Label(trace_external_id=item.external_id, name=o.name,
+                 value=redact_outcome_value(o.value, redactor), source=o.source,
                  origin=OutcomeOrigin.inline, labelled_at=now)
 
 
@@ -509,12 +591,10 @@ def fill_withheld_content(
                           id=row.id if row else None, split=row.split if row else None)
     policy = session.get(Policy, row.policy_id)
     assert policy is not None
-    mode = (tenants.redaction_mode(session, principal.tenant) if policy.redaction_enabled
-            else RedactionMode.off)
-    pending = _Pending(0, checked, content_hash(checked), policy, untrainable_reason(checked),
-                       mode)
-    values = _row_values(pending, principal.tenant, settings,
-                         _served_snapshots(session, {checked.model or ""}), utcnow())
+    admission = prepare(session, principal, [raw], settings, untrainable=None,
+                        generated_response=False)
+    values = _row_values(checked, PolicyRef(policy.id, policy.redaction_enabled),
+                         content_hash(checked), untrainable_reason(checked), admission)
     session.execute(update(Trace).where(Trace.id == row.id).values(
         {getattr(Trace, "meta" if name == "metadata" else name): values[name]
          for name in _CONTENT_COLUMNS}))
@@ -808,12 +888,10 @@ def _insert_postgres(session: Session, rows: list[dict[str, Any]]) -> list[Any]:
 
 
 def _row_values(
-    p: _Pending, tenant: str, settings: Settings, snapshots: dict[tuple[int, str], int],
-    now: datetime,
+    item: TraceIn, policy: PolicyRef, chash: str, untrainable: str | None, admission: Admission,
 ) -> dict[str, Any]:
     """The ``traces`` row of a validated item: redacted as its policy says."""
-    redactor = p.redactor(tenant)
-    item = p.item
+    redactor = admission.redactor(policy)
     messages = dump_messages(item)
     response, metadata = _dump_response(item), item.metadata
     # Most traces leave few detectors, or none, to run on their strings.
@@ -828,9 +906,9 @@ def _row_values(
         for name in _REQUEST_FIELDS if name in item.model_fields_set
     }
     return {
-        "tenant": tenant,
+        "tenant": admission.tenant,
         "external_id": item.external_id,
-        "policy_id": p.policy.id,
+        "policy_id": policy.id,
         "messages": messages,
         "response": response if isinstance(response, str)
         else response.get("content") or "",
@@ -841,16 +919,17 @@ def _row_values(
         "tags": item.tags,
         "user_id": item.user_id,
         "session_id": item.session_id,
-        "trainable": p.untrainable is None,
-        "untrainable_reason": p.untrainable,
+        "trainable": untrainable is None,
+        "untrainable_reason": untrainable,
         "model": item.model,
-        "snapshot_id": snapshots.get((p.policy.id, p.item.model or "")),
+        "snapshot_id": admission.snapshots.get((policy.id, item.model or "")),
         "metadata": metadata,
-        "split": assign_split(tenant, p.item.external_id, settings.heldout_fraction),
+        "split": assign_split(admission.tenant, item.external_id,
+                              admission.settings.heldout_fraction),
         "redactions": _redaction_record(redactor),
-        "content_hash": p.chash,
-        "occurred_at": p.item.occurred_at,
-        "created_at": now,
+        "content_hash": chash,
+        "occurred_at": item.occurred_at,
+        "created_at": admission.now,
     }
 
 

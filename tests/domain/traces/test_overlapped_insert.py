@@ -126,14 +126,14 @@ def test_a_chunk_is_sent_before_the_next_is_made_and_not_waited_for(
 def on_chunk(monkeypatch: pytest.MonkeyPatch, first_external_id: str,
              action: Callable[[], None]) -> None:
     """Run ``action`` when the chunk that opens with ``first_external_id`` is about to be made."""
-    made = service._Screened.admit
+    made = service.admit_items
 
-    def admit(self: service._Screened, pending: Any) -> list[service.Admitted]:
-        if pending[0].item.external_id == first_external_id:
+    def admit_items(items: Any, admission: service.Admission) -> Any:
+        if items[0][1]["external_id"] == first_external_id:
             action()
-        return made(self, pending)
+        return made(items, admission)
 
-    monkeypatch.setattr(service._Screened, "admit", admit)
+    monkeypatch.setattr(service, "admit_items", admit_items)
 
 
 def assert_nothing_written_and_session_usable(
