@@ -5,12 +5,14 @@ batch."""
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import json
 import logging
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -297,14 +299,24 @@ def ingest(
         )
     admission = prepare(session, principal, raw_items, settings, untrainable=untrainable,
                         generated_response=generated_response)
-    # Postgres inserts one chunk while this thread admits the next (``OverlappedInsert``).
+    # Postgres inserts chunks while this thread (and the helpers) admit the next ones
+    # (``OverlappedInsert``). Chunks may come back out of order; only an external_id sent more
+    # than once in the batch needs its first valid occurrence inserted first, so those wait
+    # for the end and go in the batch's order.
+    repeated = _repeated_external_ids(raw_items)
     results: dict[int, ItemResult] = {}
     admitted: list[Admitted] = []
+    held: list[Admitted] = []
     with OverlappedInsert(session) as inserts:
-        for refused, entries in _admitted_in_order(list(enumerate(raw_items)), admission):
+        for refused, entries in _admitted_chunks(list(enumerate(raw_items)), admission):
             results |= refused
-            inserts.send(entries)
             admitted += entries
+            if repeated:
+                held += [e for e in entries if e.external_id in repeated]
+                entries = [e for e in entries if e.external_id not in repeated]
+            inserts.send(entries)
+        inserts.send(sorted(held, key=_by_index))
+    admitted.sort(key=_by_index)
     for entry, result in zip(admitted, settle(session, admitted, inserts.inserted,
                                               inserts.awaited), strict=True):
         results[entry.index] = result
@@ -432,12 +444,29 @@ def start_helpers(settings: Settings) -> None:
         _helpers.executor(count)
 
 
-def _admitted_in_order(
+def _repeated_external_ids(raw_items: Sequence[Any]) -> set[str]:
+    """The external_ids more than one item of a batch carries (before validation)."""
+    seen: set[str] = set()
+    repeated: set[str] = set()
+    for raw in raw_items:
+        if isinstance(raw, dict) and isinstance(ext := raw.get("external_id"), str):
+            if ext in seen:
+                repeated.add(ext)
+            seen.add(ext)
+    return repeated
+
+
+def _by_index(entry: Admitted) -> int:
+    return entry.index
+
+
+def _admitted_chunks(
     items: list[tuple[int, Any]], admission: Admission,
 ) -> Iterator[tuple[dict[int, ItemResult], list[Admitted]]]:
-    """``admit_items`` over ``items`` a part at a time, in order: chunks small enough for the
-    insert of one to overlap the admission of the next; on a large batch, the parts after the
-    first admitted meanwhile by the helper processes (a helper that died: its part here)."""
+    """``admit_items`` over ``items`` a chunk at a time, each chunk small enough for its insert
+    to overlap the admission of the next. On a large batch the chunks after this thread's share
+    are admitted meanwhile by the helper processes, and each is given back as soon as it is
+    done, between this thread's own (a helper that died: its chunks are admitted here)."""
     settings = admission.settings
     count = (parallel.helper_count(settings)
              if len(items) >= settings.ingest_parallel_min_items else 0)
@@ -450,18 +479,36 @@ def _admitted_in_order(
         cut = len(items) // (count + 1)
         own, others = items[:cut], list(_chunks(items[cut:], _OVERLAP_CHUNK))
     futures = parallel.submit_all(executor, admit_items, others, admission) if executor else []
-    for chunk in _chunks(own, _OVERLAP_CHUNK):
-        yield admit_items(chunk, admission)
-    for part, future in zip(others, futures, strict=True):
+    waiting = collections.deque(zip(others, futures, strict=True))
+
+    def answer(part: Sequence[tuple[int, Any]], future: Future[tuple[
+            dict[int, ItemResult], list[Admitted]]]) -> tuple[dict[int, ItemResult],
+                                                               list[Admitted]]:
         try:
-            answer = future.result()
+            return future.result()
         except BrokenProcessPool:
             assert executor is not None
             if _helpers.discard(executor):
                 log.warning("an ingest helper process died; the batch's parts are admitted in "
                             "the API process and the helpers started afresh")
-            answer = admit_items(part, admission)
-        yield answer
+            return admit_items(part, admission)
+
+    for chunk in _chunks(own, _OVERLAP_CHUNK):
+        yield admit_items(chunk, admission)
+        while waiting and waiting[0][1].done():
+            yield answer(*waiting.popleft())
+    while waiting:
+        if not waiting[0][1].done():
+            # Rather than wait, take back the last chunk no helper has started (the database
+            # takes a share of the cores, so the helpers may lag behind this thread).
+            taken = next((i for i in range(len(waiting) - 1, 0, -1) if waiting[i][1].cancel()),
+                         None)
+            if taken is not None:
+                part = waiting[taken][0]
+                del waiting[taken]
+                yield admit_items(part, admission)
+                continue
+        yield answer(*waiting.popleft())
 
 
 def _inline_outcome(item: TraceIn, redactor: Redactor | None, now: datetime) -> Label | None:
@@ -731,12 +778,14 @@ class OverlappedInsert:
     database (on another core) parses and writes one chunk's JSON while Python redacts the
     next; on a 1,000-trace batch that hides most of the ~30 µs a row the statement costs. A
     helper thread would not do: under the GIL it waits up to a switch interval (5 ms) at every
-    turn of the round trip while the caller computes. One chunk is in flight at a time; the
-    caller must not use the session between ``send`` and the end of the ``with`` block. Only
-    the first entry of each key is inserted, as ``store`` does; ``inserted`` and ``awaited``
-    are ``_insert``'s answers over all chunks. A database error is raised (as SQLAlchemy's, so
-    a dead database still answers 503) by the next ``send`` or at the end of the block, and
-    the transaction is then failed whole. Elsewhere than Postgres each chunk is inserted at
+    turn of the round trip while the caller computes. Statements queue on the connection
+    (they run in the order sent) and their answers are read at the end of the ``with`` block,
+    so ``send`` never waits for the database: chunks a helper process made arrive in bursts.
+    The caller must not use the session between ``send`` and the end of the block. Only the
+    first entry of each key is inserted, as ``store`` does; ``inserted`` and ``awaited`` are
+    ``_insert``'s answers over all chunks. A database error is raised (as SQLAlchemy's, so a
+    dead database still answers 503) by a later ``send`` or at the end of the block, and the
+    transaction is then failed whole. Elsewhere than Postgres each chunk is inserted at
     once."""
 
     def __init__(self, session: Session) -> None:
@@ -748,7 +797,7 @@ class OverlappedInsert:
         self._connection: Connection | None = None
         self._driver: psycopg.Connection[Any] | None = None
         self._pipeline: ExitStack | None = None  # holds the connection in pipeline mode
-        self._in_flight: psycopg.Cursor[Any] | None = None
+        self._in_flight: collections.deque[psycopg.Cursor[Any]] = collections.deque()
 
     def __enter__(self) -> OverlappedInsert:
         return self
@@ -778,15 +827,13 @@ class OverlappedInsert:
             self._record(_insert(self.session, fresh))
             return
         with self._translated():
-            self._collect()
             cursor = self._driver.cursor()
             cursor.execute(_PIPELINED_INSERT, (json_dumps([e.row for e in fresh]),))
-            self._in_flight = cursor
+            self._in_flight.append(cursor)
 
     def _collect(self) -> None:
-        if self._in_flight is not None:
-            cursor, self._in_flight = self._in_flight, None
-            self._record(_returned(cursor.fetchall()))
+        while self._in_flight:
+            self._record(_returned(self._in_flight.popleft().fetchall()))
 
     def _record(
         self, answer: tuple[dict[tuple[str, str], tuple[int, Split]], set[tuple[str, str]]]
@@ -816,9 +863,16 @@ class OverlappedInsert:
             return
         pipeline, self._pipeline = self._pipeline, None
         if exc_type is None:
-            with self._translated():
-                self._collect()
-                pipeline.close()
+            try:
+                with self._translated():
+                    self._collect()
+                    pipeline.close()
+            except BaseException as error:
+                # A statement failed: leave pipeline mode all the same, so the connection goes
+                # back to the pool without the answers still queued on it.
+                with suppress(psycopg.Error):
+                    pipeline.__exit__(type(error), error, error.__traceback__)
+                raise
             return
         # Already failing: leave pipeline mode without raising over the first error (the
         # transaction is rolled back whole by the session's owner).

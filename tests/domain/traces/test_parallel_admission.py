@@ -49,7 +49,7 @@ def batch(policy: str) -> list[Any]:
 
     items: list[Any] = [trace(f"n{i}") for i in range(12)]
     items[1] = trace("n1", "call me at +44 20 7946 0958")  # redacted
-    items[3] = {"external_id": "bad"}  # invalid
+    items[3] = {"external_id": "n10"}  # invalid: n10 (a helper's) is the first valid one
     items[4] = trace("n4", outcome={"name": "correct", "value": 1.0})
     items[5] = trace("alice@example.com")  # PII in the external_id: refused
     items[6] = trace("n0")  # the first part's n0, again: a duplicate across parts
