@@ -83,8 +83,15 @@ class Settings(BaseSettings):
         default=None, ge=0, le=64,
         description="Helper processes per API process that admit parts of a large batch while "
         "the request's own thread admits the first part; spawned in the background when the "
-        "server starts (each ~100 MiB). Unset: one per usable core beyond the first, at most 3 "
-        "(none on one core). 0: every batch is admitted in the API process.",
+        "server starts (each ~100 MiB). Unset: the usable cores shared out among the API "
+        "processes (`api_processes`), less one for each API process, at most 3 (so none where "
+        "there are as many API processes as cores, as `tracelearn api` starts by default). 0: "
+        "every batch is admitted in the API process.",
+    )
+    api_processes: int = Field(
+        default=1, ge=1, le=256,
+        description="API processes serving on this machine; `tracelearn api` sets it for the "
+        "processes it starts. Sizes the default `ingest_helper_processes`.",
     )
     ingest_parallel_min_items: int = Field(
         default=256, ge=2, le=100_000,

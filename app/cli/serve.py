@@ -167,12 +167,16 @@ def api(
     workers: int | None = typer.Option(
         None, min=1, help="API processes. Default: one per usable core (CPU affinity and "
         f"cgroup quota), at most {MAX_DEFAULT_API_WORKERS}; each process has its own pool of "
-        "up to 30 database connections and its own group-commit writer."),
+        "up to 30 database connections, its own group-commit writer and, where cores are left "
+        "over, its own ingest helpers (TRACELEARN_INGEST_HELPER_PROCESSES)."),
 ) -> None:
     """Serve the HTTP API and dashboard (production: behind a proxy, several workers)."""
+    processes = workers or default_api_workers()
+    # uvicorn's processes build their settings from the environment: they learn how many of
+    # them share the cores (the default number of ingest helpers follows) from there.
+    os.environ["TRACELEARN_API_PROCESSES"] = str(processes)
     uvicorn.run("app.main:create_served_app", factory=True, host=host, port=port,
-                workers=workers or default_api_workers(), log_level="warning",
-                access_log=False)
+                workers=processes, log_level="warning", access_log=False)
 
 
 @serve_app.command("up")

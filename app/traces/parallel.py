@@ -40,15 +40,16 @@ RETRY_AFTER_S = 60.0
 T = TypeVar("T")
 
 
-def default_helpers() -> int:
-    """One helper per usable core beyond the first, at most ``MAX_DEFAULT_HELPERS``."""
-    return min(usable_cores() - 1, MAX_DEFAULT_HELPERS)
+def default_helpers(api_processes: int) -> int:
+    """Each of ``api_processes`` API processes gets its share of the usable cores, one of them
+    its own: a helper for each of the others, at most ``MAX_DEFAULT_HELPERS``."""
+    return max(0, min(usable_cores() // api_processes - 1, MAX_DEFAULT_HELPERS))
 
 
 def helper_count(settings: Settings) -> int:
     """How many helpers a large batch is shared with (0: none)."""
     configured = settings.ingest_helper_processes
-    return default_helpers() if configured is None else configured
+    return default_helpers(settings.api_processes) if configured is None else configured
 
 
 def _load(module: str) -> None:

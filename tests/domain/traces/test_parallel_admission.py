@@ -167,5 +167,11 @@ def test_batches_below_the_threshold_and_a_cold_pool_stay_in_process(
 def test_the_helper_count_follows_the_cores_and_the_setting(settings: Settings) -> None:
     assert parallel.helper_count(settings.model_copy(update={"ingest_helper_processes": 0})) == 0
     assert parallel.helper_count(settings.model_copy(update={"ingest_helper_processes": 5})) == 5
-    default = parallel.helper_count(settings.model_copy(update={"ingest_helper_processes": None}))
-    assert default == min(len(os.sched_getaffinity(0)) - 1, parallel.MAX_DEFAULT_HELPERS)
+    cores = len(os.sched_getaffinity(0))
+    for api, expected in [(1, min(cores - 1, 3)), (cores, 0), (cores + 1, 0)]:
+        auto = settings.model_copy(update={"ingest_helper_processes": None,
+                                           "api_processes": api})
+        assert parallel.helper_count(auto) == expected, api
+    if cores >= 4:
+        assert parallel.helper_count(settings.model_copy(update={
+            "ingest_helper_processes": None, "api_processes": 2})) == min(cores // 2 - 1, 3)
