@@ -12,7 +12,7 @@ import logging
 import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, replace
@@ -428,7 +428,7 @@ def admit_items(
             index=index, tenant=admission.tenant, actor=admission.actor, content_hash=chash,
             row=_row_values(item, policy, chash,
                             admission.untrainable or untrainable_reason(item), admission),
-            outcome=_inline_outcome(item, admission.redactor(policy), admission.now)))
+            outcome=_inline_outcome(item, policy, admission)))
     return results, admitted
 
 
@@ -480,23 +480,10 @@ def _admitted_chunks(
         own, others = items[:cut], list(_chunks(items[cut:], _OVERLAP_CHUNK))
     futures = parallel.submit_all(executor, admit_items, others, admission) if executor else []
     waiting = collections.deque(zip(others, futures, strict=True))
-
-    def answer(part: Sequence[tuple[int, Any]], future: Future[tuple[
-            dict[int, ItemResult], list[Admitted]]]) -> tuple[dict[int, ItemResult],
-                                                               list[Admitted]]:
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            assert executor is not None
-            if _helpers.discard(executor):
-                log.warning("an ingest helper process died; the batch's parts are admitted in "
-                            "the API process and the helpers started afresh")
-            return admit_items(part, admission)
-
     for chunk in _chunks(own, _OVERLAP_CHUNK):
         yield admit_items(chunk, admission)
         while waiting and waiting[0][1].done():
-            yield answer(*waiting.popleft())
+            yield _helper_answer(*waiting.popleft(), executor, admission)
     while waiting:
         if not waiting[0][1].done():
             # Rather than wait, take back the last chunk no helper has started (the database
@@ -508,16 +495,33 @@ def _admitted_chunks(
                 del waiting[taken]
                 yield admit_items(part, admission)
                 continue
-        yield answer(*waiting.popleft())
+        yield _helper_answer(*waiting.popleft(), executor, admission)
 
 
-def _inline_outcome(item: TraceIn, redactor: Redactor | None, now: datetime) -> Label | None:
+_Admitted = tuple[dict[int, ItemResult], list[Admitted]]
+"""What ``admit_items`` gives: the results of the items refused, by index; the others' rows."""
+
+
+def _helper_answer(part: Sequence[tuple[int, Any]], future: Future[_Admitted],
+                   executor: ProcessPoolExecutor | None, admission: Admission) -> _Admitted:
+    """A helper's answer for ``part``; if the helper died, ``part`` admitted here."""
+    try:
+        return future.result()
+    except (BrokenProcessPool, CancelledError):  # cancelled: the broken pool was shut down
+        if executor is not None and _helpers.discard(executor):
+            log.warning("an ingest helper process died; the batch's parts are admitted in "
+                        "the API process and the helpers started afresh")
+        return admit_items(part, admission)
+
+
+def _inline_outcome(item: TraceIn, policy: PolicyRef, admission: Admission) -> Label | None:
     o = item.outcome
     if o is None:
         return None
+    # A redactor of its own: the row's is narrowed to what the trace's JSON may hold.
     return Label(trace_external_id=item.external_id, name=o.name,
-                 value=redact_outcome_value(o.value, redactor), source=o.source,
-                 origin=OutcomeOrigin.inline, labelled_at=now)
+                 value=redact_outcome_value(o.value, admission.redactor(policy)),
+                 source=o.source, origin=OutcomeOrigin.inline, labelled_at=admission.now)
 
 
 def store(session: Session, entries: Sequence[Admitted]) -> list[ItemResult]:
