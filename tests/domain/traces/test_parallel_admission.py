@@ -34,6 +34,21 @@ def helper_settings(settings: Settings) -> Iterator[Settings]:
     service._helpers.shutdown()
 
 
+@pytest.fixture
+def validated_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The indexes of the items validated in this process: the helpers import their own,
+    unpatched module."""
+    indexes: list[int] = []
+    validate = service._validate
+
+    def counted(index: int, raw: Any, *args: Any) -> Any:
+        indexes.append(index)
+        return validate(index, raw, *args)
+
+    monkeypatch.setattr(service, "_validate", counted)
+    return indexes
+
+
 def make_principal(database: Database) -> Principal:
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     with database.session() as session:
@@ -76,21 +91,13 @@ def outcome(result: Any) -> tuple[Any, ...]:
 
 def test_a_batch_shared_with_helpers_is_admitted_as_in_one_process(
     database: Database, settings: Settings, helper_settings: Settings,
-    monkeypatch: pytest.MonkeyPatch,
+    validated_here: list[int],
 ) -> None:
     alone, shared = make_principal(database), make_principal(database)
     with database.session() as session:
         expected = service.ingest(session, alone, batch(alone.tenant), settings)
         session.commit()
-    # Counted in this process only: the helpers import their own, unpatched module.
-    validated_here: list[int] = []
-    validate = service._validate
-
-    def counted(index: int, raw: Any, *args: Any) -> Any:
-        validated_here.append(index)
-        return validate(index, raw, *args)
-
-    monkeypatch.setattr(service, "_validate", counted)
+    validated_here.clear()
     with database.session() as session:
         got = service.ingest(session, shared, batch(shared.tenant), helper_settings)
         session.commit()
@@ -138,18 +145,10 @@ def test_a_helper_that_died_costs_its_batch_nothing(
 
 
 def test_batches_below_the_threshold_and_a_cold_pool_stay_in_process(
-    database: Database, settings: Settings, monkeypatch: pytest.MonkeyPatch,
+    database: Database, settings: Settings, validated_here: list[int],
 ) -> None:
     principal = make_principal(database)
     service._helpers.shutdown()
-    validated_here: list[int] = []
-    validate = service._validate
-
-    def counted(index: int, raw: Any, *args: Any) -> Any:
-        validated_here.append(index)
-        return validate(index, raw, *args)
-
-    monkeypatch.setattr(service, "_validate", counted)
     cold = settings.model_copy(update={"ingest_helper_processes": 1,
                                        "ingest_parallel_min_items": 12})
     try:
