@@ -236,7 +236,7 @@ class PolicyRef:
 class Admission:
     """Everything admitting items needs besides the items, read from the session before any
     item is looked at. Plain data, so that ``admit_items`` can run in a helper process
-    (``app.traces.helpers``) on part of a large batch."""
+    (``app.traces.parallel``) on part of a large batch."""
 
     tenant: str
     actor: str
@@ -498,12 +498,12 @@ def _admitted_chunks(
         yield _helper_answer(*waiting.popleft(), executor, admission)
 
 
-_Admitted = tuple[dict[int, ItemResult], list[Admitted]]
+_AdmittedPart = tuple[dict[int, ItemResult], list[Admitted]]
 """What ``admit_items`` gives: the results of the items refused, by index; the others' rows."""
 
 
-def _helper_answer(part: Sequence[tuple[int, Any]], future: Future[_Admitted],
-                   executor: ProcessPoolExecutor | None, admission: Admission) -> _Admitted:
+def _helper_answer(part: Sequence[tuple[int, Any]], future: Future[_AdmittedPart],
+                   executor: ProcessPoolExecutor | None, admission: Admission) -> _AdmittedPart:
     """A helper's answer for ``part``; if the helper died, ``part`` admitted here."""
     try:
         return future.result()
