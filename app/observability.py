@@ -28,6 +28,18 @@ INGEST_GROUP_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
     registry=REGISTRY,
 )
+INGEST_ADMITTED = Counter(
+    "tracelearn_ingest_admitted_traces_total",
+    "Traces validated, hashed and redacted for ingest, by where: `request` (the API process "
+    "that received them) or `helper` (an ingest helper process, for part of a large batch).",
+    ["where"],
+    registry=REGISTRY,
+)
+INGEST_HELPERS = Gauge(
+    "tracelearn_ingest_helpers",
+    "Ingest helper processes started and ready in this API process.",
+    registry=REGISTRY,
+)
 FEEDBACK_TOTAL = Counter(
     "tracelearn_feedback_outcomes_total",
     "Outcomes received on /v1/feedback by result.",

@@ -26,6 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from app.cores import usable_cores
+from app.observability import INGEST_HELPERS
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class HelperPool:
                 remaining[0] -= 1
                 if remaining[0] == 0:
                     ready.set()
+                    INGEST_HELPERS.set(size)
 
         self._executor, self._size, self._ready = executor, size, ready
         for future in warming:
@@ -109,6 +111,7 @@ class HelperPool:
     def _shutdown_locked(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+            INGEST_HELPERS.set(0)
         self._executor, self._size = None, 0
         self._ready = threading.Event()
 

@@ -54,7 +54,7 @@ from app.models import (
     TrainingRun,
     training_run_groups,
 )
-from app.observability import INGEST_TOTAL
+from app.observability import INGEST_ADMITTED, INGEST_TOTAL
 from app.settings import Settings
 from app.tenants import service as tenants
 from app.traces import parallel
@@ -348,7 +348,7 @@ def admit(
     served names), so on a warm cache it costs no statement beyond ``generations``."""
     admission = prepare(session, principal, raw_items, settings, untrainable=untrainable,
                         generated_response=generated_response)
-    return admit_items(list(enumerate(raw_items)), admission)
+    return _admitted_here(list(enumerate(raw_items)), admission)
 
 
 # The longest policy name and served model name a trace may carry (``TraceIn``): longer ones
@@ -481,7 +481,7 @@ def _admitted_chunks(
     futures = parallel.submit_all(executor, admit_items, others, admission) if executor else []
     waiting = collections.deque(zip(others, futures, strict=True))
     for chunk in _chunks(own, _OVERLAP_CHUNK):
-        yield admit_items(chunk, admission)
+        yield _admitted_here(chunk, admission)
         while waiting and waiting[0][1].done():
             yield _helper_answer(*waiting.popleft(), executor, admission)
     while waiting:
@@ -493,7 +493,7 @@ def _admitted_chunks(
             if taken is not None:
                 part = waiting[taken][0]
                 del waiting[taken]
-                yield admit_items(part, admission)
+                yield _admitted_here(part, admission)
                 continue
         yield _helper_answer(*waiting.popleft(), executor, admission)
 
@@ -506,12 +506,19 @@ def _helper_answer(part: Sequence[tuple[int, Any]], future: Future[_AdmittedPart
                    executor: ProcessPoolExecutor | None, admission: Admission) -> _AdmittedPart:
     """A helper's answer for ``part``; if the helper died, ``part`` admitted here."""
     try:
-        return future.result()
+        answer = future.result()
     except (BrokenProcessPool, CancelledError):  # cancelled: the broken pool was shut down
         if executor is not None and _helpers.discard(executor):
             log.warning("an ingest helper process died; the batch's parts are admitted in "
                         "the API process and the helpers started afresh")
-        return admit_items(part, admission)
+        return _admitted_here(part, admission)
+    INGEST_ADMITTED.labels("helper").inc(len(part))
+    return answer
+
+
+def _admitted_here(items: Sequence[tuple[int, Any]], admission: Admission) -> _AdmittedPart:
+    INGEST_ADMITTED.labels("request").inc(len(items))
+    return admit_items(items, admission)
 
 
 def _inline_outcome(item: TraceIn, policy: PolicyRef, admission: Admission) -> Label | None:

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from app.auth.service import Principal, Scope
 from app.db import Database
 from app.models import Policy, Trace
+from app.observability import REGISTRY
 from app.settings import Settings
 from app.traces import parallel, service
 from app.traces.schemas import ItemStatus
@@ -84,6 +85,12 @@ def stored(database: Database, tenant: str) -> list[dict[str, Any]]:
         return [dict(zip(columns, row, strict=True)) for row in rows]
 
 
+def admitted(where: str) -> float:
+    """The traces admitted so far by ``where`` (the Prometheus counter)."""
+    return REGISTRY.get_sample_value("tracelearn_ingest_admitted_traces_total",
+                                     {"where": where}) or 0.0
+
+
 def outcome(result: Any) -> tuple[Any, ...]:
     return (result.index, result.external_id, result.status,
             result.error["type"] if result.error else None)
@@ -98,10 +105,13 @@ def test_a_batch_shared_with_helpers_is_admitted_as_in_one_process(
         expected = service.ingest(session, alone, batch(alone.tenant), settings)
         session.commit()
     validated_here.clear()
+    before = admitted("request"), admitted("helper")
     with database.session() as session:
         got = service.ingest(session, shared, batch(shared.tenant), helper_settings)
         session.commit()
     assert validated_here == [0, 1, 2, 3], "the request's thread admits the first part only"
+    assert (admitted("request") - before[0], admitted("helper") - before[1]) == (4, 8)
+    assert REGISTRY.get_sample_value("tracelearn_ingest_helpers") == HELPERS
     assert [outcome(r) for r in got.results] == [outcome(r) for r in expected.results]
     assert got.counts == expected.counts
     assert (got.counts["created"], got.counts["invalid"]) == (7, 3)
@@ -132,10 +142,13 @@ def test_a_helper_that_died_costs_its_batch_nothing(
     for pid in pids:
         psutil.Process(pid).kill()
     psutil.wait_procs([psutil.Process(pid) for pid in pids], timeout=30)
+    before = admitted("request"), admitted("helper")
     with caplog.at_level(logging.WARNING), database.session() as session:
         got = service.ingest(session, shared, batch(shared.tenant), helper_settings)
         session.commit()
     assert "helper process died" in caplog.text
+    assert (admitted("request") - before[0], admitted("helper") - before[1]) == (12, 0)
+    assert REGISTRY.get_sample_value("tracelearn_ingest_helpers") == 0
     assert [outcome(r) for r in got.results] == [outcome(r) for r in expected.results]
     assert len(stored(database, shared.tenant)) == len(stored(database, alone.tenant)) == 7
     # The broken pool was dropped: the next large batch starts a new one.
