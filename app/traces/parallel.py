@@ -10,7 +10,8 @@ in the batch's order, so the result is the one a single process gives.
 The helpers are spawned (never forked: the API process runs threads), lazily, the first time
 a batch is large enough, and are warmed up (they import the admission code) in the background:
 batches that arrive before they are ready are admitted in process, as are the parts of a
-helper that died (its batch still succeeds; the pool is started afresh for the next one).
+helper that died (its batch still succeeds; the pool is started afresh for the next one). A
+helper exits by itself once its API process is gone, killed or not.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import importlib
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +36,8 @@ log = logging.getLogger(__name__)
 # More helpers than this gain little on one batch (its insert and the request's own part remain)
 # and each is a process of ~100 MiB.
 MAX_DEFAULT_HELPERS = 3
+# How often a helper checks that its API process is still there.
+PARENT_CHECK_S = 1.0
 # After helpers failed to start, batches are admitted in process for this long before another
 # start is tried.
 RETRY_AFTER_S = 60.0
@@ -56,6 +60,19 @@ def helper_count(settings: Settings) -> int:
 def _load(module: str) -> None:
     """Run in each new helper: import what its tasks will need, before the first task."""
     importlib.import_module(module)
+
+
+def _watch_parent(parent: int) -> None:
+    """Run in each new helper as it starts: exit once the API process that started it is gone.
+    A process killed outright (SIGKILL, the OOM killer) cannot tell its helpers, and a helper
+    waiting for work would otherwise live on as an orphan."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="ingest-helper-parent-watch", daemon=True).start()
 
 
 class HelperPool:
@@ -84,7 +101,8 @@ class HelperPool:
 
     def _start_locked(self, size: int) -> None:
         executor = ProcessPoolExecutor(max_workers=size,
-                                       mp_context=multiprocessing.get_context("spawn"))
+                                       mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_watch_parent, initargs=(os.getpid(),))
         ready = threading.Event()
         warming = [executor.submit(_load, self._warm_module) for _ in range(size)]
         remaining = [len(warming)]

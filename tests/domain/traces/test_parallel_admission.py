@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -23,6 +27,7 @@ from app.traces import parallel, service
 from app.traces.schemas import ItemStatus
 
 HELPERS = 2
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -187,3 +192,31 @@ def test_the_helper_count_follows_the_cores_and_the_setting(settings: Settings) 
     if cores >= 4:
         assert parallel.helper_count(settings.model_copy(update={
             "ingest_helper_processes": None, "api_processes": 2})) == min(cores // 2 - 1, 3)
+
+
+def test_helpers_exit_when_their_api_process_is_killed() -> None:
+    """A process killed outright cannot shut its helpers down: they notice and exit."""
+    code = (
+        "import time; from app.settings import Settings; from app.traces import service\n"
+        "settings = Settings(environment='test', ingest_helper_processes=2)\n"
+        "service.start_helpers(settings)\n"
+        "assert service._helpers.wait_ready(120)\n"
+        "executor = service._helpers.executor(2)\n"
+        "print(*executor._processes, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    api = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert api.stdout is not None
+        pids = [int(pid) for pid in api.stdout.readline().split()]
+        helpers = [psutil.Process(pid) for pid in pids]
+        assert len(helpers) == 2 and all(h.is_running() for h in helpers)
+    finally:
+        api.kill()
+        api.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(
+            h.is_running() and h.status() != psutil.STATUS_ZOMBIE for h in helpers):
+        time.sleep(0.2)
+    assert not [h.pid for h in helpers if h.is_running() and h.status() != psutil.STATUS_ZOMBIE]
