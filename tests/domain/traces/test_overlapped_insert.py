@@ -5,7 +5,6 @@ leaves nothing written and the session usable."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,21 +13,12 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import ProgrammingError
 
-from app.auth.service import Principal, Scope
+from app.auth.service import Principal
 from app.db import Database
 from app.models import Policy, Trace
 from app.settings import Settings
 from app.traces import service
 from app.traces.schemas import ItemStatus
-
-
-@pytest.fixture
-def principal(database: Database) -> Principal:
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
-    with database.session() as session:
-        session.add(Policy(tenant=tenant, name=tenant, base_model="m"))  # names are global
-        session.commit()
-    return Principal(key_id=1, tenant=tenant, scopes=frozenset({Scope.ingest}), name="test")
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import os
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,9 @@ import psutil
 import pytest
 from sqlalchemy import select
 
-from app.auth.service import Principal, Scope
+from app.auth.service import Principal
 from app.db import Database
-from app.models import Policy, Trace
+from app.models import Trace
 from app.observability import REGISTRY
 from app.settings import Settings
 from app.traces import parallel, service
@@ -53,14 +52,6 @@ def validated_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(service, "_validate", counted)
     return indexes
-
-
-def make_principal(database: Database) -> Principal:
-    tenant = f"t-{uuid.uuid4().hex[:8]}"
-    with database.session() as session:
-        session.add(Policy(tenant=tenant, name=tenant, base_model="m"))  # names are global
-        session.commit()
-    return Principal(key_id=1, tenant=tenant, scopes=frozenset({Scope.ingest}), name="test")
 
 
 def batch(policy: str) -> list[Any]:
@@ -103,9 +94,9 @@ def outcome(result: Any) -> tuple[Any, ...]:
 
 def test_a_batch_shared_with_helpers_is_admitted_as_in_one_process(
     database: Database, settings: Settings, helper_settings: Settings,
-    validated_here: list[int],
+    validated_here: list[int], new_principal: Callable[[], Principal],
 ) -> None:
-    alone, shared = make_principal(database), make_principal(database)
+    alone, shared = new_principal(), new_principal()
     with database.session() as session:
         expected = service.ingest(session, alone, batch(alone.tenant), settings)
         session.commit()
@@ -133,9 +124,9 @@ def test_a_batch_shared_with_helpers_is_admitted_as_in_one_process(
 
 def test_a_helper_that_died_costs_its_batch_nothing(
     database: Database, settings: Settings, helper_settings: Settings,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, new_principal: Callable[[], Principal],
 ) -> None:
-    alone, shared = make_principal(database), make_principal(database)
+    alone, shared = new_principal(), new_principal()
     with database.session() as session:
         expected = service.ingest(session, alone, batch(alone.tenant), settings)
         session.commit()
@@ -164,8 +155,9 @@ def test_a_helper_that_died_costs_its_batch_nothing(
 
 def test_batches_below_the_threshold_and_a_cold_pool_stay_in_process(
     database: Database, settings: Settings, validated_here: list[int],
+    new_principal: Callable[[], Principal],
 ) -> None:
-    principal = make_principal(database)
+    principal = new_principal()
     service._helpers.shutdown()
     cold = settings.model_copy(update={"ingest_helper_processes": 1,
                                        "ingest_parallel_min_items": 12})
