@@ -4,11 +4,13 @@ Admitting a trace (validation, hashing, redaction: ``service.admit_items``) is p
 ~100 µs a trace, under the GIL of the process that received the batch; a 1,000-trace batch
 would keep one core busy for a tenth of a second while the others idle. A batch of at least
 ``ingest_parallel_min_items`` traces is therefore split: the request's own thread admits the
-first part while helper processes admit the others, and every part's rows go to the database
-in the batch's order, so the result is the one a single process gives.
+first part while helper processes admit the others in chunks, and the result is the one a
+single process gives (``service.ingest`` inserts chunks as they come back, holding only the
+external_ids the batch repeats for the end, in the batch's order).
 
-The helpers are spawned (never forked: the API process runs threads), lazily, the first time
-a batch is large enough, and are warmed up (they import the admission code) in the background:
+The helpers are spawned (never forked: the API process runs threads) when a server starts, or
+else the first time a batch is large enough, and are warmed up (they import the admission
+code) in the background:
 batches that arrive before they are ready are admitted in process, as are the parts of a
 helper that died (its batch still succeeds; the pool is started afresh for the next one). A
 helper exits by itself once its API process is gone, killed or not.
@@ -135,8 +137,7 @@ class HelperPool:
 
     def _failed(self, executor: ProcessPoolExecutor) -> None:
         with self._lock:
-            if self._executor is executor:
-                self._shutdown_locked()
+            if self.discard(executor):
                 self._failed_at = time.monotonic()
 
     def discard(self, executor: ProcessPoolExecutor) -> bool:

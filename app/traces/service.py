@@ -342,7 +342,7 @@ def count_results(results: Sequence[ItemResult]) -> None:
 def admit(
     session: Session, principal: Principal, raw_items: list[Any], settings: Settings,
     *, untrainable: str | None = None, generated_response: bool = False,
-) -> tuple[dict[int, ItemResult], list[Admitted]]:
+) -> _AdmittedPart:
     """Everything short of writing: the results of the items refused (by index) and the rows of
     the others. Reads only what the process caches hold (policies, the tenant's redaction mode,
     served names), so on a warm cache it costs no statement beyond ``generations``."""
@@ -386,9 +386,11 @@ def prepare(
         now=utcnow(), untrainable=untrainable, generated_response=generated_response)
 
 
-def admit_items(
-    items: Sequence[tuple[int, Any]], admission: Admission,
-) -> tuple[dict[int, ItemResult], list[Admitted]]:
+_AdmittedPart = tuple[dict[int, ItemResult], list[Admitted]]
+"""What ``admit_items`` gives: the results of the items refused, by index; the others' rows."""
+
+
+def admit_items(items: Sequence[tuple[int, Any]], admission: Admission) -> _AdmittedPart:
     """The results of the items refused (by index) and the rows of the others, validated,
     hashed and redacted. Pure: reads no session, so a large batch's parts can be admitted in
     helper processes."""
@@ -462,7 +464,7 @@ def _by_index(entry: Admitted) -> int:
 
 def _admitted_chunks(
     items: list[tuple[int, Any]], admission: Admission,
-) -> Iterator[tuple[dict[int, ItemResult], list[Admitted]]]:
+) -> Iterator[_AdmittedPart]:
     """``admit_items`` over ``items`` a chunk at a time, each chunk small enough for its insert
     to overlap the admission of the next. On a large batch the chunks after this thread's share
     are admitted meanwhile by the helper processes, and each is given back as soon as it is
@@ -496,10 +498,6 @@ def _admitted_chunks(
                 yield _admitted_here(part, admission)
                 continue
         yield _helper_answer(*waiting.popleft(), executor, admission)
-
-
-_AdmittedPart = tuple[dict[int, ItemResult], list[Admitted]]
-"""What ``admit_items`` gives: the results of the items refused, by index; the others' rows."""
 
 
 def _helper_answer(part: Sequence[tuple[int, Any]], future: Future[_AdmittedPart],
