@@ -223,6 +223,23 @@ ROWS = [
 HEADLINE = "more"
 
 
+def pool_segments(rows: Sequence[Row]) -> list[tuple[int, int, int]]:
+    """How many completions each training prompt needs, as ``(start, end, group_size)`` runs:
+    every row trains on the first ``row.prompts`` prompts of one shared pool, so prompt ``i``
+    needs the largest group size among the rows that reach it. (128×32 and 2048×8 in one sitting
+    sample 128×32 + 1920×8, not 2048×32.)"""
+    segments: list[tuple[int, int, int]] = []
+    start = 0
+    for end in sorted({r.prompts for r in rows}):
+        g = max(r.group_size for r in rows if r.prompts >= end)
+        if segments and segments[-1][2] == g:
+            segments[-1] = (segments[-1][0], end, g)
+        else:
+            segments.append((start, end, g))
+        start = end
+    return segments
+
+
 @dataclass(frozen=True)
 class QualityConfig:
     size: str = "tiny"
@@ -378,14 +395,15 @@ def table_one(
             seed_rows = [r for r in rows if not r.heavy or seed < qc.heavy_row_seeds]
             if not seed_rows:  # only heavy rows asked for, and they run under fewer seeds
                 continue
-            max_g = max(r.group_size for r in seed_rows)
             max_p = max(r.prompts for r in seed_rows)
             train_items = items(seed, max_p, "train")
             t0 = time.perf_counter()
-            pool = make_rollout_groups(backend, train_items, max_g,
-                                       SamplingParams(qc.max_tokens, 1.0, seed), grade)
-            log(f"seed {seed}: sampled {max_p}×{max_g} baseline rollouts "
-                f"({time.perf_counter() - t0:.0f}s)")
+            pool: list[TrainingGroup] = []
+            for start, end, g in pool_segments(seed_rows):
+                pool += make_rollout_groups(backend, train_items[start:end], g,
+                                            SamplingParams(qc.max_tokens, 1.0, seed), grade)
+            log(f"seed {seed}: sampled {' + '.join(f'{e - s}×{g}' for s, e, g in pool_segments(seed_rows))}"
+                f" baseline rollouts ({time.perf_counter() - t0:.0f}s)")
             for row in seed_rows:
                 for algo in ("oapl", "grpo"):
                     t0 = time.perf_counter()

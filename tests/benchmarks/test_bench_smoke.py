@@ -212,6 +212,18 @@ QUALITY_KEYS = {
 }
 
 
+def test_the_rollout_pool_gives_each_prompt_the_largest_group_any_row_trains_it_with() -> None:
+    from benchmarks.quality import Row, pool_segments
+
+    rows = [Row("a", "a", 128, 8), Row("b", "b", 2048, 8), Row("c", "c", 128, 32),
+            Row("d", "d", 128, 8, rounds=10)]
+    # 128 prompts × 32 (row c reaches them), the other 1,920 × 8: 69,632 answers fewer than 2048×32
+    assert pool_segments(rows) == [(0, 128, 32), (128, 2048, 8)]
+    assert pool_segments([Row("a", "a", 32, 8), Row("b", "b", 128, 8)]) == [(0, 128, 8)]
+    assert pool_segments([Row("a", "a", 32, 4), Row("b", "b", 64, 8), Row("c", "c", 96, 2)]) == [
+        (0, 64, 8), (64, 96, 2)]
+
+
 def test_quality_benchmark_reports_rounds_styles_and_cluster_cis(
     tmp_path: Path, model_cache: Path
 ) -> None:
