@@ -135,8 +135,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = list(results["recipes"].values())
-    fig, ax = plt.subplots(figsize=(10, 4.5))
+    runs = sorted(results["recipes"].values(),
+                  key=lambda r: (r["recipe"]["n_demos"], r["recipe"]["sft_steps"], r["recipe"]["lr"]))
+    fig, ax = plt.subplots(figsize=(10, 6))
     width = 0.8 / (len(runs) + 1)
     xs = range(len(KINDS))
     guess = [runs[0]["greedy"]["factors"].get(k, {}).get("guess", 0.0) for k in KINDS]
@@ -146,13 +147,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         accuracy = [r["greedy"]["factors"].get(k, {}).get("accuracy", 0.0) for k in KINDS]
         rc, agreement = r["recipe"], r["greedy"]["call"]["agreement"]
         ax.bar([x - 0.4 + width / 2 + i * width for x in xs], accuracy, width,
-               label=(f"{rc['size']} {rc['n_demos']} demos, {rc['sft_steps']} steps, lr {rc['lr']:g}"
+               label=(f"{rc['size']} {rc['n_demos']} demos, {rc['sft_steps']} steps × {rc['batch_size']}, "
+                      f"lr {rc['lr']:g}"
                       f" (call agreement {'—' if agreement is None else f'{agreement:.2f}'})"))
     ax.set_xticks(list(xs), KINDS)
     ax.set_ylabel("greedy factor accuracy")
     ax.set_ylim(0, 1.05)
     ax.set_title(f"Does the warm-start read the case? ({runs[0]['prompts']} held-out prompts)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
