@@ -398,11 +398,12 @@ def table_one(
             max_p = max(r.prompts for r in seed_rows)
             train_items = items(seed, max_p, "train")
             t0 = time.perf_counter()
+            segments = pool_segments(seed_rows)
             pool: list[TrainingGroup] = []
-            for start, end, g in pool_segments(seed_rows):
+            for start, end, g in segments:
                 pool += make_rollout_groups(backend, train_items[start:end], g,
                                             SamplingParams(qc.max_tokens, 1.0, seed), grade)
-            log(f"seed {seed}: sampled {' + '.join(f'{e - s}×{g}' for s, e, g in pool_segments(seed_rows))}"
+            log(f"seed {seed}: sampled {' + '.join(f'{e - s}×{g}' for s, e, g in segments)}"
                 f" baseline rollouts ({time.perf_counter() - t0:.0f}s)")
             for row in seed_rows:
                 for algo in ("oapl", "grpo"):

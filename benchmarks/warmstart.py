@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._common import machine, results_dir, write_json
+from benchmarks.quality import EVAL_SEED, MAX_TOKENS
 from benchmarks.quality_stats import answer_summary
 from workers.clinical import task
 from workers.graders import parse_answer
@@ -44,8 +45,6 @@ from workers.learner.bootstrap import bootstrap_info, bootstrap_model
 from workers.learner.recipe import BootstrapConfig
 
 KINDS = ("ECOG", "stage", "line", "regimen", "prior", "LDH", "albumin", "brain mets")
-MAX_TOKENS = 80
-EVAL_SEED = 0
 _OVERALL = re.compile(r"^Overall: (favorable|unfavorable)\.?$", re.MULTILINE)
 
 
