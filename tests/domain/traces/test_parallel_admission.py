@@ -135,9 +135,12 @@ def test_a_helper_that_died_costs_its_batch_nothing(
     assert executor is not None
     pids = {p.pid for p in executor._processes.values()}
     assert pids and pids <= {p.pid for p in helpers}
-    for pid in pids:
-        psutil.Process(pid).kill()
-    psutil.wait_procs([psutil.Process(pid) for pid in pids], timeout=30)
+    # Handles taken before the kill: the pool's own thread may reap a killed helper at once,
+    # and a pid looked up after that is gone.
+    doomed = [psutil.Process(pid) for pid in pids]
+    for proc in doomed:
+        proc.kill()
+    psutil.wait_procs(doomed, timeout=30)
     before = admitted("request"), admitted("helper")
     with caplog.at_level(logging.WARNING), database.session() as session:
         got = service.ingest(session, shared, batch(shared.tenant), helper_settings)
