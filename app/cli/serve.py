@@ -10,8 +10,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 from typing import TextIO
 
 import typer
@@ -56,6 +57,16 @@ def local_api(settings: Settings) -> Iterator[str]:
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def _graceful_hangup(server: uvicorn.Server) -> Callable[[int, FrameType | None], None]:
+    """A HUP handler: the first HUP asks ``server`` to shut down as TERM does; the one uvicorn
+    re-raises after its graceful shutdown (or a second from the operator) exits."""
+    def on_hangup(signum: int, frame: FrameType | None) -> None:
+        if server.should_exit:
+            raise SystemExit(128 + signum)
+        server.handle_exit(signum, frame)
+    return on_hangup
 
 
 class CannotStart(RuntimeError):
@@ -130,14 +141,19 @@ Then post traces:
        -H 'content-type: application/json' -d '{{"name": "clinical"}}'
   tracelearn demo --url {url} --key $KEY     # synthetic clinical traces, end to end
 """)
+    server = uvicorn.Server(uvicorn.Config(create_served_app(settings), host=host, port=port,
+                                           log_level="warning", access_log=False))
     # uvicorn shuts down gracefully on TERM/INT and then re-raises the signal with the handler it
     # found installed; ours turns that into SystemExit, so the workers below are stopped (and
-    # hand their jobs back) instead of being orphaned.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _exit_on_signal)
+    # hand their jobs back) instead of being orphaned. uvicorn does not handle HUP: it is routed
+    # into the same graceful path. Raised mid-loop, a SystemExit skips the server's shutdown and
+    # leaves asyncio.run's teardown waiting on whatever tasks and threads were in flight.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
+    signal.signal(signal.SIGHUP, _graceful_hangup(server))
     try:
-        uvicorn.run(create_served_app(settings), host=host, port=port, log_level="warning",
-                    access_log=False)
+        server.run()
+        if not server.started:
+            raise SystemExit(3)  # what uvicorn.run answers when the app failed to start
     finally:
         if handle is not None:
             handle.stop()
