@@ -90,7 +90,11 @@ def test_a_signal_stops_the_whole_tree_and_keeps_acknowledged_traces(
         tree = children(proc.pid)
         assert len(tree) >= 3, tree  # the train worker, the other queues' worker, beat
         proc.send_signal(sig)
-        assert proc.wait(timeout=60) in (0, 128 + sig, -sig), log.read_text()
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"up did not stop within 60 s of {sig.name}:\n{log.read_text()}")
+        assert code in (0, 128 + sig, -sig), log.read_text()
         deadline = time.monotonic() + 10
         while any(alive(c) for c in tree) and time.monotonic() < deadline:
             time.sleep(0.2)
