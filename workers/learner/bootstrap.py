@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
 
 from workers.clinical import task
 from workers.graders.contract import parse_answer
@@ -77,8 +77,17 @@ def demonstrations(cfg: BootstrapConfig) -> list[tuple[list[dict[str, str]], str
 def train_tokenizer(
     demos: list[tuple[list[dict[str, str]], str]], vocab_size: int
 ) -> PreTrainedTokenizerFast:
+    # transformers loads a qwen2 checkpoint's tokenizer as Qwen2Tokenizer, which puts its own
+    # normalizer and pre-tokenizer over the ones in tokenizer.json (so does vLLM, through
+    # AutoTokenizer). The BPE is trained under those same ones: the ids the warm-start learns from
+    # are then the ids the model is served and trained on. Under plain byte-level pre-tokenizing,
+    # the build learned "ECOG 2" as " ECOG", " 2" and "LDH 340" as " LDH", " 34", "0", while the
+    # served model saw " ", "2" and " ", "3", "4", "0": every number in a prompt was new to it, and
+    # it never learned to read ECOG, the line or the labs.
+    served = Qwen2Tokenizer().backend_tokenizer
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.normalizer = served.normalizer
+    tok.pre_tokenizer = served.pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
