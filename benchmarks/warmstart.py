@@ -114,6 +114,7 @@ def probe(cfg: BootstrapConfig, prompts: int, cache_dir: str | None = None) -> d
     backend = LocalBackend(model_dir)
     out: dict[str, Any] = {
         "recipe": dataclasses.asdict(cfg), "cache_key": cfg.cache_key(),
+        "code_version": info["code_version"],
         "n_params": info["n_params"], "build_seconds": info["seconds_total"],
         "sft_loss_last": info["sft_loss_last"], "prompts": prompts,
     }
@@ -128,6 +129,12 @@ def probe(cfg: BootstrapConfig, prompts: int, cache_dir: str | None = None) -> d
     return out
 
 
+def version(entry: dict[str, Any]) -> str:
+    """The build code an entry was probed on (entries from before it was recorded: bootstrap-3,
+    whose tokenizer did not match the one the model is served with)."""
+    return str(entry.get("code_version", "bootstrap-3"))
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -135,7 +142,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = sorted(results["recipes"].values(),
-                  key=lambda r: (r["recipe"]["n_demos"], r["recipe"]["sft_steps"], r["recipe"]["lr"]))
+                  key=lambda r: (version(r), r["recipe"]["n_demos"], r["recipe"]["sft_steps"],
+                                 r["recipe"]["lr"]))
     fig, ax = plt.subplots(figsize=(10, 6))
     width = 0.8 / (len(runs) + 1)
     xs = range(len(KINDS))
@@ -146,7 +154,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         accuracy = [r["greedy"]["factors"].get(k, {}).get("accuracy", 0.0) for k in KINDS]
         rc, agreement = r["recipe"], r["greedy"]["call"]["agreement"]
         ax.bar([x - 0.4 + width / 2 + i * width for x in xs], accuracy, width,
-               label=(f"{rc['size']} {rc['n_demos']} demos, {rc['sft_steps']} steps × {rc['batch_size']}, "
+               label=(f"{version(r)}: {rc['size']} {rc['n_demos']} demos, "
+                      f"{rc['sft_steps']} steps × {rc['batch_size']}, "
                       f"lr {rc['lr']:g}"
                       f" (call agreement {'—' if agreement is None else f'{agreement:.2f}'})"))
     ax.set_xticks(list(xs), KINDS)

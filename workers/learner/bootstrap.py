@@ -18,7 +18,7 @@ package (``workers.learner.bundled``), so a first start need not build at all.
 Sizes (parameters include the tied embedding) and build time on this 2-core CPU (each build
 records its own ``seconds_total`` in the model's ``bootstrap.json``):
     test   ~  60 k params, vocab 384,  ~10 s   (unit tests)
-    tiny   481 k params, vocab 768, 400 SFT steps × 32 demos of ~135 tokens: on one thread
+    tiny   476 k params, vocab 715, 400 SFT steps × 32 demos of ~135 tokens: on one thread
            (every build) 14 min with the box's load average near 9; shipped in the package
     small  ~ 4.6 M params, vocab 1024 (more capacity, slower benchmark)
 """
