@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from workers.clinical import task
 from workers.inference.base import SamplingParams
@@ -42,7 +42,8 @@ TEMPLATE_SPECIALS = ["<|system|>", "<|end|>", "<|user|>", "<|end|>", "<|assistan
 @pytest.fixture(scope="module")
 def shipped_before_fix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped model as builds before this fix left it (and caches still hold it): no
-    ``unk_token`` in tokenizer_config.json, so Qwen2Tokenizer adds <|endoftext|> as id 768."""
+    ``unk_token`` in tokenizer_config.json, so Qwen2Tokenizer adds <|endoftext|> one past the
+    embedding."""
     copy = tmp_path_factory.mktemp("before") / "tiny"
     shutil.copytree(bundled.SHIPPED_DIR, copy)
     config_path = copy / "tokenizer_config.json"
@@ -65,9 +66,10 @@ def local(request: pytest.FixtureRequest) -> Iterator[LocalBackend]:
 
 def test_the_shipped_tokenizer_has_no_id_past_the_embedding() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(bundled.SHIPPED_DIR))
-    assert len(tokenizer) == bundled.read_manifest()["vocab_size"] == 768
+    rows = AutoConfig.from_pretrained(str(bundled.SHIPPED_DIR)).vocab_size
+    assert len(tokenizer) == bundled.read_manifest()["vocab_size"] == rows
     assert tokenizer.unk_token is None
-    assert max(tokenizer.added_tokens_decoder) < 768
+    assert max(tokenizer.added_tokens_decoder) < rows
 
 
 def test_special_token_text_in_content_is_encoded_as_text(local: LocalBackend) -> None:
@@ -75,7 +77,8 @@ def test_special_token_text_in_content_is_encoded_as_text(local: LocalBackend) -
     ids = encode_prompt(tok, POISONED)
     assert max(ids) < embedding_rows(local.base)
     specials = {t for t, added in tok.added_tokens_decoder.items() if added.special}
-    # Only the turn markers the template writes: no injected turn boundary, no id 768.
+    # Only the turn markers the template writes: no injected turn boundary, no id past the
+    # embedding.
     assert tok.convert_ids_to_tokens([i for i in ids if i in specials]) == TEMPLATE_SPECIALS
     # ... and the text round-trips: the customer's characters are all there.
     assert tok.decode(ids) == tok.apply_chat_template(
