@@ -58,7 +58,7 @@ from app.settings import get_settings
 from benchmarks._common import agg_backend, machine, print_ratios, results_dir, write_json
 from workers.learner.allocator import allocator_in_use, learner_environment
 
-# ~100M parameters with the bundled model's architecture and vocabulary (768 tokens, tied
+# ~100M parameters with the bundled model's architecture and vocabulary (715 tokens, tied
 # embeddings): 12 × (attention 1.77M + MLP 7.08M) + embeddings.
 SCALE_100M: tuple[tuple[str, Any], ...] = (
     ("hidden_size", 768), ("num_hidden_layers", 12), ("intermediate_size", 3072),

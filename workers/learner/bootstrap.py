@@ -100,7 +100,7 @@ def train_tokenizer(
     tok.train_from_iterator(corpus, trainer=trainer)
     # Byte-level BPE never needs an unknown token. Saying so in tokenizer_config.json (null)
     # matters: transformers 5 loads a qwen2 model's tokenizer as Qwen2Tokenizer, whose default
-    # unk "<|endoftext|>" would otherwise become id 768, one past the 768-row embedding.
+    # unk "<|endoftext|>" would otherwise get the id one past the embedding's last row.
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|end|>",
