@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import threading
 import time
 import uuid
@@ -515,10 +516,14 @@ def _event(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
+_PIECE = re.compile(r"\s+|\S+\s*")
+
+
 def _pieces(text: str) -> list[str]:
-    """A stored answer, replayed to a streaming retry, in word-sized chunks."""
-    words = text.split(" ")
-    return [w if i == len(words) - 1 else w + " " for i, w in enumerate(words) if w or i == 0]
+    """A stored answer, replayed to a streaming retry, in word-sized chunks that join back to
+    exactly the text: runs of spaces, tabs and newlines included (a model can emit a lone space
+    token, so ``ECOG  1`` is an answer as much as ``ECOG 1``)."""
+    return _PIECE.findall(text)
 
 
 def _record_aborted(principal: Principal, route: Route, aborted: Answer,
@@ -620,7 +625,7 @@ async def stream(
         yield chunk({"role": "assistant"}, None, route.served_name)
         if stored is not None:
             answer = stored
-            for piece in filter(None, _pieces(answer.text)):
+            for piece in _pieces(answer.text):
                 await anyio.sleep(0)  # a checkpoint: sends to a gone client do not fail
                 yield chunk({"content": piece}, None, answer.served_name)
         else:

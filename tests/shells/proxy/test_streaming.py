@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -166,3 +167,20 @@ def test_streams_waiting_on_generation_leave_the_server_free_for_other_requests(
     status, texts = asyncio.run(run())
     assert status == 200
     assert texts == ["first rest"] * streams
+
+
+@pytest.mark.parametrize("pieces", [
+    ["ECOG", " ", " 1", ":", " YES"],           # a lone space token before a digit
+    [" ", "YES", "\n\n", "because\t", "  ", "."],  # leading, trailing and mixed whitespace
+])
+def test_a_streamed_retry_replays_the_stored_answer_to_the_character(sdk, policy, engine_slot,
+                                                                       pieces):
+    install(ScriptedEngine(pieces))
+    args: Any = {"model": policy, "messages": MESSAGES,
+                 "extra_headers": {"X-Tracelearn-External-Id": f"ws-{uuid.uuid4().hex[:8]}"}}
+    first = sdk.chat.completions.create(**args).choices[0].message.content
+    assert first == "".join(pieces)
+    replayed = [c.choices[0].delta.content or "" for c in
+                sdk.chat.completions.create(**args, stream=True) if c.choices]
+    assert "".join(replayed) == first
+    assert sum(1 for p in replayed if p) > 1  # replayed in pieces, not as one block
