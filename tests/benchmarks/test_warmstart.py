@@ -21,8 +21,8 @@ from benchmarks.warmstart import (
 )
 from workers.clinical import task
 
-# ECOG 1, stage IV, line 2, carboplatin (neutral: left out), prior PD, LDH normal and albumin
-# normal (labs: stated with their value even when neutral), brain metastases.
+# ECOG 1, stage IV, line 2, carboplatin (neutral: left out), prior PD, LDH normal (left out),
+# albumin normal (left out), brain metastases.
 CASE_A = task.Case(age=59, sex="woman", ecog=1, stage="IV", histology="squamous",
                    biomarker="PD-L1 high", line=2, regimen="carboplatin-pemetrexed",
                    prior_response="PD", ldh=235, albumin=4.4, hemoglobin=14.5, brain_mets=True)
@@ -35,19 +35,20 @@ CASE_B = task.Case(age=50, sex="man", ecog=0, stage="II", histology="adenocarcin
 def test_the_reference_states_the_non_neutral_factors_by_kind() -> None:
     assert reference_factors(CASE_A) == {
         "ECOG": "ECOG 1 +", "stage": "stage IV -", "line": "line 2 -", "prior": "prior PD -",
-        "LDH": "LDH 235 normal", "albumin": "albumin 4.4 normal", "brain mets": "brain mets -"}
+        "brain mets": "brain mets -"}
     assert reference_factors(CASE_B) == {
         "ECOG": "ECOG 0 +", "stage": "stage II +", "line": "line 1 +",
-        "regimen": "osimertinib for EGFR +", "LDH": "LDH 300 high -", "albumin": "albumin 3.2 low -"}
+        "regimen": "osimertinib for EGFR +", "LDH": "LDH high -", "albumin": "albumin low -"}
     assert factor_kind("no brain mets -") == "brain mets" and factor_kind("Hb low -") == "other"
 
 
-def test_a_lab_is_scored_by_its_state_not_by_the_value_copied() -> None:
+def test_a_lab_is_scored_by_its_state_not_by_a_value_copied_beside_it() -> None:
+    # The recipe that restated lab values ("LDH 340 high -", trial bootstrap-5) is scored on the
+    # same footing as the one that does not.
     assert factor_state("LDH 300 high -") == factor_state("LDH 251 high -") == "LDH high -"
     assert factor_state("albumin 3.2 low -") == "albumin low -"
     assert factor_state("albumin 4 normal") == "albumin normal"
     assert factor_state("ECOG 2 -") == "ECOG 2 -"  # a copied state, not a value: kept
-    # An answer that copies the value wrong but reads the threshold right is scored as read.
     acc = factor_accuracy([CASE_B], ["Factors: LDH 310 high -; albumin 3.4 low -."])
     assert acc["LDH"]["accuracy"] == acc["albumin"]["accuracy"] == 1.0
     acc = factor_accuracy([CASE_B], ["Factors: LDH 300 normal; albumin 3.2 normal."])
@@ -65,19 +66,18 @@ def test_stated_factors_and_call_are_read_from_the_answer_lines() -> None:
 def test_factor_accuracy_counts_a_left_out_neutral_factor_as_read_and_compares_with_guessing() -> None:
     answers = [
         # A: ECOG wrong, stage right, line right, prior missing, brain mets right; states LDH high
-        # where A's LDH is normal: LDH wrong; leaves albumin (normal) out: albumin wrong.
-        "Factors: ECOG 2 -; stage IV -; line 2 -; LDH 235 high -; brain mets -.\n"
-        "Overall: unfavorable.",
+        # where A's LDH is normal (left out in the reference): LDH wrong.
+        "Factors: ECOG 2 -; stage IV -; line 2 -; LDH high -; brain mets -.\nOverall: unfavorable.",
         # B: everything right, the overall call too (B's logit is positive).
-        "Factors: ECOG 0 +; stage II +; line 1 +; osimertinib for EGFR +; LDH 300 high -; "
-        "albumin 3.2 low -.\nOverall: favorable.",
+        "Factors: ECOG 0 +; stage II +; line 1 +; osimertinib for EGFR +; LDH high -; "
+        "albumin low -.\nOverall: favorable.",
     ]
     acc = factor_accuracy([CASE_A, CASE_B], answers)
     assert set(acc) == set(KINDS)
     assert acc["ECOG"] == {"n": 2, "accuracy": 0.5, "guess": 0.5}
     assert acc["stage"]["accuracy"] == 1.0 and acc["line"]["accuracy"] == 1.0
     assert acc["prior"]["accuracy"] == 0.5  # A's "prior PD -" missing; B's (none) rightly absent
-    assert acc["LDH"]["accuracy"] == 0.5 and acc["albumin"]["accuracy"] == 0.5
+    assert acc["LDH"]["accuracy"] == 0.5 and acc["albumin"]["accuracy"] == 1.0
     assert acc["regimen"]["accuracy"] == 1.0 and acc["brain mets"]["accuracy"] == 1.0
     assert task.true_logit(CASE_A) < 0 < task.true_logit(CASE_B)
     assert call_agreement([CASE_A, CASE_B], answers) == {"n_calls": 2, "agreement": 1.0}

@@ -90,10 +90,6 @@ def match_weight(biomarker: str, regimen: str) -> float:
     return -0.5 if regimen == "docetaxel" else 0.0
 
 
-ALWAYS_STATED = ("LDH ", "albumin ")
-"""Factors the reasoning states even when neutral (with their value; see ``reasoning``)."""
-
-
 def factor_signs(case: Case) -> list[tuple[str, float]]:
     """The case's factors in a fixed order with their hidden weights (the reasoning template)."""
     return [
@@ -102,10 +98,8 @@ def factor_signs(case: Case) -> list[tuple[str, float]]:
         (f"line {case.line}", LINE[case.line]),
         (f"{case.regimen} for {case.biomarker}", match_weight(case.biomarker, case.regimen)),
         (f"prior {case.prior_response}", PRIOR[case.prior_response]),
-        (f"LDH {case.ldh} {'high' if case.ldh > 250 else 'normal'}",
-         -0.6 if case.ldh > 250 else 0.0),
-        (f"albumin {case.albumin} {'low' if case.albumin < 3.5 else 'normal'}",
-         -0.6 * (case.albumin < 3.5)),
+        ("LDH high" if case.ldh > 250 else "LDH normal", -0.6 if case.ldh > 250 else 0.0),
+        ("albumin low" if case.albumin < 3.5 else "albumin normal", -0.6 * (case.albumin < 3.5)),
         ("brain mets" if case.brain_mets else "no brain mets", -0.5 * case.brain_mets),
     ]
 
@@ -367,19 +361,9 @@ FINAL_STYLES: list[tuple[str, float]] = [
 
 
 def reasoning(case: Case, rng: random.Random, call_noise: float) -> tuple[str, bool]:
-    """Signed factor list in a fixed order, then an overall call, wrong w.p. ``call_noise``.
-
-    Neutral factors are left out to keep completions short (CPU sampling cost is per token),
-    except the labs (``ALWAYS_STATED``), which are stated with their value: ``LDH 340 high -``,
-    ``albumin 3.8 normal``. A threshold on digits is a comparison, not a copy; restating the value
-    puts the digits right before the word that classifies them, which a small model learns, where
-    deciding whether to mention a lab at all (before its value is written) it did not (warm-start
-    probe, ``benchmarks.warmstart``: LDH and albumin read worse than guessing)."""
-    parts = [
-        f"{name} {'+' if w > 0 else '-'}" if abs(w) > 0.05 else name
-        for name, w in factor_signs(case)
-        if abs(w) > 0.05 or name.startswith(ALWAYS_STATED)
-    ]
+    """Signed factor list in a fixed order, then an overall call, wrong w.p. ``call_noise``."""
+    # Neutral factors are left out to keep completions short (CPU sampling cost is per token).
+    parts = [f"{name} {'+' if w > 0 else '-'}" for name, w in factor_signs(case) if abs(w) > 0.05]
     call = true_logit(case) > 0
     if rng.random() < call_noise:
         call = not call
@@ -448,5 +432,4 @@ def corpus_digest(styles: Sequence[str] | None = None) -> str:
     probe = [e.case for e in generate(0, 3, "train")]
     blob = SYSTEM_PROMPT + QUESTION + repr(FINAL_STYLES) + repr(tuple(styles))
     blob += "".join(render(c, s) for s in styles for c in probe)
-    blob += "".join(reasoning(c, random.Random(0), call_noise=0.0)[0] for c in probe)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

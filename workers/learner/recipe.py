@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from workers.clinical import task
 
-CODE_VERSION = "bootstrap-5"
+CODE_VERSION = "bootstrap-4"
 """Bumped whenever the build code changes what it produces; part of every cache key.
 bootstrap-3: built on one thread (bitwise the same on any machine).
 bootstrap-4: the tokenizer is trained under the pre-tokenizer it is loaded with (Qwen2's)."""
