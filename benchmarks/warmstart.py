@@ -80,23 +80,12 @@ def stated_call(text: str) -> bool | None:
     return None if m is None else m.group(1) == "favorable"
 
 
-_LAB_VALUE = re.compile(r"^(LDH|albumin) \d+(?:\.\d+)? ")
-
-
-def factor_state(factor: str) -> str:
-    """A factor as a state: a lab's restated value left out (``"LDH 340 high -"`` →
-    ``"LDH high -"``), so what is scored is the reading of the threshold, as for the recipes whose
-    demonstrations did not restate values."""
-    return _LAB_VALUE.sub(r"\1 ", factor)
-
-
 def factor_accuracy(cases: Sequence[task.Case], texts: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Per kind, over every case: the share of answers whose factor of that kind is the case's
     (both absent counts: a neutral factor is left out, as the demonstrations do), and ``guess``,
     the share that writing the commonest state of that kind (a value, or nothing) would get."""
-    refs = [{k: factor_state(f) for k, f in reference_factors(c).items()} for c in cases]
-    answers = [{factor_kind(f): factor_state(f) for f in reversed(stated_factors(t))}
-               for t in texts]
+    refs = [reference_factors(c) for c in cases]
+    answers = [{factor_kind(f): f for f in reversed(stated_factors(t))} for t in texts]
     out: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
         truth = [r.get(kind) for r in refs]

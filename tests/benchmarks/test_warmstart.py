@@ -14,7 +14,6 @@ from benchmarks.warmstart import (
     call_agreement,
     factor_accuracy,
     factor_kind,
-    factor_state,
     reference_factors,
     stated_call,
     stated_factors,
@@ -40,19 +39,6 @@ def test_the_reference_states_the_non_neutral_factors_by_kind() -> None:
         "ECOG": "ECOG 0 +", "stage": "stage II +", "line": "line 1 +",
         "regimen": "osimertinib for EGFR +", "LDH": "LDH high -", "albumin": "albumin low -"}
     assert factor_kind("no brain mets -") == "brain mets" and factor_kind("Hb low -") == "other"
-
-
-def test_a_lab_is_scored_by_its_state_not_by_a_value_copied_beside_it() -> None:
-    # The recipe that restated lab values ("LDH 340 high -", trial bootstrap-5) is scored on the
-    # same footing as the one that does not.
-    assert factor_state("LDH 300 high -") == factor_state("LDH 251 high -") == "LDH high -"
-    assert factor_state("albumin 3.2 low -") == "albumin low -"
-    assert factor_state("albumin 4 normal") == "albumin normal"
-    assert factor_state("ECOG 2 -") == "ECOG 2 -"  # a copied state, not a value: kept
-    acc = factor_accuracy([CASE_B], ["Factors: LDH 310 high -; albumin 3.4 low -."])
-    assert acc["LDH"]["accuracy"] == acc["albumin"]["accuracy"] == 1.0
-    acc = factor_accuracy([CASE_B], ["Factors: LDH 300 normal; albumin 3.2 normal."])
-    assert acc["LDH"]["accuracy"] == acc["albumin"]["accuracy"] == 0.0
 
 
 def test_stated_factors_and_call_are_read_from_the_answer_lines() -> None:
