@@ -288,9 +288,10 @@ def ingest(
     *, untrainable: str | None = None, generated_response: bool = False,
 ) -> BatchResult:
     """Validate, redact and store traces; ``untrainable`` flags every item with that reason
-    (the proxy's aborted streams). ``generated_response``: the response is what our serving
-    engine generated (the proxy), so control characters in it are kept as the model wrote them;
-    everything a client sent passes the full string check."""
+    (the proxy's aborted streams). ``generated_response``: the response is a model's output
+    relayed verbatim — our serving engine's through the proxy, or an instrumented client's
+    model reported over OTLP — so control characters in it are kept as the model wrote them;
+    everything else passes the full string check."""
     if not raw_items:
         raise InvalidInput("a batch needs at least one trace")
     if len(raw_items) > settings.max_batch_items:
@@ -630,13 +631,15 @@ _CONTENT_COLUMNS = ("messages", "response", "response_message", "request", "fini
 
 
 def fill_withheld_content(
-    session: Session, principal: Principal, raw: Any, settings: Settings, *, reason: str
+    session: Session, principal: Principal, raw: Any, settings: Settings, *, reason: str,
+    generated_response: bool = False,
 ) -> ItemResult:
     """Give a trace stored without its conversation (``untrainable_reason == reason``) the
     content that arrived after it — an OTLP span exported before the log events that carry
     its messages. Only such a trace changes (no rollout was ever made from it: it was not
-    trainable); any other stored trace, or none, is left alone and answered ``duplicate``."""
-    checked = _validate(0, raw, settings, False)
+    trainable); any other stored trace, or none, is left alone and answered ``duplicate``.
+    ``generated_response`` as for :func:`ingest`."""
+    checked = _validate(0, raw, settings, generated_response)
     if isinstance(checked, ItemResult):
         return checked
     row = session.scalar(select(Trace).where(
@@ -648,7 +651,7 @@ def fill_withheld_content(
     policy = session.get(Policy, row.policy_id)
     assert policy is not None
     admission = prepare(session, principal, [raw], settings, untrainable=None,
-                        generated_response=False)
+                        generated_response=generated_response)
     values = _row_values(checked, PolicyRef(policy.id, policy.redaction_enabled),
                          content_hash(checked), untrainable_reason(checked), admission)
     session.execute(update(Trace).where(Trace.id == row.id).values(

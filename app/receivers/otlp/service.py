@@ -196,7 +196,8 @@ def _storable_json(raw: dict[str, Any], result: ExportResult, signal: Signal) ->
                 continue
             kept = []
             for item in _items(scope, key):
-                problems = string_problems([resource.get("resource"), scope.get("scope"), item])
+                problems = string_problems([resource.get("resource"), scope.get("scope"), item],
+                                           allow_controls=True)
                 if problems:
                     result.reject(_hex_id(item), f"a refused string: {describe(problems)}")
                     continue
@@ -329,7 +330,7 @@ def ingest_request(
         for start in range(0, len(group), settings.max_batch_items):
             chunk = group[start:start + settings.max_batch_items]
             batch = traces.ingest(session, principal, [m.item for _, m in chunk], settings,
-                                  untrainable=untrainable)
+                                  untrainable=untrainable, generated_response=True)
             for (span, m), item in zip(chunk, batch.results, strict=True):
                 if item.id is None or item.status.value not in ("created", "duplicate"):
                     error = item.error or {}
@@ -346,7 +347,10 @@ def ingest_request(
 
 
 def _unstorable(span: SpanView) -> str | None:
-    problems = string_problems(span.strings())
+    """What no row can hold (NUL, lone surrogates). Other control characters pass here: a
+    model's answer may hold them as it wrote them, and ``traces.ingest`` refuses them
+    everywhere but in the response."""
+    problems = string_problems(span.strings(), allow_controls=True)
     if problems:
         return f"a refused string: {describe(problems)}"
     if _non_finite(span.strings()):
@@ -416,7 +420,8 @@ def ingest_logs(
                 event = EventView(str(name), record.time_unix_nano or record.observed_time_unix_nano,
                                   attrs | ({"body": body} if body is not None else {}))
                 span_id = record.span_id.hex()
-                problems = string_problems({"name": event.name, "attributes": event.attributes})
+                problems = string_problems({"name": event.name, "attributes": event.attributes},
+                                           allow_controls=True)
                 if problems:
                     result.reject(span_id, f"a refused string: {describe(problems)}")
                     continue
@@ -459,7 +464,7 @@ def _fill(
         assert policy is not None
         answer = traces.fill_withheld_content(
             session, principal, m.item | {"policy": policy.name}, settings,
-            reason=CONTENT_NOT_CAPTURED)
+            reason=CONTENT_NOT_CAPTURED, generated_response=True)
         if answer.status.value == "invalid":
             result.reject(span.span_id, str((answer.error or {}).get("detail", "")))
             return []

@@ -376,6 +376,42 @@ def test_a_hostile_string_or_a_bad_id_rejects_only_its_span(api_url, key, http, 
     assert stored(http, "otel-5b8efff798038103d269b633813fc60c-aaaaaaaaaaaaaaa2") is not None
 
 
+def with_attribute(body: dict[str, Any], key: str, value: str) -> dict[str, Any]:
+    [span] = body["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    span["attributes"] = [a for a in span["attributes"] if a["key"] != key] + [
+        {"key": key, "value": {"stringValue": value}}]
+    return body
+
+
+def test_a_models_answer_keeps_its_control_characters_a_prompt_does_not(
+    api_url, key, http, policy
+):
+    """A sampled answer may hold any character (the bundled model once answered a lone
+    backspace); the prompt a client sent gets the full check, and NUL is refused everywhere."""
+    def output(text: str) -> str:
+        return json.dumps([{"role": "assistant", "finish_reason": "stop",
+                            "parts": [{"type": "text", "content": text}]}])
+    answered = with_attribute(json_request(policy, "cccccccccccccc01"),
+                              "gen_ai.output.messages", output("\b"))
+    prompted = with_attribute(json_request(policy, "cccccccccccccc02"), "gen_ai.input.messages",
+                              json.dumps([{"role": "user", "parts": [
+                                  {"type": "text", "content": "Weather\x1b in Paris?"}]}]))
+    nul = with_attribute(json_request(policy, "cccccccccccccc03"),
+                         "gen_ai.output.messages", output("Sunny\x00"))
+    spans = [b["resourceSpans"][0]["scopeSpans"][0]["spans"][0]
+             for b in (prompted, nul)]
+    answered["resourceSpans"][0]["scopeSpans"][0]["spans"].extend(spans)
+    r = http.post("/otlp/v1/traces", json=answered)
+    assert r.status_code == 200, r.text
+    answer = json_format.Parse(r.text, ExportTraceServiceResponse())
+    assert answer.partial_success.rejected_spans == 2
+    assert "control character U+001B" in answer.partial_success.error_message
+    got = stored(http, "otel-5b8efff798038103d269b633813fc60c-cccccccccccccc01")
+    assert got is not None and got["response"] == "\b" and got["trainable"] is True
+    for span_id in ("cccccccccccccc02", "cccccccccccccc03"):
+        assert stored(http, f"otel-5b8efff798038103d269b633813fc60c-{span_id}") is None
+
+
 INSTRUMENTED_CLIENT = textwrap.dedent("""
     import json, sys
     import openai
