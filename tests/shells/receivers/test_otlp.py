@@ -493,8 +493,9 @@ def test_the_instrumentations_log_event_joins_its_span_whichever_arrives_first(
            "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "event_only"}
     answer = run_instrumented_client(api_url, key, policy, env, logs)
     [trace] = otel_traces(http, policy)
+    # the sampled answer in the message: which answers a join could miss is what a failure needs
     assert trace["messages"] == [{"role": "system", "content": "Answer YES or NO."},
-                                 {"role": "user", "content": "ECOG 0. PFS > 180 d?"}]
+                                 {"role": "user", "content": "ECOG 0. PFS > 180 d?"}], answer
     assert trace["response"] == answer["content"]
     assert trace["finish_reason"] == answer["finish_reason"]
     assert trace["trainable"] is True, trace["untrainable_reason"]
