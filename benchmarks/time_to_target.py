@@ -30,6 +30,8 @@ null and the best reached values are reported.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +41,7 @@ from typing import Any
 
 from app.settings import get_settings
 from benchmarks._common import agg_backend, machine, print_ratios, results_dir, write_json
+from workers.learner.allocator import allocator_in_use, learner_environment, planned_allocator
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ class TimeToTargetConfig:
     # ours
     sync_interval: int = 10
     """L: π_ref regenerates every L optimizer steps (table 2's fastest stable interval)."""
+    window_passes: int = 1
+    """k: passes over each window's sampled groups (the trainer's ``window_passes``); a window
+    samples L / k steps' prompts once and trains L steps on them."""
     beta2: float = 0.1
     keep_zero_variance_groups: bool = False
     """The trainer's default (drop groups whose rewards are all equal)."""
@@ -131,6 +137,7 @@ def run_ours(model_dir: Path, tok: Any, cfg: TimeToTargetConfig,
                                 _grade_fn())
     tcfg = TrainerConfig(
         algorithm="oapl", epochs=1, sync_interval=cfg.sync_interval,
+        window_passes=cfg.window_passes,
         groups_per_step=max(1, cfg.trl_batch // cfg.group_size), group_size=cfg.group_size,
         max_new_tokens=cfg.max_new_tokens, eval_every=cfg.eval_every, lr=cfg.lr,
         lr_schedule="constant", beta2=cfg.beta2, lora_rank=cfg.lora_rank,
@@ -342,6 +349,7 @@ def run(cfg: TimeToTargetConfig, out_dir: str | Path | None = None) -> dict[str,
         "config": asdict(cfg),
         "machine": started_on,
         "torch_threads": torch.get_num_threads(),
+        "allocator": allocator_in_use(),
         "trl_version": trl_pkg.__version__,
         "baseline_heldout": base_eval,
         "ours": ours,
@@ -390,7 +398,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def under_learner_allocator(argv: list[str] | None) -> None:
+    """Re-execute this benchmark under the allocator the product's learner processes start with
+    (jemalloc with decay off where installed), unless it already runs under it. Both arms then
+    share one allocator that does not thrash: under the C library's malloc, whose mmap threshold
+    moves with the sizes freed before, TRL's steps took 0.9 s in one run and 8.6 s in another
+    on the same machine and code, depending on what ran first in the process."""
+    if allocator_in_use() == planned_allocator("auto"):
+        return
+    env = learner_environment(os.environ, "auto")
+    args = sys.argv[1:] if argv is None else argv
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.time_to_target", *args], env)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    under_learner_allocator(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     d = TimeToTargetConfig()
     p.add_argument("--size", default=d.size)
@@ -399,12 +421,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--heldout", type=int, default=d.heldout)
     p.add_argument("--sync-interval", type=int, default=d.sync_interval,
                    help="L: optimizer steps between regenerations (ours)")
+    p.add_argument("--window-passes", type=int, default=d.window_passes,
+                   help="k: passes over each sync window's samples (ours; L must be a multiple)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     cfg = TimeToTargetConfig(size=a.size, target=a.target, budget_s=a.budget, heldout=a.heldout,
-                             sync_interval=a.sync_interval, eval_every=a.eval_every, lr=a.lr)
+                             sync_interval=a.sync_interval, window_passes=a.window_passes,
+                             eval_every=a.eval_every, lr=a.lr)
     result = run(cfg, a.out)
     for name in ("ours", "trl"):
         arm = result[name]

@@ -168,7 +168,9 @@ def run_settings(config: Mapping[str, Any]) -> list[Setting]:
     extra = (("group_size", "completions per trace (G)", "as sampled"),
              ("temperature", "sampling temperature", "π_ref's log-probs are at this temperature"),
              ("ref_logprobs", "π_ref log-probs", "sampler's stored (behaviour) or re-scored"),
-             ("sync_interval", "sync interval L", "steps between regenerations; none = offline"))
+             ("sync_interval", "sync interval L", "steps between regenerations; none = offline"),
+             ("window_passes", "passes per window k",
+              "each window samples L/k steps' prompts and trains on them k times"))
     return rows + [Setting("training", label, value_text(config.get(key)), meaning)
                    for key, label, meaning in extra if key in config]
 

@@ -6,7 +6,8 @@ and ``epochs × ⌈groups / groups_per_step⌉`` AdamW steps over shuffled parti
     groups ──drop zero-variance (unless kept)──▶ schedule: per epoch a permutation, cut in chunks
     for step, chunk in schedule:
         [sync_interval L: every L steps π_ref ← current policy, which samples the coming L
-         steps' groups: the lagged inference policy; the chunks then index prompts]
+         steps' groups: the lagged inference policy; the chunks then index prompts. With
+         window_passes k it samples L/k steps' prompts and the L steps pass over them k times]
         records (+ advantages: OAPL r − V̂ from losses.py, GRPO group-normalised)
         optimizer_step: for each micro-batch of this rank's share
             log πθ(y|x) = Σ completion-token log softmax(logits / T)     (T: the group's sampling T)
@@ -141,6 +142,13 @@ class TrainerConfig:
     of the coming L steps from ``RegenerationSource.prompts`` (the schedule then partitions the
     prompts: epochs × ⌈prompts / groups_per_step⌉ steps). None = train on the given groups with
     π_ref fixed for the whole run."""
+    window_passes: int = 1
+    """With ``sync_interval`` L: passes the learner makes over each window's sampled groups
+    before π_ref regenerates. A window samples the prompts of L / passes steps once and the L
+    optimizer steps shuffle those groups ``window_passes`` times (each pass a new permutation cut
+    into ``groups_per_step`` chunks), so sampling costs 1/passes per step — what a lagged
+    reference allows and on-policy GRPO does not. 1 = every step's groups are sampled for it
+    (one pass). L must be a multiple of it."""
     group_size: int = 8
     """G (completions per prompt) for regenerated groups."""
     max_new_tokens: int = 128
@@ -213,6 +221,12 @@ class TrainerConfig:
             p.append(f"ref_logprobs must be 'behaviour' or 'rescore', got {self.ref_logprobs!r}")
         if self.sync_interval is not None and self.sync_interval < 1:
             p.append(f"sync_interval must be >= 1 or None, got {self.sync_interval}")
+        if self.window_passes < 1:
+            p.append(f"window_passes must be >= 1, got {self.window_passes}")
+        elif self.window_passes > 1 and (self.sync_interval is None
+                                         or self.sync_interval % self.window_passes):
+            p.append(f"window_passes {self.window_passes} needs a sync_interval that is a "
+                     f"multiple of it, got {self.sync_interval}")
         if self.group_size < 1 or self.max_new_tokens < 1 or self.temperature <= 0:
             p.append("group_size, max_new_tokens and temperature must be positive")
         if self.eval_every < 0:
@@ -296,6 +310,44 @@ def partition_schedule(
         rng.shuffle(order)
         steps.extend(order[i : i + groups_per_step] for i in range(0, n_groups, groups_per_step))
     return steps
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """One sync window of a lagged run: the prompts π_ref samples once (indices into the
+    regeneration prompts, in sampling order) and, per optimizer step, the positions in that list
+    whose groups the step trains on."""
+
+    first_step: int
+    prompts: list[int]
+    steps: list[list[int]]
+
+
+def window_plans(
+    schedule: list[list[int]], sync_interval: int, passes: int, groups_per_step: int, seed: int
+) -> list[WindowPlan]:
+    """Cut a lagged run into sync windows. Each window samples the prompts of ``sync_interval /
+    passes`` consecutive schedule chunks; with one pass its steps are those chunks as drawn,
+    with more each pass is a new permutation of the window's groups cut into chunks of
+    ``groups_per_step``. A full window has ``sync_interval`` steps; one holding an epoch's
+    short last chunk may have fewer, and the next window starts right after it."""
+    per_window = sync_interval // passes
+    rng = random.Random(seed * 104_729 + passes)
+    plans: list[WindowPlan] = []
+    step = 1
+    for w in range(0, len(schedule), per_window):
+        chunks = schedule[w : w + per_window]
+        prompts = [i for chunk in chunks for i in chunk]
+        if passes == 1:
+            steps, start = [], 0
+            for chunk in chunks:
+                steps.append(list(range(start, start + len(chunk))))
+                start += len(chunk)
+        else:
+            steps = partition_schedule(len(prompts), groups_per_step, passes, rng.randrange(2**31))
+        plans.append(WindowPlan(step, prompts, steps))
+        step += len(steps)
+    return plans
 
 
 def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
@@ -507,25 +559,24 @@ def regenerate_window(
     model: torch.nn.Module,
     reference: AdapterRef | None,
     source: RegenerationSource,
-    schedule: list[list[int]],
-    first_step: int,
+    plan: WindowPlan,
     cfg: TrainerConfig,
 ) -> ReferenceWindow:
     """π_ref ← the current policy (``reference``: a snapshot of it, or the parent at step 1); it
-    samples the prompts of steps ``first_step`` … ``first_step + L − 1`` in one generate call."""
-    assert cfg.sync_interval is not None
-    steps = range(first_step, min(first_step + cfg.sync_interval, len(schedule) + 1))
-    prompts = [source.prompts[i] for step in steps for i in schedule[step - 1]]
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, seed=cfg.seed * 7919 + first_step)
+    samples the window's prompts in one generate call, and each of the window's steps gets its
+    groups."""
+    prompts = [source.prompts[i] for i in plan.prompts]
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature,
+                            seed=cfg.seed * 7919 + plan.first_step)
     sampled = make_rollout_groups(
         source.backend, prompts, cfg.group_size, params, source.grade, reference
     )
     groups: dict[int, list[TrainingGroup]] = {}
-    for step in steps:
-        n = len(schedule[step - 1])
-        # a prompt can come twice in one window (across an epoch boundary): the step keeps ids unique
-        groups[step] = [replace(g, group_id=f"step{step}:{g.group_id}") for g in sampled[:n]]
-        sampled = sampled[n:]
+    for step, positions in enumerate(plan.steps, start=plan.first_step):
+        # a prompt can come twice in one window (across an epoch boundary): the position keeps
+        # ids unique, and a group trained in several passes keeps its one id
+        groups[step] = [replace(sampled[i], group_id=f"w{plan.first_step}:{i}:"
+                                f"{sampled[i].group_id}") for i in positions]
     return ReferenceWindow(groups, _frozen_copy(model) if cfg.needs_frozen_reference else None)
 
 
@@ -696,7 +747,12 @@ def train(
     n_items = len(pool) if source is None else len(source.prompts)
     schedule = partition_schedule(n_items, cfg.groups_per_step, cfg.epochs, cfg.seed)
     steps_per_epoch = math.ceil(n_items / cfg.groups_per_step)
-    total_steps = len(schedule)
+    plans = ({} if sync is None else
+             {p.first_step: p for p in window_plans(schedule, sync, cfg.window_passes,
+                                                    cfg.groups_per_step, cfg.seed)})
+    total_steps = sum(len(p.steps) for p in plans.values()) if plans else len(schedule)
+    # an epoch is one pass over the prompts; with several passes per window it takes more steps
+    steps_per_epoch = math.ceil(total_steps / cfg.epochs)
 
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(base_path))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -729,10 +785,10 @@ def train(
                 "step": float(step), "epoch": float((step - 1) // steps_per_epoch + 1)
             }
             # 1. this step's groups; with a sync interval, every L steps π_ref ← current policy
-            if source is not None and sync is not None and (step - 1) % sync == 0:
+            if source is not None and step in plans:
                 model.eval()
                 reference = parent_ref if step == 1 else _snapshot(model, work, "sync", step, cfg)
-                window = regenerate_window(model, reference, source, schedule, step, cfg)
+                window = regenerate_window(model, reference, source, plans[step], cfg)
                 model.train()
                 metrics["synced"] = 1.0
             assert window is not None

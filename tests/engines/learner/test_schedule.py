@@ -16,6 +16,7 @@ from workers.learner.trainer import (
     lr_factor,
     partition_schedule,
     select_groups,
+    window_plans,
 )
 
 REPO = Path(__file__).resolve().parents[3]
@@ -121,3 +122,44 @@ def test_config_round_trips_and_the_replaced_knobs_are_unknown() -> None:
     for old in ({"steps": 1}, {"filter_zero_variance": False}, {"adam_betas": [0.9, 0.99]}):
         with pytest.raises(TrainerConfigError, match="unknown trainer config keys"):
             TrainerConfig.from_dict(old)
+
+
+def test_one_pass_windows_keep_the_schedules_chunks_as_drawn() -> None:
+    schedule = [[3, 0], [1, 2], [2, 0], [3, 1]]
+    plans = window_plans(schedule, sync_interval=2, passes=1, groups_per_step=2, seed=0)
+    assert [(p.first_step, p.prompts, p.steps) for p in plans] == [
+        (1, [3, 0, 1, 2], [[0, 1], [2, 3]]),
+        (3, [2, 0, 3, 1], [[0, 1], [2, 3]]),
+    ]
+
+
+def test_each_window_samples_l_over_k_steps_prompts_and_trains_them_k_times() -> None:
+    schedule = [[3, 0], [1, 2], [2, 0], [3, 1]]
+    plans = window_plans(schedule, sync_interval=4, passes=2, groups_per_step=2, seed=0)
+    assert [(p.first_step, p.prompts) for p in plans] == [(1, [3, 0, 1, 2]), (5, [2, 0, 3, 1])]
+    for plan in plans:
+        assert len(plan.steps) == 4  # L optimizer steps per window
+        first, second = plan.steps[:2], plan.steps[2:]
+        assert sorted(i for s in first for i in s) == [0, 1, 2, 3]  # every group once per pass
+        assert sorted(i for s in second for i in s) == [0, 1, 2, 3]
+
+
+def test_a_window_holding_a_short_chunk_ends_early_and_the_next_follows_it() -> None:
+    schedule = partition_schedule(5, 2, 2, seed=1)  # chunks of 2, 2, 1 per epoch
+    plans = window_plans(schedule, sync_interval=4, passes=2, groups_per_step=2, seed=0)
+    # windows: [2+2 prompts → 2 passes × 2 steps], [1 + 2 → 2 × 2], [2 + 1 → 2 × 2]
+    assert [p.first_step for p in plans] == [1, 5, 9]
+    assert [len(p.steps) for p in plans] == [4, 4, 4]
+    assert [len(p.prompts) for p in plans] == [4, 3, 3]
+    short = window_plans(partition_schedule(3, 2, 1, seed=1), 4, 2, 2, seed=0)
+    assert [(p.first_step, len(p.prompts), len(p.steps)) for p in short] == [(1, 3, 4)]
+    single = window_plans(partition_schedule(1, 2, 2, seed=1), 4, 2, 2, seed=0)
+    assert [(p.first_step, len(p.prompts), len(p.steps)) for p in single] == [(1, 2, 2)]
+
+
+def test_window_passes_need_a_sync_interval_that_they_divide() -> None:
+    assert TrainerConfig(sync_interval=10, window_passes=5).window_passes == 5
+    for bad in ({"window_passes": 2}, {"sync_interval": 10, "window_passes": 3},
+                {"sync_interval": 10, "window_passes": 0}):
+        with pytest.raises(TrainerConfigError, match="window_passes"):
+            TrainerConfig(**bad)  # type: ignore[arg-type]

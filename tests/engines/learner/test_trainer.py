@@ -336,6 +336,35 @@ def test_sync_interval_regenerates_groups_with_the_current_policy(
     assert result.metrics["optimizer_steps"] == 4 and result.metrics["epochs"] == 2
 
 
+def test_window_passes_sample_once_and_train_each_window_several_times(
+    tiny_model_dir: Path, backend: LocalBackend
+) -> None:
+    source = RegenerationSource(backend, prompt_items(6, 4), reached_overall)
+    sampled: list[int] = []
+    generate = backend.generate
+
+    def counting(prompts, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sampled.append(len(prompts))
+        return generate(prompts, *args, **kwargs)
+
+    backend.generate = counting  # type: ignore[method-assign]
+    try:
+        cfg = TrainerConfig(
+            epochs=1,  # 4 prompts / 2 per step = 2 chunks; one chunk per window of L=2 steps
+            sync_interval=2, window_passes=2, groups_per_step=2, group_size=4,
+            max_new_tokens=40, lr=1e-2, keep_zero_variance_groups=True,
+        )
+        result = train([], tiny_model_dir, None, cfg, tokenizer=backend.tokenizer,
+                       regenerate=source)
+    finally:
+        del backend.generate
+    synced = [int(h["step"]) for h in result.history if h.get("synced")]
+    assert synced == [1, 3]
+    assert sampled == [2, 2]  # each window samples its 2 prompts once for its 2 steps
+    assert result.metrics["optimizer_steps"] == 4 and result.metrics["epochs"] == 1
+    assert result.metrics["groups_used"] == 4
+
+
 def test_sampler_and_trainer_logprobs_agree(
     tmp_path: Path,
     tiny_model_dir: Path,
