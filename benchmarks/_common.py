@@ -25,6 +25,16 @@ def results_dir(out: str | Path | None = None) -> Path:
     return path
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str | None:
+    """The processor's name (hosts differ between sessions, and so do bf16 and AVX-512)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return platform.processor() or None
+    return next((line.split(":", 1)[1].strip() for line in lines
+                 if line.startswith("model name")), None)
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on (ratios are the point; absolutes need this context)."""
     try:
@@ -34,6 +44,7 @@ def machine() -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "loadavg_at_start": [round(x, 2) for x in load],
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

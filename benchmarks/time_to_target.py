@@ -1,20 +1,25 @@
 """Wall-clock time to ≥45% held-out correctness on the synthetic clinical task: OAPL with a
 lagged reference (ours) against TRL's ``GRPOTrainer`` online loop — same bundled model, same LoRA,
-same G, same completion budget, same task, same evaluation, same machine, one run.
+same G, 64 completions per optimizer step, same task, same evaluation, same machine, one run
+(ours samples 1/k of them afresh per step, see ``--window-passes``).
 
     python -m benchmarks.time_to_target [--budget 480] [--target 0.45] [--sync-interval 10]
+                                        [--window-passes 5] [--seed 0]
 
 - **OAPL, lagged reference (ours)**: what OAPL allows and on-policy GRPO does not: π_ref (the
   current snapshot, adapter merged as in serving) samples G completions for the next L steps'
   prompts *once* (``LocalBackend``), the contract grader grades them, and the learner takes L
   AdamW steps of ``groups_per_step`` groups against that frozen π_ref before π_ref ← the current
   policy regenerates: ``workers.learner.trainer.train`` with ``sync_interval`` = L, the product's
-  learner loop (``RegenerationSource``). Learning rate and β₂ as table 2 of the quality benchmark
-  measured them (lr 2e-3, β₂ 0.1, 4 groups × 8 per step).
+  learner loop (``RegenerationSource``). With ``--window-passes`` k a window samples L / k
+  steps' prompts and the L steps pass over them k times (sampling costs 1/k per step).
+  Learning rate and β₂ as table 2 of the quality benchmark measured them (lr 2e-3, β₂ 0.1,
+  8 groups × 8 per step).
 - **TRL GRPO (online)**: ``trl.GRPOTrainer`` on the same train prompts (conversational dataset,
   the tokenizer's chat template), the contract grader as reward function, ``peft_config`` with the
   same LoRA, ``beta=0`` (no reference model), every step sampling its own batch (on-policy), the
-  same learning rate; TRL's defaults otherwise.
+  same learning rate, float32 like ours (TRL's default bf16 autocast is emulated, ~9× slower, on
+  CPUs without bf16 instructions); TRL's defaults otherwise.
 
 Both are evaluated with the same function — one sample per prompt at temperature 1 (fixed seed)
 on ``--heldout`` held-out prompts, correctness = contract-parsable and right, the metric the
@@ -30,8 +35,6 @@ null and the best reached values are reported.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +44,7 @@ from typing import Any
 
 from app.settings import get_settings
 from benchmarks._common import agg_backend, machine, print_ratios, results_dir, write_json
-from workers.learner.allocator import allocator_in_use, learner_environment, planned_allocator
+from workers.learner.allocator import allocator_in_use
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,10 @@ class TimeToTargetConfig:
     # ours
     sync_interval: int = 10
     """L: π_ref regenerates every L optimizer steps (table 2's fastest stable interval)."""
-    window_passes: int = 1
+    window_passes: int = 5
     """k: passes over each window's sampled groups (the trainer's ``window_passes``); a window
-    samples L / k steps' prompts once and trains L steps on them."""
+    samples L / k steps' prompts once and trains L steps on them. 1 = the previous arm (every
+    step's groups sampled for it, 64 completions per step like TRL)."""
     beta2: float = 0.1
     keep_zero_variance_groups: bool = False
     """The trainer's default (drop groups whose rewards are all equal)."""
@@ -260,6 +264,11 @@ def run_trl(model_dir: Path, tok: Any, cfg: TimeToTargetConfig, heldout: Sequenc
             save_strategy="no",
             report_to="none",
             use_cpu=True,
+            # float32 like ours: TRL's default bf16 autocast is emulated on CPUs without bf16
+            # instructions (~8 s a step here, AMD EPYC) and native on others (~0.9 s, an
+            # earlier session's host) — a dtype difference, not a method one
+            bf16=False,
+            fp16=False,
             seed=cfg.seed,
             disable_tqdm=True,
             max_grad_norm=1.0,
@@ -398,21 +407,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def under_learner_allocator(argv: list[str] | None) -> None:
-    """Re-execute this benchmark under the allocator the product's learner processes start with
-    (jemalloc with decay off where installed), unless it already runs under it. Both arms then
-    share one allocator that does not thrash: under the C library's malloc, whose mmap threshold
-    moves with the sizes freed before, TRL's steps took 0.9 s in one run and 8.6 s in another
-    on the same machine and code, depending on what ran first in the process."""
-    if allocator_in_use() == planned_allocator("auto"):
-        return
-    env = learner_environment(os.environ, "auto")
-    args = sys.argv[1:] if argv is None else argv
-    os.execve(sys.executable, [sys.executable, "-m", "benchmarks.time_to_target", *args], env)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    under_learner_allocator(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     d = TimeToTargetConfig()
     p.add_argument("--size", default=d.size)
@@ -425,11 +420,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="k: passes over each sync window's samples (ours; L must be a multiple)")
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="train/held-out prompts, LoRA init and sampling, both arms")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     cfg = TimeToTargetConfig(size=a.size, target=a.target, budget_s=a.budget, heldout=a.heldout,
                              sync_interval=a.sync_interval, window_passes=a.window_passes,
-                             eval_every=a.eval_every, lr=a.lr)
+                             eval_every=a.eval_every, lr=a.lr, seed=a.seed)
     result = run(cfg, a.out)
     for name in ("ours", "trl"):
         arm = result[name]

@@ -116,13 +116,13 @@ def test_time_to_target_benchmark_runs_both_arms(tmp_path: Path, model_cache: Pa
 
     cfg = TimeToTargetConfig(size="test", budget_s=3, train_prompts=8, heldout=4, group_size=2,
                              max_new_tokens=12, trl_batch=4, eval_every=1, sync_interval=2,
-                             micro_batch_size=4, bootstrap_overrides=TINY,
+                             window_passes=2, micro_batch_size=4, bootstrap_overrides=TINY,
                              # the test model's rewards are all equal: keep its groups to train
                              keep_zero_variance_groups=True)
     run(cfg, tmp_path)
     saved = json.loads((tmp_path / "time_to_target.json").read_text())
     assert "time_to_45pct_speedup_vs_trl" in saved["ratios"]
-    assert saved["config"]["sync_interval"] == 2
+    assert saved["config"]["sync_interval"] == 2 and saved["config"]["window_passes"] == 2
     for arm in ("ours", "trl"):
         evals = [c for c in saved[arm]["curve"] if "correct" in c]
         assert evals, arm
