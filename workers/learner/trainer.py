@@ -746,7 +746,6 @@ def train(
         raise ValueError("every rollout group has zero reward variance; nothing to learn from")
     n_items = len(pool) if source is None else len(source.prompts)
     schedule = partition_schedule(n_items, cfg.groups_per_step, cfg.epochs, cfg.seed)
-    steps_per_epoch = math.ceil(n_items / cfg.groups_per_step)
     plans = ({} if sync is None else
              {p.first_step: p for p in window_plans(schedule, sync, cfg.window_passes,
                                                     cfg.groups_per_step, cfg.seed)})

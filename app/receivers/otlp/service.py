@@ -350,10 +350,11 @@ def _unstorable(span: SpanView) -> str | None:
     """What no row can hold (NUL, lone surrogates). Other control characters pass here: a
     model's answer may hold them as it wrote them, and ``traces.ingest`` refuses them
     everywhere but in the response."""
-    problems = string_problems(span.strings(), allow_controls=True)
+    strings = span.strings()
+    problems = string_problems(strings, allow_controls=True)
     if problems:
         return f"a refused string: {describe(problems)}"
-    if _non_finite(span.strings()):
+    if _non_finite(strings):
         return "a non-finite number (NaN or infinity) in an attribute"
     return None
 
