@@ -109,27 +109,54 @@ def test_learner_benchmark_reports_cost_ratio_and_rss(tmp_path: Path, model_cach
 
 
 @pytest.mark.timeout(1500)  # TRL's import and trainer set-up are slow on a loaded 2-core box
-def test_time_to_target_benchmark_runs_both_arms(tmp_path: Path, model_cache: Path) -> None:
+def test_time_to_target_tunes_both_arms_then_measures_with_their_points(
+    tmp_path: Path, model_cache: Path
+) -> None:
     if importlib.util.find_spec("trl") is None:
         skip_or_fail("trl is not installed (pip install -e '.[bench]')")
-    from benchmarks.time_to_target import TimeToTargetConfig, run
+    from benchmarks.time_to_target import TimeToTargetConfig, run, tune
 
     cfg = TimeToTargetConfig(size="test", budget_s=3, train_prompts=8, heldout=4, group_size=2,
                              max_new_tokens=12, trl_batch=4, eval_every=1, sync_interval=2,
                              window_passes=2, micro_batch_size=4, bootstrap_overrides=TINY,
                              # the test model's rewards are all equal: keep its groups to train
-                             keep_zero_variance_groups=True)
-    run(cfg, tmp_path)
-    saved = json.loads((tmp_path / "time_to_target.json").read_text())
-    assert "time_to_45pct_speedup_vs_trl" in saved["ratios"]
-    assert saved["config"]["sync_interval"] == 2 and saved["config"]["window_passes"] == 2
+                             keep_zero_variance_groups=True, seeds=(0,))
+    # One point per arm, one seed: the file's chosen points are what the measurement then runs.
+    grid = {"ours": [dict(lr=1e-3, sync_interval=4, window_passes=2)],
+            "trl": [dict(trl_lr=1e-3, trl_num_iterations=2)]}
+    tuned = tune(cfg, tmp_path, grid=grid, seeds=(5,), budget_s=2)
+    assert tuned["config"]["eval_split"] == "validation"
+    assert tuned["best"]["ours"]["sync_interval"] == 4
+    assert tuned["best"]["trl"]["trl_num_iterations"] == 2
     for arm in ("ours", "trl"):
-        evals = [c for c in saved[arm]["curve"] if "correct" in c]
+        (point,) = tuned["points"][arm]
+        assert finite(point["mean_seconds_to_target"]) and point["runs"][0]["seed"] == 5
+
+    run(dataclasses.replace(cfg, tuned_path=str(tmp_path / "time_to_target_tune.json")),
+        tmp_path)
+    saved = json.loads((tmp_path / "time_to_target.json").read_text())
+    assert saved["config"]["sync_interval"] == 4 and saved["config"]["window_passes"] == 2
+    assert saved["config"]["trl_num_iterations"] == 2 and saved["config"]["lr"] == 1e-3
+    (only,) = saved["seeds"]
+    for arm in ("ours", "trl"):
+        evals = [c for c in only[arm]["curve"] if "correct" in c]
         assert evals, arm
         assert [c["step"] for c in evals] == list(range(1, len(evals) + 1)), arm
         assert all(0.0 <= c["correct"] <= 1.0 and finite(c["train_seconds"]) for c in evals)
     value = saved["ratios"]["time_to_45pct_speedup_vs_trl"]
-    assert value is None or finite(value)
+    assert value == (1.0 if only["speedup"] is None else only["speedup"])
+    assert (tmp_path / "time_to_target.png").stat().st_size > 0
+
+
+def test_the_headline_speed_up_is_the_median_over_seeds_a_failed_seed_counting_as_none() -> None:
+    from benchmarks.time_to_target import median_speedup
+
+    assert median_speedup([5.35, 0.79, 1.03]) == 1.03
+    assert median_speedup([2.0, 4.0]) == 3.0
+    # A seed where neither arm reached the target counts as no speed-up, not as a missing value.
+    assert median_speedup([None, 4.0, 6.0]) == 4.0
+    assert median_speedup([None, None, 6.0]) == 1.0
+    assert median_speedup([]) is None
 
 
 def _load_run_all() -> Any:
