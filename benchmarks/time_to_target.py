@@ -18,8 +18,8 @@ same G, 64 completions per optimizer step, same task, same evaluation, same mach
 - **TRL GRPO (online)**: ``trl.GRPOTrainer`` on the same train prompts (conversational dataset,
   the tokenizer's chat template), the contract grader as reward function, ``peft_config`` with the
   same LoRA, ``beta=0`` (no reference model), a batch sampled for every μ steps (μ = 1:
-  on-policy), lr and μ tuned (below), float32 like ours (TRL's default bf16 autocast is emulated, ~9× slower, on
-  CPUs without bf16 instructions); TRL's defaults otherwise.
+  on-policy), lr and μ tuned (below), float32 like ours (TRL's default bf16 autocast is
+  emulated, ~9× slower, on CPUs without bf16 instructions); TRL's defaults otherwise.
 
 **Tuning, the same budget for both arms** (``--tune``, ≈15 min, writes
 ``results/time_to_target_tune.json``, which the measurement reads): each arm's time to the target
@@ -36,8 +36,7 @@ per-seed speed-ups, each seed's figure kept beside it.
 Both are evaluated with the same function — one sample per prompt at temperature 1 (fixed seed)
 on ``--heldout`` held-out prompts, correctness = contract-parsable and right, the metric the
 product's evaluation and the quality benchmark use — every ``eval_every`` optimizer steps, both
-arms. The
-clock counts training work only (sampling, grading, optimizer steps): it stops while evaluating,
+arms. The clock counts training work only (sampling, grading, optimizer steps): it stops while evaluating,
 and model loading before the first step is excluded for both. Each arm stops at the target or at
 ``--budget`` seconds of training time. ``time_to_45pct_speedup_vs_trl`` = TRL's time ÷ ours; when
 only ours reaches the target it is a lower bound (TRL's budget ÷ ours), when neither does it is
@@ -48,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -377,11 +377,9 @@ def speedup(ours: dict[str, Any], trl: dict[str, Any], budget: float) -> tuple[f
 def median_speedup(values: Sequence[float | None]) -> float | None:
     """The median of the per-seed speed-ups; a seed where neither arm reached the target (None)
     counts as no speed-up (1.0), so that a failing seed cannot be dropped from the median."""
-    vals = sorted(1.0 if v is None else v for v in values)
-    if not vals:
+    if not values:
         return None
-    mid = len(vals) // 2
-    return vals[mid] if len(vals) % 2 else (vals[mid - 1] + vals[mid]) / 2
+    return statistics.median(1.0 if v is None else v for v in values)
 
 
 def tuned_points(path: str | Path | None) -> dict[str, dict[str, Any]]:
@@ -390,11 +388,6 @@ def tuned_points(path: str | Path | None) -> dict[str, dict[str, Any]]:
         return {}
     best = json.loads(Path(path).read_text())["best"]
     return {arm: {k: best[arm][k] for k in ARM_KEYS[arm]} for arm in ARM_KEYS}
-
-
-def with_tuned(cfg: TimeToTargetConfig) -> TimeToTargetConfig:
-    points = tuned_points(cfg.tuned_path)
-    return replace(cfg, **points.get("ours", {}), **points.get("trl", {}))
 
 
 def _bundled(cfg: TimeToTargetConfig) -> tuple[Path, Any]:
@@ -434,7 +427,8 @@ def run(cfg: TimeToTargetConfig, out_dir: str | Path | None = None) -> dict[str,
     started_on = machine()
     out = results_dir(out_dir)
     t0 = time.perf_counter()
-    cfg = with_tuned(cfg)
+    points = tuned_points(cfg.tuned_path)
+    cfg = replace(cfg, **points.get("ours", {}), **points.get("trl", {}))
     model_dir, tok = _bundled(cfg)
     seeds = [run_seed(cfg, model_dir, tok, seed) for seed in cfg.seeds]
     value = median_speedup([s["speedup"] for s in seeds])
@@ -443,7 +437,7 @@ def run(cfg: TimeToTargetConfig, out_dir: str | Path | None = None) -> dict[str,
     result: dict[str, Any] = {
         "benchmark": "time_to_target",
         "config": asdict(cfg),
-        "tuned_from": cfg.tuned_path if tuned_points(cfg.tuned_path) else None,
+        "tuned_from": cfg.tuned_path if points else None,
         "machine": started_on,
         "torch_threads": torch.get_num_threads(),
         "allocator": allocator_in_use(),
@@ -486,7 +480,7 @@ def tune(cfg: TimeToTargetConfig, out_dir: str | Path | None = None,
             pcfg = replace(base, **point)
             times, curves = [], []
             for seed in seeds:
-                evaluation = _prompts(seed, pcfg.heldout, "validation")
+                evaluation = _prompts(seed, pcfg.heldout, pcfg.eval_split)
                 res = runner[arm](model_dir, tok, pcfg, evaluation, seed)
                 t = res["seconds_to_target"]
                 times.append(t if t is not None else budget_s)
