@@ -180,6 +180,7 @@ def test_run_all_summary_is_one_flat_object_with_the_nine_figures(
         "tokens": {"completion_tokens_per_step": 10, "sequences": 2, "padding_share": 0.1,
                    "completion_share_of_logits": 0.3},
         "oapl_us_per_completion_token": 1.0, "sft_us_per_completion_token": 0.9, "rss": None,
+        "seconds": 199.14, "machine": {"time": "2026-12-03T16:44:02+0000"},
     }))
     summary = run_all.write_report({"learner": {"status": "ok", "seconds": 1.0}})
     saved = json.loads((tmp_path / "summary.json").read_text())
@@ -197,6 +198,9 @@ def test_run_all_summary_is_one_flat_object_with_the_nine_figures(
     assert "missed: 2.00× the limit" in report  # the RSS ratio at ~100M
     assert "| `learner_peak_rss_vs_floor_bundled` |" in report and "| 1.2 | — | reported |" in report
     assert "| `learner_peak_rss_vs_floor_system_malloc` |" in report and "| 3.5 | — |" in report
+    # The Runs table sets run_all's record beside what the result file says of itself.
+    assert "| learner | ok | 1.0 | 2026-12-03T16:44:02+0000 | 199.1 |" in report
+    assert "| ingest | not run this time | None | — | — |" in report
 
 
 # --- the quality benchmark -----------------------------------------------------------------------
