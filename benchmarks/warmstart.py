@@ -15,6 +15,10 @@ task's reference reasoning (``task.reasoning`` without call noise):
   what a model that never reads the case scores by always writing the commonest state;
 - **call agreement**: how often the answer's ``Overall:`` call equals the sign of the hidden
   logit (what the demonstrations' call is, before their 15% noise);
+- **answer follows call**: how often the ``ANSWER:`` line says what the answer's own call says,
+  and how often that call matches the outcome (the accuracy among parsed answers a model would
+  have if its answer line copied its call) — the decision may sit in the reasoning and still not
+  reach the line the grader reads;
 - parse rate, correctness and accuracy among parsed answers.
 
 Results of every recipe probed go into ``benchmarks/results/warmstart.json`` (keyed by the
@@ -103,6 +107,21 @@ def call_agreement(cases: Sequence[task.Case], texts: Sequence[str]) -> dict[str
             "agreement": sum(a == b for a, b in pairs) / len(pairs) if pairs else None}
 
 
+def answer_follows_call(texts: Sequence[str], outcomes: Sequence[bool]) -> dict[str, Any]:
+    """Whether the answer line says what the answer's own overall call says: ``follows``, the
+    share of answers with both a call and a parseable answer whose answer equals the call; and
+    ``call_correct``, how often the stated call matches the outcome among answers that state one
+    — what accuracy among parsed answers would be if every answer line copied its call."""
+    pairs = [(call, parse_answer(t)) for t in texts if (call := stated_call(t)) is not None]
+    both = [(call, answer) for call, answer in pairs if answer is not None]
+    calls = [(call, outcome) for t, outcome in zip(texts, outcomes, strict=True)
+             if (call := stated_call(t)) is not None]
+    return {"n_both": len(both),
+            "follows": sum(c == a for c, a in both) / len(both) if both else None,
+            "n_calls": len(calls),
+            "call_correct": sum(c == o for c, o in calls) / len(calls) if calls else None}
+
+
 def probe(cfg: BootstrapConfig, prompts: int, cache_dir: str | None = None) -> dict[str, Any]:
     """Build or fetch the model of ``cfg`` and measure it greedily and at T=1."""
     t0 = time.perf_counter()
@@ -124,7 +143,8 @@ def probe(cfg: BootstrapConfig, prompts: int, cache_dir: str | None = None) -> d
         texts = [group[0].text for group in outs]
         summary = answer_summary([[parse_answer(t)] for t in texts], outcomes)
         out[name] = {k: summary[k] for k in ("correct", "parse_rate", "parsed_accuracy")} | {
-            "factors": factor_accuracy(cases, texts), "call": call_agreement(cases, texts)}
+            "factors": factor_accuracy(cases, texts), "call": call_agreement(cases, texts),
+            "answer_follows_call": answer_follows_call(texts, outcomes)}
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -192,6 +212,8 @@ def main() -> None:
     g = result["greedy"]
     print(json.dumps({"recipe": result["recipe"], "greedy_correct": g["correct"],
                       "greedy_call_agreement": g["call"]["agreement"],
+                      "greedy_answer_follows_call": g["answer_follows_call"],
+                      "greedy_parsed_accuracy": g["parsed_accuracy"],
                       "greedy_factor_accuracy": {k: round(v["accuracy"], 3) for k, v in g["factors"].items()},
                       "guess": {k: round(v["guess"], 3) for k, v in g["factors"].items()}},
                      indent=1))

@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks.warmstart import (
     KINDS,
+    answer_follows_call,
     call_agreement,
     factor_accuracy,
     factor_kind,
@@ -69,6 +70,22 @@ def test_factor_accuracy_counts_a_left_out_neutral_factor_as_read_and_compares_w
     assert call_agreement([CASE_A, CASE_B], answers) == {"n_calls": 2, "agreement": 1.0}
     flipped = [answers[0].replace("unfavorable", "favorable"), "ANSWER: YES"]
     assert call_agreement([CASE_A, CASE_B], flipped) == {"n_calls": 1, "agreement": 0.0}
+
+
+def test_answer_follows_call_compares_the_answer_line_with_the_answers_own_call() -> None:
+    texts = [
+        "Factors: ECOG 1 +.\nOverall: favorable.\nANSWER: YES",    # follows; call right
+        "Factors: ECOG 1 +.\nOverall: favorable.\nANSWER: NO",     # does not; call wrong
+        "Factors: ECOG 2 -.\nOverall: unfavorable.\nANSWER: NO",   # follows; call right
+        "Factors: ECOG 2 -.\nOverall: unfavorable.\nANSWER: maybe",  # no answer; call right
+        "Factors: ECOG 0 +.\nANSWER: YES",                           # no call
+    ]
+    outcomes = [True, False, False, False, True]
+    # Both a call and an answer: 3, of which 2 follow. Calls: 4, right against the outcome: 3.
+    assert answer_follows_call(texts, outcomes) == {
+        "n_both": 3, "follows": 2 / 3, "n_calls": 4, "call_correct": 3 / 4}
+    assert answer_follows_call(["ANSWER: YES"], [True]) == {
+        "n_both": 0, "follows": None, "n_calls": 0, "call_correct": None}
 
 
 def test_the_probe_writes_one_entry_per_recipe_and_a_plot(
