@@ -29,6 +29,11 @@ from the previous ``quality.json`` with ``--keep-from``):
     python -m benchmarks.quality --rows fewer,more                            # + table 2
     python -m benchmarks.quality --rows rollouts4x,rounds10 --lag-intervals "" \
         --keep-from benchmarks/results/quality.json
+
+A sitting stopped before the end leaves its finished (row, algorithm) runs in
+``results/quality_partial.json``; ``--from-partial`` (a copy of that file, with the sitting's own
+``--rows`` and ``--keep-from``) makes the report of them without running anything, and says in
+its header what was not run.
 """
 
 from __future__ import annotations
@@ -274,6 +279,10 @@ class QualityConfig:
     keep_from: str | None = None
     """A previous ``quality.json``: rows (and table 2) this run skips are taken from it, so the
     benchmark can run in two sittings. Refused when its held-out setup differs."""
+    from_partial: str | None = None
+    """The partial file of a sitting that was stopped (``quality_partial.json``): its finished
+    runs (table 1 and, if it got there, table 2) make this report instead of running them again;
+    rows and algorithms it did not finish are missing, or come from ``keep_from``."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the sampler and the learner run (``TrainerConfig.device``): ``auto`` is a GPU when
     torch sees one. The algorithms are the same on both; the numbers differ by sampling noise."""
@@ -589,6 +598,18 @@ def keep_previous(
     return summary, t2, taken
 
 
+def finished_runs(path: Path, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Table 1's and table 2's raw runs from the partial file of a stopped sitting."""
+    done = json.loads(path.read_text())
+    if "table1" not in done:
+        raise ValueError(f"{path}: no finished run of table 1 in it")
+    t1_raw, t2 = done["table1"], done.get("table2", {})
+    finished = {key: [a for a, runs in algos.items() if runs]
+                for key, algos in t1_raw["rows"].items()}
+    log(f"finished runs taken from {path}: table 1 {finished}, table 2 L={sorted(t2)}")
+    return t1_raw, t2
+
+
 def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     """Both tables and the reports; returns what ``quality.json`` holds."""
     if HEADLINE not in qc.rows and not qc.keep_from:
@@ -603,11 +624,15 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     log(f"sampler on {backend.device}; learner device {qc.device!r}")
     evalset = EvalSet.build(qc.heldout)
     partial = out_dir / PARTIAL_NAME
-    partial.unlink(missing_ok=True)
-    t1_raw = table_one(qc, model_dir, backend, evalset, log, partial)
+    if qc.from_partial:
+        t1_raw, t2 = finished_runs(Path(qc.from_partial), log)
+        t_table1 = 0.0
+    else:
+        partial.unlink(missing_ok=True)
+        t1_raw = table_one(qc, model_dir, backend, evalset, log, partial)
+        t_table1 = time.perf_counter() - t_start
+        t2 = table_two(qc, model_dir, backend, log, partial) if qc.lag_intervals else {}
     summary = summarise_table_one(t1_raw)
-    t_table1 = time.perf_counter() - t_start
-    t2 = table_two(qc, model_dir, backend, log, partial) if qc.lag_intervals else {}
     kept_from: dict[str, Any] = {}
     if qc.keep_from:
         summary, t2, kept_from = keep_previous(qc, Path(qc.keep_from), summary, t2)
@@ -633,7 +658,8 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     result["seconds"] = time.perf_counter() - t_start
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(result, indent=2, default=str))
-    partial.unlink(missing_ok=True)
+    if not qc.from_partial:
+        partial.unlink(missing_ok=True)
     write_reports(result, out_dir)
     log(f"done in {result['seconds'] / 60:.1f} min: baseline "
         f"{result['baseline_heldout_correct']:.3f}, OAPL {result['oapl_one_update_heldout_correct']:.3f}"
@@ -701,17 +727,26 @@ def table_lines(result: dict[str, Any]) -> list[str]:
 
 
 def _sittings(result: dict[str, Any]) -> str:
-    """What of the report an earlier sitting measured (``--keep-from``), said in the header."""
+    """What of the report an earlier sitting measured (``--keep-from``), and whether this one
+    was stopped before it finished (``--from-partial``), said in the header."""
+    stopped = ""
+    if result["setup"].get("from_partial"):
+        rows = result["table1"]["summary"]["rows"]
+        missing = [f"{key} {algo.upper()}" for key in result["setup"]["rows"]
+                   for algo in ("oapl", "grpo") if algo not in rows.get(key, {})]
+        stopped = (" This sitting was stopped before it finished: the report is made of its "
+                   f"finished runs (`--from-partial {result['setup']['from_partial']}`)"
+                   + (f"; not run: {', '.join(missing)}." if missing else "."))
     kept = result.get("kept_from_previous_run") or {}
     parts = [f"table 1's rows {', '.join(kept['rows'])}"] if kept.get("rows") else []
     parts += ["table 2"] if kept.get("table2") else []
     if not parts:
-        return ""
+        return stopped
     earlier = kept.get("baseline_correct")
     baseline = f", whose baseline was {pct(earlier)} correct at T=1" if earlier is not None else ""
     return (f" Two sittings: {' and '.join(parts)} come from the earlier one "
             f"(`--keep-from {result['setup']['keep_from']}`{baseline}); the baseline row and the "
-            "other rows from this one, on the same model and held-out prompts.")
+            "other rows from this one, on the same model and held-out prompts." + stopped)
 
 
 def write_reports(result: dict[str, Any], out: Path) -> None:
@@ -833,6 +868,9 @@ def main() -> None:
     ap.add_argument("--tuned", type=Path, default=TUNED, help="the tuning script's JSON")
     ap.add_argument("--keep-from", type=Path, default=None,
                     help="an earlier quality.json: skipped rows and table 2 are taken from it")
+    ap.add_argument("--from-partial", type=Path, default=None,
+                    help="a stopped sitting's quality_partial.json: report its finished runs "
+                    "(with the same --rows; --keep-from fills the rest) instead of running")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite quality.md and the plots from the existing quality.json")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -853,7 +891,8 @@ def main() -> None:
         lag_steps=args.lag_steps, lag_groups_per_step=args.lag_groups_per_step,
         lag_group_size=args.lag_group_size, lag_heldout=args.lag_heldout,
         lag_eval_every=args.lag_eval_every, tuned_path=str(args.tuned),
-        keep_from=str(args.keep_from) if args.keep_from else None, device=args.device)
+        keep_from=str(args.keep_from) if args.keep_from else None,
+        from_partial=str(args.from_partial) if args.from_partial else None, device=args.device)
     t0 = time.perf_counter()
     with (args.out / "quality.log").open("w") as log_file:
 

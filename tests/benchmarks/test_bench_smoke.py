@@ -488,3 +488,46 @@ def test_a_sitting_of_heavy_rows_alone_runs_them_under_their_seeds_only(
     earlier = json.loads((first / "quality.json").read_text())["baseline_heldout_correct"]
     assert f"table 1's rows more come from the earlier one (`--keep-from {first}/quality.json`, " \
         f"whose baseline was {100 * earlier:.1f}% correct at T=1)" in header
+
+
+def test_a_stopped_sitting_reports_its_finished_runs_from_its_partial_file(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """A sitting stopped after the 10-round row's OAPL run (before GRPO's): ``from_partial``
+    makes the report of what finished, the rest from ``keep_from``, and the header says what
+    was not run."""
+    from benchmarks.quality import PARTIAL_NAME, QualityConfig, run
+
+    point = (("lr", 5e-3), ("epochs", 1), ("keep_zero_variance_groups", True))
+    cfg = QualityConfig(
+        size="test", bootstrap_overrides=TINY, seeds=1, heavy_row_seeds=1, heldout=4, samples=1,
+        max_tokens=8, rows=("more",), scale=2 / 128, rounds=2, group_size_cap=2,
+        lag_intervals=(), tuned=(("oapl", (*point, ("beta2", 0.1))), ("grpo", point)))
+    first = tmp_path / "first"
+    run(cfg, first, log=lambda _: None)
+    heavy = dataclasses.replace(cfg, rows=("rounds10",), keep_from=str(first / "quality.json"))
+
+    class Stopped(Exception):
+        pass
+
+    def stop_after_oapl(line: str) -> None:
+        if " oapl | " in line:
+            raise Stopped
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(Stopped):
+        run(heavy, stopped, log=stop_after_oapl)
+    assert not (stopped / "quality.json").exists()
+    copy = tmp_path / "partial.json"
+    copy.write_bytes((stopped / PARTIAL_NAME).read_bytes())
+    run(dataclasses.replace(heavy, from_partial=str(copy)), tmp_path / "report",
+        log=lambda _: None)
+    saved = json.loads((tmp_path / "report" / "quality.json").read_text())
+    rows = saved["table1"]["summary"]["rows"]
+    assert set(rows["rounds10"]) == {"oapl"} and rows["rounds10"]["oapl"]["optimizer_steps"] == 2
+    earlier = json.loads((first / "quality.json").read_text())
+    assert rows["more"] == earlier["table1"]["summary"]["rows"]["more"]
+    header = (tmp_path / "report" / "quality.md").read_text().split("\n")[2]
+    assert f"stopped before it finished: the report is made of its finished runs " \
+        f"(`--from-partial {copy}`); not run: rounds10 GRPO." in header
+    assert copy.exists()  # the input is left as it was
