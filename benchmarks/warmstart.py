@@ -112,10 +112,10 @@ def answer_follows_call(texts: Sequence[str], outcomes: Sequence[bool]) -> dict[
     share of answers with both a call and a parseable answer whose answer equals the call; and
     ``call_correct``, how often the stated call matches the outcome among answers that state one
     — what accuracy among parsed answers would be if every answer line copied its call."""
-    pairs = [(call, parse_answer(t)) for t in texts if (call := stated_call(t)) is not None]
-    both = [(call, answer) for call, answer in pairs if answer is not None]
-    calls = [(call, outcome) for t, outcome in zip(texts, outcomes, strict=True)
-             if (call := stated_call(t)) is not None]
+    stated = [(call, t, outcome) for t, outcome in zip(texts, outcomes, strict=True)
+              if (call := stated_call(t)) is not None]
+    both = [(call, answer) for call, t, _ in stated if (answer := parse_answer(t)) is not None]
+    calls = [(call, outcome) for call, _, outcome in stated]
     return {"n_both": len(both),
             "follows": sum(c == a for c, a in both) / len(both) if both else None,
             "n_calls": len(calls),

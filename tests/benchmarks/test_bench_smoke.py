@@ -13,12 +13,15 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 from tests.conftest import skip_or_fail
+
+if TYPE_CHECKING:
+    from benchmarks.quality import QualityConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 # The very small bootstrap model the learner tests use (~10 s to build on 2 cores).
@@ -454,11 +457,9 @@ def test_a_round_whose_groups_all_scored_alike_is_skipped_not_fatal(
                          "skipped")
 
 
-def test_a_sitting_of_heavy_rows_alone_runs_them_under_their_seeds_only(
-    tmp_path: Path, model_cache: Path
-) -> None:
-    """`--rows rounds10` with 3 seeds: seeds 1 and 2 have no row to run (the heavy rows run
-    under ``heavy_row_seeds``); they are passed over, not a crash after the last row."""
+def _first_sitting(tmp_path: Path) -> tuple[QualityConfig, Path]:
+    """A very small first sitting of the headline row alone, for the tests of later sittings:
+    its config and the directory of its ``quality.json``."""
     from benchmarks.quality import QualityConfig, run
 
     point = (("lr", 5e-3), ("epochs", 1), ("keep_zero_variance_groups", True))
@@ -468,6 +469,17 @@ def test_a_sitting_of_heavy_rows_alone_runs_them_under_their_seeds_only(
         lag_intervals=(), tuned=(("oapl", (*point, ("beta2", 0.1))), ("grpo", point)))
     first = tmp_path / "first"
     run(cfg, first, log=lambda _: None)
+    return cfg, first
+
+
+def test_a_sitting_of_heavy_rows_alone_runs_them_under_their_seeds_only(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """`--rows rounds10` with 3 seeds: seeds 1 and 2 have no row to run (the heavy rows run
+    under ``heavy_row_seeds``); they are passed over, not a crash after the last row."""
+    from benchmarks.quality import run
+
+    cfg, first = _first_sitting(tmp_path)
     heavy = dataclasses.replace(cfg, seeds=3, rows=("rounds10",), keep_from=None)
     with pytest.raises(ValueError, match="headline row 'more' is neither run nor taken"):
         run(heavy, tmp_path / "refused", log=lambda _: None)
@@ -496,15 +508,9 @@ def test_a_stopped_sitting_reports_its_finished_runs_from_its_partial_file(
     """A sitting stopped after the 10-round row's OAPL run (before GRPO's): ``from_partial``
     makes the report of what finished, the rest from ``keep_from``, and the header says what
     was not run."""
-    from benchmarks.quality import PARTIAL_NAME, QualityConfig, run
+    from benchmarks.quality import PARTIAL_NAME, run
 
-    point = (("lr", 5e-3), ("epochs", 1), ("keep_zero_variance_groups", True))
-    cfg = QualityConfig(
-        size="test", bootstrap_overrides=TINY, seeds=1, heavy_row_seeds=1, heldout=4, samples=1,
-        max_tokens=8, rows=("more",), scale=2 / 128, rounds=2, group_size_cap=2,
-        lag_intervals=(), tuned=(("oapl", (*point, ("beta2", 0.1))), ("grpo", point)))
-    first = tmp_path / "first"
-    run(cfg, first, log=lambda _: None)
+    cfg, first = _first_sitting(tmp_path)
     heavy = dataclasses.replace(cfg, rows=("rounds10",), keep_from=str(first / "quality.json"))
 
     class Stopped(Exception):
