@@ -2,6 +2,8 @@
 
     python -m benchmarks.warmstart [--prompts 300] [--sft-steps N] [--demos N] [--lr X]
                                    [--batch-size N] [--size tiny]
+    python -m benchmarks.warmstart --after-round [--round-prompts 128] [--group-size 8]
+                                   [--samples 4] [--tuned results/tune_round.json]
 
 A round of OAPL can teach the answer contract (format) from a ±1 reward; it cannot teach the
 model to read fields it never learned to copy. This probe tells the two apart on the warm-start
@@ -21,6 +23,13 @@ task's reference reasoning (``task.reasoning`` without call noise):
   reach the line the grader reads;
 - parse rate, correctness and accuracy among parsed answers.
 
+With ``--after-round`` the same measures are taken on the recipe's model and on one round of
+each algorithm trained on it, at the round tuning's chosen points, as the quality benchmark's
+headline row runs it (128 training prompts × 8 baseline rollouts at T=1, seed 0; ``--samples``
+answers per prompt at T=1): does a round make the answer line follow the call, sharpen the call,
+or neither? Those go under ``after_round`` in ``warmstart.json`` and into
+``warmstart_after_round.png`` (≈10 min on two cores).
+
 Results of every recipe probed go into ``benchmarks/results/warmstart.json`` (keyed by the
 recipe's cache key, so runs of several recipes accumulate) and ``warmstart.png``.
 """
@@ -38,15 +47,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks._common import machine, results_dir, write_json
-from benchmarks.quality import EVAL_SEED, MAX_TOKENS
-from benchmarks.quality_stats import answer_summary
+from benchmarks.quality import (
+    EVAL_SEED,
+    MAX_TOKENS,
+    TUNED,
+    grade,
+    items,
+    load_tuned,
+    merged_backend,
+    round_config,
+)
+from benchmarks.quality_stats import answer_summary, majority_rate
 from workers.clinical import task
 from workers.graders import parse_answer
-from workers.inference.base import SamplingParams
+from workers.inference.base import AdapterRef, SamplingParams
 from workers.inference.local import LocalBackend
 from workers.learner.bootstrap import bootstrap_info, bootstrap_model
+from workers.learner.data import make_rollout_groups
 from workers.learner.recipe import BootstrapConfig
+from workers.learner.trainer import train
 
 KINDS = ("ECOG", "stage", "line", "regimen", "prior", "LDH", "albumin", "brain mets")
 _OVERALL = re.compile(r"^Overall: (favorable|unfavorable)\.?$", re.MULTILINE)
@@ -122,29 +144,77 @@ def answer_follows_call(texts: Sequence[str], outcomes: Sequence[bool]) -> dict[
             "call_correct": sum(c == o for c, o in calls) / len(calls) if calls else None}
 
 
+def measure(
+    backend: LocalBackend, examples: Sequence[task.Example], samples: int = 1,
+    adapter: AdapterRef | None = None,
+) -> dict[str, Any]:
+    """One model's answers to ``examples``, greedily (one each) and at T=1 (``samples`` each):
+    correctness, parse rate and accuracy among parsed answers, factors, call and whether the
+    answer line follows the call."""
+    cases = [e.case for e in examples]
+    outcomes = [e.outcome for e in examples]
+    out: dict[str, Any] = {}
+    for name, temperature, k in (("greedy", 0.0, 1), ("t1", 1.0, samples)):
+        outs = backend.generate([e.messages for e in examples], k,
+                                SamplingParams(MAX_TOKENS, temperature, EVAL_SEED), adapter)
+        texts = [c.text for group in outs for c in group]
+        each_case = [c for c in cases for _ in range(k)]
+        each_outcome = [o for o in outcomes for _ in range(k)]
+        summary = answer_summary([[parse_answer(c.text) for c in group] for group in outs],
+                                 outcomes)
+        out[name] = {k_: summary[k_] for k_ in ("correct", "parse_rate", "parsed_accuracy")} | {
+            "samples": k, "factors": factor_accuracy(each_case, texts),
+            "call": call_agreement(each_case, texts),
+            "answer_follows_call": answer_follows_call(texts, each_outcome)}
+    return out
+
+
+def heldout_examples(prompts: int) -> list[task.Example]:
+    return task.generate(EVAL_SEED, prompts, "heldout", list(task.SEEN_STYLES))
+
+
 def probe(cfg: BootstrapConfig, prompts: int, cache_dir: str | None = None) -> dict[str, Any]:
     """Build or fetch the model of ``cfg`` and measure it greedily and at T=1."""
     t0 = time.perf_counter()
     model_dir = bootstrap_model(config=cfg, cache_dir=cache_dir)
     info = bootstrap_info(model_dir)
-    examples = task.generate(EVAL_SEED, prompts, "heldout", list(task.SEEN_STYLES))
-    cases = [e.case for e in examples]
-    outcomes = [e.outcome for e in examples]
-    backend = LocalBackend(model_dir)
     out: dict[str, Any] = {
         "recipe": dataclasses.asdict(cfg), "cache_key": cfg.cache_key(),
         "code_version": info["code_version"],
         "n_params": info["n_params"], "build_seconds": info["seconds_total"],
         "sft_loss_last": info["sft_loss_last"], "prompts": prompts,
     }
-    for name, temperature in (("greedy", 0.0), ("t1", 1.0)):
-        outs = backend.generate([e.messages for e in examples], 1,
-                                SamplingParams(MAX_TOKENS, temperature, EVAL_SEED))
-        texts = [group[0].text for group in outs]
-        summary = answer_summary([[parse_answer(t)] for t in texts], outcomes)
-        out[name] = {k: summary[k] for k in ("correct", "parse_rate", "parsed_accuracy")} | {
-            "factors": factor_accuracy(cases, texts), "call": call_agreement(cases, texts),
-            "answer_follows_call": answer_follows_call(texts, outcomes)}
+    out |= measure(LocalBackend(model_dir), heldout_examples(prompts))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def after_round(
+    cfg: BootstrapConfig, prompts: int, samples: int, round_prompts: int, group_size: int,
+    seed: int = 0, cache_dir: str | None = None, tuned_path: Path | None = TUNED,
+) -> dict[str, Any]:
+    """The same measures on the warm-start and on one tuned round of each algorithm trained on
+    it, as the quality benchmark's headline row runs it (``round_prompts`` training prompts ×
+    ``group_size`` baseline rollouts at T=1, one seed): does the round make the answer line
+    follow the call, or sharpen the call, or neither?"""
+    t0 = time.perf_counter()
+    model_dir = bootstrap_model(config=cfg, cache_dir=cache_dir)
+    backend = LocalBackend(model_dir)
+    examples = heldout_examples(prompts)
+    torch.manual_seed(seed)
+    pool = make_rollout_groups(backend, items(seed, round_prompts, "train"), group_size,
+                               SamplingParams(MAX_TOKENS, 1.0, seed), grade)
+    tuned = load_tuned(tuned_path)
+    out: dict[str, Any] = {
+        "recipe": dataclasses.asdict(cfg), "cache_key": cfg.cache_key(), "prompts": prompts,
+        "round_prompts": round_prompts, "group_size": group_size, "seed": seed, "tuned": tuned,
+        "models": {"warm-start": measure(backend, examples, samples)},
+    }
+    for algo in ("oapl", "grpo"):
+        res = train(pool, model_dir, None, round_config(algo, tuned, seed),
+                    tokenizer=backend.tokenizer)
+        out["models"][algo] = measure(merged_backend(res.model, backend.tokenizer), examples,
+                                      samples) | {"optimizer_steps": res.metrics["optimizer_steps"]}
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -188,6 +258,42 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_after_round(entry: dict[str, Any], path: Path) -> None:
+    """Per model, greedy and at T=1: how often the call is right, how often the answer line
+    follows it, and the accuracy among parsed answers, against the majority rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(entry["models"])
+    measures = (("call right", lambda m: m["answer_follows_call"]["call_correct"]),
+                ("answer follows call", lambda m: m["answer_follows_call"]["follows"]),
+                ("accuracy among parsed", lambda m: m["parsed_accuracy"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    width = 0.8 / len(measures)
+    for ax, mode in zip(axes, ("greedy", "t1"), strict=True):
+        for i, (label, get) in enumerate(measures):
+            values = [get(entry["models"][n][mode]) or 0.0 for n in names]
+            ax.bar([x - 0.4 + width * (i + 0.5) for x in range(len(names))], values, width,
+                   label=label)
+        ax.axhline(entry["majority_rate"], color="gray", ls="--", lw=1, label="majority rate")
+        ax.axhline(entry["majority_rate"] + 0.10, color="black", ls=":", lw=1,
+                   label="majority + 0.10")
+        k = entry["models"][names[0]][mode]["samples"]
+        ax.set_title(f"{'greedy' if mode == 'greedy' else f'T=1, {k} per prompt'} "
+                     f"({entry['prompts']} held-out prompts)")
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylim(0.3, 1.0)
+    axes[0].set_ylabel("share")
+    axes[1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"One round ({entry['round_prompts']} prompts × {entry['group_size']}, seed "
+                 f"{entry['seed']}): the call, the answer line, the decision")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     d = BootstrapConfig()
@@ -199,12 +305,33 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=300)
     ap.add_argument("--cache-dir", default=None, help="bootstrap build cache (default: the usual)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--after-round", action="store_true",
+                    help="also train one tuned OAPL and one tuned GRPO round on the recipe's "
+                         "model and probe them (results under after_round)")
+    ap.add_argument("--round-prompts", type=int, default=128)
+    ap.add_argument("--group-size", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=4, help="answers per prompt at T=1, after "
+                    "a round (the recipe probe keeps one)")
+    ap.add_argument("--tuned", type=Path, default=TUNED, help="the round tuning's JSON")
     args = ap.parse_args()
     cfg = BootstrapConfig(size=args.size, sft_steps=args.sft_steps, n_demos=args.demos,
                           lr=args.lr, batch_size=args.batch_size)
     out_dir = results_dir(args.out)
     path = out_dir / "warmstart.json"
     results = json.loads(path.read_text()) if path.is_file() else {"recipes": {}}
+    if args.after_round:
+        entry = after_round(cfg, args.prompts, args.samples, args.round_prompts, args.group_size,
+                            cache_dir=args.cache_dir, tuned_path=args.tuned)
+        entry["majority_rate"] = majority_rate([e.outcome for e in heldout_examples(args.prompts)])
+        results.setdefault("after_round", {})[entry["cache_key"]] = entry | {"machine": machine()}
+        write_json(path, results)
+        plot_after_round(entry, out_dir / "warmstart_after_round.png")
+        print(json.dumps({name: {mode: {"correct": m[mode]["correct"],
+                                        "parsed_accuracy": m[mode]["parsed_accuracy"],
+                                        **m[mode]["answer_follows_call"]}
+                                 for mode in ("greedy", "t1")}
+                          for name, m in entry["models"].items()}, indent=1))
+        return
     result = probe(cfg, args.prompts, args.cache_dir)
     results["recipes"][result["cache_key"]] = result | {"machine": machine()}
     write_json(path, results)

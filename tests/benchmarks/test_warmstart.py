@@ -108,3 +108,42 @@ def test_the_probe_writes_one_entry_per_recipe_and_a_plot(
         assert all(0.0 <= f["accuracy"] <= 1.0 and f["n"] == 6 for f in run[mode]["factors"].values())
         assert 0.0 <= run[mode]["parse_rate"] <= 1.0
     assert (tmp_path / "warmstart.png").stat().st_size > 0
+
+
+def test_after_round_probes_the_warm_start_and_one_round_of_each_algorithm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import warmstart
+
+    # A small tuned point: the shipped one takes 8 epochs of 16 groups a step.
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"best": {
+        "oapl": {"lr": 1e-3, "beta2": 0.1, "epochs": 1, "keep_zero_variance_groups": True},
+        "grpo": {"lr": 1e-3, "epochs": 1, "keep_zero_variance_groups": True}}}))
+    recipe = ["--size", "test", "--demos", "300", "--sft-steps", "20", "--lr", "1e-2",
+              "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", ["warmstart", *recipe, "--prompts", "6"])
+    warmstart.main()
+    monkeypatch.setattr(sys, "argv", [
+        "warmstart", *recipe, "--prompts", "5", "--after-round", "--round-prompts", "4",
+        "--group-size", "3", "--samples", "2", "--tuned", str(tuned)])
+    warmstart.main()
+    saved = json.loads((tmp_path / "warmstart.json").read_text())
+    assert len(saved["recipes"]) == 1  # the recipe probe's entry is kept beside the new one
+    (entry,) = saved["after_round"].values()
+    assert (entry["round_prompts"], entry["group_size"], entry["prompts"]) == (4, 3, 5)
+    assert entry["tuned"]["oapl"]["epochs"] == 1
+    assert sorted(entry["models"]) == ["grpo", "oapl", "warm-start"]
+    for name, model in entry["models"].items():
+        assert model["greedy"]["samples"] == 1 and model["t1"]["samples"] == 2
+        for mode in ("greedy", "t1"):
+            follows = model[mode]["answer_follows_call"]
+            # Every answer with a call is counted, 5 prompts × samples at most.
+            assert 0 <= follows["n_both"] <= follows["n_calls"] <= 5 * model[mode]["samples"]
+            assert all(f["n"] == 5 * model[mode]["samples"]
+                       for f in model[mode]["factors"].values())
+        if name != "warm-start":
+            # 4 groups at 16 a step, one epoch: one optimizer step.
+            assert model["optimizer_steps"] == 1
+    assert 0.0 <= entry["majority_rate"] <= 1.0
+    assert (tmp_path / "warmstart_after_round.png").stat().st_size > 0
