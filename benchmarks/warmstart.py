@@ -266,7 +266,8 @@ def plot_after_round(entry: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(entry["models"])
+    # The warm-start first, then the rounds (a saved entry's keys come back sorted).
+    names = sorted(entry["models"], key=lambda n: (n != "warm-start", n))
     measures = (("call right", lambda m: m["answer_follows_call"]["call_correct"]),
                 ("answer follows call", lambda m: m["answer_follows_call"]["follows"]),
                 ("accuracy among parsed", lambda m: m["parsed_accuracy"]))
@@ -286,7 +287,7 @@ def plot_after_round(entry: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(names)), names)
         ax.set_ylim(0.3, 1.0)
     axes[0].set_ylabel("share")
-    axes[1].legend(fontsize=8, loc="lower right")
+    axes[1].legend(fontsize=8, loc="upper right")
     fig.suptitle(f"One round ({entry['round_prompts']} prompts × {entry['group_size']}, seed "
                  f"{entry['seed']}): the call, the answer line, the decision")
     fig.tight_layout()
