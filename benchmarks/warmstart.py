@@ -303,6 +303,10 @@ def main() -> None:
     ap.add_argument("--demos", type=int, default=d.n_demos)
     ap.add_argument("--lr", type=float, default=d.lr)
     ap.add_argument("--batch-size", type=int, default=d.batch_size)
+    ap.add_argument("--call-noise", type=float, default=d.call_noise,
+                    help="share of demonstrations whose overall call is flipped")
+    ap.add_argument("--answer-line-weight", type=float, default=d.answer_line_weight,
+                    help="weight of the demonstrations' final-line tokens in the SFT loss")
     ap.add_argument("--prompts", type=int, default=300)
     ap.add_argument("--cache-dir", default=None, help="bootstrap build cache (default: the usual)")
     ap.add_argument("--out", type=Path, default=None)
@@ -316,7 +320,8 @@ def main() -> None:
     ap.add_argument("--tuned", type=Path, default=TUNED, help="the round tuning's JSON")
     args = ap.parse_args()
     cfg = BootstrapConfig(size=args.size, sft_steps=args.sft_steps, n_demos=args.demos,
-                          lr=args.lr, batch_size=args.batch_size)
+                          lr=args.lr, batch_size=args.batch_size, call_noise=args.call_noise,
+                          answer_line_weight=args.answer_line_weight)
     out_dir = results_dir(args.out)
     path = out_dir / "warmstart.json"
     results = json.loads(path.read_text()) if path.is_file() else {"recipes": {}}

@@ -136,14 +136,50 @@ def encode_demo(
     return encode_prompt(tokenizer, messages), [*completion, tokenizer.eos_token_id]
 
 
+def answer_line_start(tokenizer: PreTrainedTokenizerFast, response: str,
+                      completion: list[int]) -> int:
+    """Where in ``completion`` (the response's tokens) its final answer line starts; its length
+    when the response stops after the reasoning (two lines: factors, overall call)."""
+    lines = response.split("\n")
+    if len(lines) <= 2:
+        return len(completion)
+    head = tokenizer("\n".join(lines[:-1]) + "\n", add_special_tokens=False)["input_ids"]
+    if completion[: len(head)] != head:
+        # The pre-tokenizer splits at newlines, so the head's tokens open the response's.
+        raise ValueError(f"the final line of {response!r} does not start on a token boundary")
+    return len(head)
+
+
+def weighted_lm_loss(logits: torch.Tensor, labels: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy with a weight per label token:
+
+        L = Σ_t w_t · CE(logits_{t-1}, y_t) / #{t : y_t ≠ −100}
+
+    (labels −100 are ignored; all weights 1 give the mean loss ``Qwen2ForCausalLM`` computes).
+    A weight w counts its token w times without changing the step size of the others."""
+    shifted, target, w = logits[:, :-1], labels[:, 1:], weights[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.size(-1)).float(), target.reshape(-1), ignore_index=-100,
+        reduction="none").view_as(target)
+    counted = target != -100
+    return (ce * w * counted).sum() / counted.sum().clamp(min=1)
+
+
 def sft(
     model: Qwen2ForCausalLM,
     data: list[tuple[list[int], list[int]]],
     cfg: BootstrapConfig,
     pad_id: int,
     progress: BuildProgress | None = None,
+    answer_from: list[int] | None = None,
 ) -> list[float]:
-    """Completion-only next-token loss; returns the loss curve (one value per step)."""
+    """Completion-only next-token loss; returns the loss curve (one value per step). With
+    ``cfg.answer_line_weight`` ≠ 1, the tokens of each demonstration's final line (from
+    ``answer_from[i]`` of its completion on, EOS excluded) count that many times."""
+    weighted = cfg.answer_line_weight != 1.0
+    if weighted and (answer_from is None or len(answer_from) != len(data)):
+        raise ValueError("an answer-line weight needs where each demonstration's final line starts")
     rng = random.Random(f"sft/{cfg.seed}")
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, cfg.sft_steps // 20)
@@ -163,7 +199,8 @@ def sft(
             fresh = list(range(len(data)))
             rng.shuffle(fresh)
             order.extend(fresh)
-        batch = [data[order.pop()] for _ in range(cfg.batch_size)]
+        picked = [order.pop() for _ in range(cfg.batch_size)]
+        batch = [data[j] for j in picked]
         width = max(len(p) + len(c) for p, c in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
@@ -173,7 +210,15 @@ def sft(
             ids[i, : len(seq)] = torch.tensor(seq)
             labels[i, len(p) : len(seq)] = torch.tensor(c)
             attn[i, : len(seq)] = 1
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        if weighted:
+            assert answer_from is not None
+            weights = torch.ones((len(batch), width))
+            for i, ((p, c), j) in enumerate(zip(batch, picked, strict=True)):
+                weights[i, len(p) + answer_from[j] : len(p) + len(c) - 1] = cfg.answer_line_weight
+            loss = weighted_lm_loss(model(input_ids=ids, attention_mask=attn).logits, labels,
+                                    weights)
+        else:  # the loss every model before the knob was built with, bit for bit
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -197,8 +242,10 @@ def _build(cfg: BootstrapConfig, dest: Path, progress: BuildProgress) -> None:
     t_tok = time.perf_counter() - t0
     model = build_model(SIZES[cfg.size], tokenizer, cfg.seed)
     data = [encode_demo(tokenizer, m, r) for m, r in demos]
+    answer_from = ([answer_line_start(tokenizer, r, c[:-1]) for (_, r), (_, c) in
+                    zip(demos, data, strict=True)] if cfg.answer_line_weight != 1.0 else None)
     progress("warm-start", 0, cfg.sft_steps)
-    losses = sft(model, data, cfg, tokenizer.pad_token_id, progress)
+    losses = sft(model, data, cfg, tokenizer.pad_token_id, progress, answer_from)
     t_total = time.perf_counter() - t0
     progress("saving", 0, 1)
     model.generation_config.eos_token_id = tokenizer.eos_token_id

@@ -34,6 +34,10 @@ SIZES: dict[str, ModelSize] = {
 }
 
 
+_LATER_KNOBS = {"answer_line_weight": 1.0}
+"""``BootstrapConfig`` fields added after bootstrap-4's shipped model, with their defaults."""
+
+
 @dataclass(frozen=True)
 class BootstrapConfig:
     size: str = "tiny"
@@ -49,15 +53,26 @@ class BootstrapConfig:
     """Peak AdamW learning rate (linear warm-up 5%, cosine decay to 10%)."""
     call_noise: float = 0.15
     """Probability that a demonstration's overall call is flipped."""
+    answer_line_weight: float = 1.0
+    """Weight of each token of a demonstration's final (answer) line in the warm-start loss,
+    against 1 for the reasoning's: above 1 the warm-start is pushed harder to state its call on
+    the last line (each demonstration's final line states its call, in one of nine forms)."""
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:
             raise ValueError(f"unknown size {self.size!r}; choose from {sorted(SIZES)}")
-        if self.n_demos < 1 or self.sft_steps < 0 or self.batch_size < 1 or self.lr <= 0:
+        if (self.n_demos < 1 or self.sft_steps < 0 or self.batch_size < 1 or self.lr <= 0
+                or self.answer_line_weight <= 0 or not 0 <= self.call_noise <= 1):
             raise ValueError(f"invalid bootstrap config: {self}")
 
     def cache_key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        fields = dataclasses.asdict(self)
+        # Knobs added after a model was built enter the key only when set, so that model (the
+        # shipped one among them) keeps its key.
+        for name, default in _LATER_KNOBS.items():
+            if fields[name] == default:
+                del fields[name]
+        blob = json.dumps(fields, sort_keys=True)
         blob += (
             CODE_VERSION + task.corpus_digest() + json.dumps(dataclasses.asdict(SIZES[self.size]))
         )
