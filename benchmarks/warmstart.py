@@ -258,40 +258,52 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_after_round(entry: dict[str, Any], path: Path) -> None:
-    """Per model, greedy and at T=1: how often the call is right, how often the answer line
-    follows it, and the accuracy among parsed answers, against the majority rate."""
+def recipe_label(recipe: dict[str, Any]) -> str:
+    """What sets a recipe apart from the shipped defaults (``shipped`` when nothing does)."""
+    d = dataclasses.asdict(BootstrapConfig())
+    changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+               for k, v in recipe.items() if k in d and d[k] != v]
+    return ", ".join(changed) or "shipped recipe"
+
+
+def plot_after_round(entries: Sequence[dict[str, Any]], path: Path) -> None:
+    """One row per recipe; per model, greedy and at T=1: how often the call is right, how often
+    the answer line follows it, and the accuracy among parsed answers, against the majority."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # The warm-start first, then the rounds (a saved entry's keys come back sorted).
-    names = sorted(entry["models"], key=lambda n: (n != "warm-start", n))
     measures = (("call right", lambda m: m["answer_follows_call"]["call_correct"]),
                 ("answer follows call", lambda m: m["answer_follows_call"]["follows"]),
                 ("accuracy among parsed", lambda m: m["parsed_accuracy"]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(len(entries), 2, figsize=(11, 3.8 * len(entries)), sharey=True,
+                             squeeze=False)
     width = 0.8 / len(measures)
-    for ax, mode in zip(axes, ("greedy", "t1"), strict=True):
-        for i, (label, get) in enumerate(measures):
-            values = [get(entry["models"][n][mode]) or 0.0 for n in names]
-            ax.bar([x - 0.4 + width * (i + 0.5) for x in range(len(names))], values, width,
-                   label=label)
-        ax.axhline(entry["majority_rate"], color="gray", ls="--", lw=1, label="majority rate")
-        ax.axhline(entry["majority_rate"] + 0.10, color="black", ls=":", lw=1,
-                   label="majority + 0.10")
-        k = entry["models"][names[0]][mode]["samples"]
-        ax.set_title(f"{'greedy' if mode == 'greedy' else f'T=1, {k} per prompt'} "
-                     f"({entry['prompts']} held-out prompts)")
-        ax.set_xticks(range(len(names)), names)
-        ax.set_ylim(0.3, 1.0)
-    axes[0].set_ylabel("share")
-    axes[1].legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"One round ({entry['round_prompts']} prompts × {entry['group_size']}, seed "
-                 f"{entry['seed']}): the call, the answer line, the decision")
+    for row, entry in zip(axes, entries, strict=True):
+        # The warm-start first, then the rounds (a saved entry's keys come back sorted).
+        names = sorted(entry["models"], key=lambda n: (n != "warm-start", n))
+        for ax, mode in zip(row, ("greedy", "t1"), strict=True):
+            for i, (label, get) in enumerate(measures):
+                values = [get(entry["models"][n][mode]) or 0.0 for n in names]
+                ax.bar([x - 0.4 + width * (i + 0.5) for x in range(len(names))], values, width,
+                       label=label)
+            ax.axhline(entry["majority_rate"], color="gray", ls="--", lw=1, label="majority rate")
+            ax.axhline(entry["majority_rate"] + 0.10, color="black", ls=":", lw=1,
+                       label="majority + 0.10")
+            k = entry["models"][names[0]][mode]["samples"]
+            ax.set_title(f"{recipe_label(entry['recipe'])}: "
+                         f"{'greedy' if mode == 'greedy' else f'T=1, {k} per prompt'}", fontsize=9)
+            ax.set_xticks(range(len(names)), names)
+            ax.set_ylim(0.3, 1.05)
+        row[0].set_ylabel("share")
+    axes[0][1].legend(fontsize=7, loc="upper right", ncol=2)
+    first = entries[0]
+    fig.suptitle(f"One round ({first['round_prompts']} prompts × {first['group_size']}, seed "
+                 f"{first['seed']}; {first['prompts']} held-out prompts): the call, the answer "
+                 "line, the decision (a bar at 0: nothing to measure)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -331,7 +343,9 @@ def main() -> None:
         entry["majority_rate"] = majority_rate([e.outcome for e in heldout_examples(args.prompts)])
         results.setdefault("after_round", {})[entry["cache_key"]] = entry | {"machine": machine()}
         write_json(path, results)
-        plot_after_round(entry, out_dir / "warmstart_after_round.png")
+        plot_after_round(sorted(results["after_round"].values(),  # in the order they were run
+                                key=lambda e: e["machine"]["time"]),
+                         out_dir / "warmstart_after_round.png")
         print(json.dumps({name: {mode: {"correct": m[mode]["correct"],
                                         "parsed_accuracy": m[mode]["parsed_accuracy"],
                                         **m[mode]["answer_follows_call"]}
