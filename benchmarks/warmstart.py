@@ -28,7 +28,7 @@ each algorithm trained on it, at the round tuning's chosen points, as the qualit
 headline row runs it (128 training prompts × 8 baseline rollouts at T=1, seed 0; ``--samples``
 answers per prompt at T=1): does a round make the answer line follow the call, sharpen the call,
 or neither? Those go under ``after_round`` in ``warmstart.json`` and into
-``warmstart_after_round.png`` (≈10 min on two cores).
+``warmstart_after_round.png`` (4–6 min on two cores).
 
 Results of every recipe probed go into ``benchmarks/results/warmstart.json`` (keyed by the
 recipe's cache key, so runs of several recipes accumulate) and ``warmstart.png``.
@@ -162,7 +162,7 @@ def measure(
         each_outcome = [o for o in outcomes for _ in range(k)]
         summary = answer_summary([[parse_answer(c.text) for c in group] for group in outs],
                                  outcomes)
-        out[name] = {k_: summary[k_] for k_ in ("correct", "parse_rate", "parsed_accuracy")} | {
+        out[name] = {key: summary[key] for key in ("correct", "parse_rate", "parsed_accuracy")} | {
             "samples": k, "factors": factor_accuracy(each_case, texts),
             "call": call_agreement(each_case, texts),
             "answer_follows_call": answer_follows_call(texts, each_outcome)}
@@ -208,6 +208,7 @@ def after_round(
     out: dict[str, Any] = {
         "recipe": dataclasses.asdict(cfg), "cache_key": cfg.cache_key(), "prompts": prompts,
         "round_prompts": round_prompts, "group_size": group_size, "seed": seed, "tuned": tuned,
+        "majority_rate": majority_rate([e.outcome for e in examples]),
         "models": {"warm-start": measure(backend, examples, samples)},
     }
     for algo in ("oapl", "grpo"):
@@ -259,7 +260,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def recipe_label(recipe: dict[str, Any]) -> str:
-    """What sets a recipe apart from the shipped defaults (``shipped`` when nothing does)."""
+    """What sets a recipe apart from the shipped defaults ("shipped recipe" when nothing does)."""
     d = dataclasses.asdict(BootstrapConfig())
     changed = [f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
                for k, v in recipe.items() if k in d and d[k] != v]
@@ -340,7 +341,6 @@ def main() -> None:
     if args.after_round:
         entry = after_round(cfg, args.prompts, args.samples, args.round_prompts, args.group_size,
                             cache_dir=args.cache_dir, tuned_path=args.tuned)
-        entry["majority_rate"] = majority_rate([e.outcome for e in heldout_examples(args.prompts)])
         results.setdefault("after_round", {})[entry["cache_key"]] = entry | {"machine": machine()}
         write_json(path, results)
         plot_after_round(sorted(results["after_round"].values(),  # in the order they were run
