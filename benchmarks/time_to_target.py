@@ -36,8 +36,8 @@ per-seed speed-ups, each seed's figure kept beside it.
 Both are evaluated with the same function — one sample per prompt at temperature 1 (fixed seed)
 on ``--heldout`` held-out prompts, correctness = contract-parsable and right, the metric the
 product's evaluation and the quality benchmark use — every ``eval_every`` optimizer steps, both
-arms. The clock counts training work only (sampling, grading, optimizer steps): it stops while evaluating,
-and model loading before the first step is excluded for both. Each arm stops at the target or at
+arms. The clock counts training work only (sampling, grading, optimizer steps): it stops while
+evaluating, and model loading before the first step is excluded for both. Each arm stops at the target or at
 ``--budget`` seconds of training time. ``time_to_45pct_speedup_vs_trl`` = TRL's time ÷ ours; when
 only ours reaches the target it is a lower bound (TRL's budget ÷ ours), when neither does it is
 null and the best reached values are reported.
