@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from workers.learner.recipe import BootstrapConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -125,3 +128,36 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+BOOTSTRAP_FLAG_HELP = (
+    "KEY=VALUE, repeatable: a field of the warm-start recipe (BootstrapConfig) other than size, "
+    "e.g. answer_line_weight=5; every value left out keeps the shipped recipe's")
+
+
+def bootstrap_overrides(pairs: Sequence[str], size: str = "tiny") -> tuple[tuple[str, Any], ...]:
+    """``--bootstrap KEY=VALUE`` flags as typed ``BootstrapConfig`` overrides.
+
+    Each value is converted to its field's type (int, float or str) and the whole recipe is
+    validated, so a typo or an out-of-range value stops the run before anything is built.
+    Raises ``ValueError`` with the reason.
+    """
+    kinds = {f.name: f.type for f in dataclasses.fields(BootstrapConfig) if f.name != "size"}
+    convert = {"int": int, "float": float, "str": str}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not raw.strip():
+            raise ValueError(f"--bootstrap {pair!r}: expected KEY=VALUE")
+        if key not in kinds:
+            raise ValueError(f"--bootstrap {pair!r}: unknown field {key!r}; "
+                             f"choose from {sorted(kinds)} (the size has its own flag)")
+        if key in out:
+            raise ValueError(f"--bootstrap {key!r} given twice")
+        try:
+            out[key] = convert[str(kinds[key])](raw.strip())
+        except ValueError:
+            raise ValueError(f"--bootstrap {pair!r}: {raw.strip()!r} is not a {kinds[key]}") from None
+    BootstrapConfig(size=size, **out)  # validates the ranges
+    return tuple(sorted(out.items()))

@@ -34,6 +34,10 @@ A sitting stopped before the end leaves its finished (row, algorithm) runs in
 ``results/quality_partial.json``; ``--from-partial`` (a copy of that file, with the sitting's own
 ``--rows`` and ``--keep-from``) makes the report of them without running anything, and says in
 its header what was not run.
+
+``--bootstrap KEY=VALUE`` (repeatable) measures a warm-start recipe other than the shipped one,
+e.g. ``--bootstrap answer_line_weight=5 --out benchmarks/results/trials/<name>``: the report's
+header names the recipe, and says so when the round's points were tuned on another model.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from benchmarks._common import BOOTSTRAP_FLAG_HELP, bootstrap_overrides
 from benchmarks.quality_stats import answer_summary, cluster_bootstrap_ci, majority_rate
 from workers.clinical import task
 from workers.graders import ContractGrader, parse_answer
@@ -198,6 +203,14 @@ def load_tuned(path: Path | None) -> dict[str, dict[str, Any]]:
     keys = {"oapl": ("lr", "beta2", "epochs", "keep_zero_variance_groups"),
             "grpo": ("lr", "epochs", "keep_zero_variance_groups")}
     return {a: {k: best[a][k] for k in keys[a] if k in best[a]} for a in keys}
+
+
+def tuned_model(path: Path | None) -> str | None:
+    """The model (cache folder name) the tuning file's points were chosen on, if there is one."""
+    if path is None or not path.is_file():
+        return None
+    model_dir = json.loads(path.read_text()).get("model_dir")
+    return Path(model_dir).name if model_dir else None
 
 
 def round_config(algo: str, tuned: dict[str, dict[str, Any]], seed: int) -> TrainerConfig:
@@ -620,6 +633,9 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
         config=BootstrapConfig(size=qc.size, **dict(qc.bootstrap_overrides)), cache_dir=qc.cache_dir)
     info = bootstrap_info(model_dir)
     log(f"model {model_dir} ({info['n_params']} params; built in {info['seconds_total']}s)")
+    tuned_on = None if qc.tuned else tuned_model(Path(qc.tuned_path) if qc.tuned_path else None)
+    if tuned_on is not None and tuned_on != model_dir.name:
+        log(f"the round's points were tuned on {tuned_on}, not on this model")
     backend = LocalBackend(model_dir, device=qc.device)  # resolves ``auto`` as the trainer does
     log(f"sampler on {backend.device}; learner device {qc.device!r}")
     evalset = EvalSet.build(qc.heldout)
@@ -644,7 +660,8 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
         "model": info,
         "setup": {**{k: v for k, v in dataclasses.asdict(qc).items()},
                   "round": ROUND, "oapl": OAPL, "grpo": GRPO,
-                  "lag": LAG, "tuned": t1_raw["tuned"], "unseen_style": task.UNSEEN_STYLE,
+                  "lag": LAG, "tuned": t1_raw["tuned"], "tuned_on_model": tuned_on,
+                  "model_name": model_dir.name, "unseen_style": task.UNSEEN_STYLE,
                   "seen_styles": list(task.SEEN_STYLES),
                   "rows": {r.key: dataclasses.asdict(r) for r in qc.rows_to_run()}},
         "table1": {"summary": summary,
@@ -749,6 +766,17 @@ def _sittings(result: dict[str, Any]) -> str:
             "other rows from this one, on the same model and held-out prompts." + stopped)
 
 
+def _recipe_note(setup: dict[str, Any]) -> str:
+    """The warm-start recipe's departures from the shipped one (``--bootstrap``), if any."""
+    overrides = setup.get("bootstrap_overrides") or ()
+    note = ("; warm-start recipe NOT the shipped one: " + ", ".join(f"{k}={v}" for k, v in overrides)
+            if overrides else "")
+    tuned_on, name = setup.get("tuned_on_model"), setup.get("model_name")
+    if tuned_on and name and tuned_on != name:
+        note += f"; the round's points were tuned on model {tuned_on}, not on this one ({name})"
+    return note
+
+
 def write_reports(result: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -760,7 +788,8 @@ def write_reports(result: dict[str, Any], out: Path) -> None:
     lines = [
         "# Quality benchmark (bundled tiny model, CPU)",
         "",
-        f"Model: {result['model']['n_params']:,} parameters (size {setup['size']}). Held-out: "
+        f"Model: {result['model']['n_params']:,} parameters (size {setup['size']}"
+        f"{_recipe_note(setup)}). Held-out: "
         f"{setup['heldout']} prompts (seed {EVAL_SEED}), seen styles {', '.join(setup['seen_styles'])}"
         f" mixed, and the same cases in the unseen style `{setup['unseen_style']}`. Majority-class "
         f"rate of these cases {pct(result['heldout_majority_rate'])}, their Bayes bound "
@@ -849,6 +878,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     d = QualityConfig()
     ap.add_argument("--size", default=d.size)
+    ap.add_argument("--bootstrap", action="append", default=[], metavar="KEY=VALUE",
+                    help=BOOTSTRAP_FLAG_HELP)
     ap.add_argument("--seeds", type=int, default=d.seeds)
     ap.add_argument("--heavy-row-seeds", type=int, default=d.heavy_row_seeds)
     ap.add_argument("--heldout", type=int, default=d.heldout)
@@ -878,12 +909,16 @@ def main() -> None:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                     help="sampler and learner: auto = a GPU when torch sees one")
     args = ap.parse_args()
+    try:
+        overrides = bootstrap_overrides(args.bootstrap, args.size)
+    except ValueError as exc:
+        ap.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         write_reports(json.loads((args.out / "quality.json").read_text()), args.out)
         return
     qc = QualityConfig(
-        size=args.size, cache_dir=args.cache_dir, seeds=args.seeds,
+        size=args.size, bootstrap_overrides=overrides, cache_dir=args.cache_dir, seeds=args.seeds,
         heavy_row_seeds=args.heavy_row_seeds, heldout=args.heldout, samples=args.samples,
         unseen_all_rows=args.unseen_all_rows, rows=tuple(args.rows.split(",")), scale=args.scale,
         rounds=args.rounds, group_size_cap=args.group_size_cap,

@@ -10,7 +10,8 @@ epochs grid with as many runs and the same epochs (a matched baseline is a tuned
 run per (lr[, β₂]) scored after each epoch gives every epoch count (see ``EPOCHS``). Then the best point of
 each algorithm is trained again with the other ``keep_zero_variance_groups`` setting (the grid
 drops them by default), and the better of the two is chosen: both numbers are kept. Writes ``benchmarks/results/tune_round.json``; ``benchmarks.quality`` reads
-its ``best``.
+its ``best``. ``--bootstrap KEY=VALUE`` (repeatable) tunes on a warm-start recipe other than the
+shipped one (write it elsewhere with ``--out``; the file records the recipe and the model).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import write_json
+from benchmarks._common import BOOTSTRAP_FLAG_HELP, bootstrap_overrides, write_json
 from benchmarks.quality import (
     MAX_TOKENS,
     ROUND,
@@ -178,6 +179,8 @@ def run(tc: TuneConfig, out_dir: Path, log: Callable[[str], None] = print) -> di
              "model": model_dir.name, "val": [VALIDATION_SEED, tc.val, tc.samples],
              "epochs": list(tc.epochs), "max_tokens": tc.max_tokens,
              "grid_keeps_zero_variance": tc.grid_keeps_zero_variance}
+    if tc.bootstrap_overrides:
+        setup["bootstrap_overrides"] = dict(tc.bootstrap_overrides)
     partial = out_dir / "tune_round.partial.json"
     trials = resumed_trials(partial, setup) if tc.resume else []
     if trials:
@@ -240,6 +243,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     d = TuneConfig()
     ap.add_argument("--size", default=d.size)
+    ap.add_argument("--bootstrap", action="append", default=[], metavar="KEY=VALUE",
+                    help=BOOTSTRAP_FLAG_HELP)
     ap.add_argument("--grid", choices=sorted(GRIDS), default=d.grid)
     ap.add_argument("--prompts", type=int, default=d.prompts)
     ap.add_argument("--group-size", type=int, default=d.group_size)
@@ -255,7 +260,11 @@ def main() -> None:
     args = ap.parse_args()
     if args.grid == "extend" and not args.merge:
         ap.error("--grid extend only extends an earlier run: add --merge")
-    run(TuneConfig(size=args.size, cache_dir=args.cache_dir, grid=args.grid, prompts=args.prompts,
+    try:
+        overrides = bootstrap_overrides(args.bootstrap, args.size)
+    except ValueError as exc:
+        ap.error(str(exc))
+    run(TuneConfig(size=args.size, bootstrap_overrides=overrides, cache_dir=args.cache_dir, grid=args.grid, prompts=args.prompts,
                    group_size=args.group_size, val=args.val, samples=args.samples,
                    resume=args.resume, merge=args.merge,
                    epochs=EXTEND_EPOCHS if args.grid == "extend" else EPOCHS), args.out)
