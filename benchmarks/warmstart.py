@@ -304,8 +304,9 @@ def plot_after_round(entries: Sequence[dict[str, Any]], path: Path) -> None:
     first = entries[0]
     fig.suptitle(f"One round ({first['round_prompts']} prompts × {first['group_size']}, seed "
                  f"{first['seed']}; {first['prompts']} held-out prompts): the call, the answer "
-                 "line, the decision (a bar at 0: nothing to measure)")
-    fig.tight_layout()
+                 "line, the decision (a bar at 0: nothing to measure)", fontsize=10)
+    # Half an inch on top for the title, whatever the number of rows.
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
