@@ -179,8 +179,6 @@ def run(tc: TuneConfig, out_dir: Path, log: Callable[[str], None] = print) -> di
              "model": model_dir.name, "val": [VALIDATION_SEED, tc.val, tc.samples],
              "epochs": list(tc.epochs), "max_tokens": tc.max_tokens,
              "grid_keeps_zero_variance": tc.grid_keeps_zero_variance}
-    if tc.bootstrap_overrides:
-        setup["bootstrap_overrides"] = dict(tc.bootstrap_overrides)
     partial = out_dir / "tune_round.partial.json"
     trials = resumed_trials(partial, setup) if tc.resume else []
     if trials:
@@ -231,7 +229,8 @@ def run(tc: TuneConfig, out_dir: Path, log: Callable[[str], None] = print) -> di
            "grid": "+".join(grids), "round": ROUND, "pool": [tc.prompts, tc.group_size],
            "validation": {"seed": VALIDATION_SEED, "split": "validation", "n": tc.val,
                           "samples": tc.samples, "majority_rate": majority_rate(val_outcomes)},
-           "size": tc.size, "model_dir": str(model_dir), "seconds": time.perf_counter() - t_start}
+           "size": tc.size, "bootstrap_overrides": dict(tc.bootstrap_overrides),
+           "model_dir": str(model_dir), "seconds": time.perf_counter() - t_start}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tune_round.json").write_text(json.dumps(out, indent=2))
     partial.unlink(missing_ok=True)

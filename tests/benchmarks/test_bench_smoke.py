@@ -325,6 +325,7 @@ def test_tuning_script_writes_chosen_points_the_benchmark_reads(
     # the best point tried both ways (here nothing parses, so dropping leaves nothing to train on)
     assert [t["keep_zero_variance_groups"] for t in saved["zero_variance"]["oapl"]] == [True, False]
     assert saved["best"]["oapl"]["correct"] is not None
+    assert saved["bootstrap_overrides"] == dict(TINY)  # the recipe it was tuned on
     tuned = load_tuned(tmp_path / "tune_round.json")
     assert set(tuned["oapl"]) == {"lr", "beta2", "epochs", "keep_zero_variance_groups"}
     assert set(tuned["grpo"]) == {"lr", "epochs", "keep_zero_variance_groups"}
