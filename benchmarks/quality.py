@@ -36,8 +36,8 @@ A sitting stopped before the end leaves its finished (row, algorithm) runs in
 its header what was not run.
 
 ``--bootstrap KEY=VALUE`` (repeatable) measures a warm-start recipe other than the shipped one,
-e.g. ``--bootstrap answer_line_weight=5 --out benchmarks/results/trials/<name>``: the report's
-header names the recipe, and says so when the round's points were tuned on another model.
+e.g. ``--bootstrap answer_line_weight=5`` with ``--out benchmarks/results/trial_<name>``: the
+report's header names the recipe, and says so when the round's points were tuned on another model.
 """
 
 from __future__ import annotations

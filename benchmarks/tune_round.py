@@ -263,9 +263,9 @@ def main() -> None:
         overrides = bootstrap_overrides(args.bootstrap, args.size)
     except ValueError as exc:
         ap.error(str(exc))
-    run(TuneConfig(size=args.size, bootstrap_overrides=overrides, cache_dir=args.cache_dir, grid=args.grid, prompts=args.prompts,
-                   group_size=args.group_size, val=args.val, samples=args.samples,
-                   resume=args.resume, merge=args.merge,
+    run(TuneConfig(size=args.size, bootstrap_overrides=overrides, cache_dir=args.cache_dir,
+                   grid=args.grid, prompts=args.prompts, group_size=args.group_size,
+                   val=args.val, samples=args.samples, resume=args.resume, merge=args.merge,
                    epochs=EXTEND_EPOCHS if args.grid == "extend" else EPOCHS), args.out)
 
 
