@@ -239,6 +239,7 @@ ROWS = [
     Row("rounds10", "10 rounds (128×8 each, regenerated)", 128, 8, rounds=10, heavy=True),
 ]
 HEADLINE = "more"
+HEADLINE_ROW = next(r for r in ROWS if r.key == HEADLINE)
 
 
 def pool_segments(rows: Sequence[Row]) -> list[tuple[int, int, int]]:
@@ -655,7 +656,7 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
         log(f"taken from {qc.keep_from}: {kept_from}")
     result: dict[str, Any] = headline_keys(summary, t2, evalset) | kept_from.get(
         "headline_baseline", {}) | {
-        "headline_row": next(r.name for r in ROWS if r.key == HEADLINE),
+        "headline_row": HEADLINE_ROW.name,
         "bayes_optimal_accuracy": task.bayes_optimal_accuracy(50_000),
         "model": info,
         "setup": {**{k: v for k, v in dataclasses.asdict(qc).items()},

@@ -52,9 +52,8 @@ import torch
 from benchmarks._common import machine, results_dir, write_json
 from benchmarks.quality import (
     EVAL_SEED,
-    HEADLINE,
+    HEADLINE_ROW,
     MAX_TOKENS,
-    ROWS,
     TUNED,
     grade,
     items,
@@ -329,9 +328,9 @@ def main() -> None:
     ap.add_argument("--after-round", action="store_true",
                     help="also train one tuned OAPL and one tuned GRPO round on the recipe's "
                          "model and probe them (results under after_round)")
-    headline = next(r for r in ROWS if r.key == HEADLINE)  # the round the probe copies
-    ap.add_argument("--round-prompts", type=int, default=headline.prompts)
-    ap.add_argument("--group-size", type=int, default=headline.group_size)
+    # The round the probe copies: the quality benchmark's headline row.
+    ap.add_argument("--round-prompts", type=int, default=HEADLINE_ROW.prompts)
+    ap.add_argument("--group-size", type=int, default=HEADLINE_ROW.group_size)
     ap.add_argument("--samples", type=int, default=4, help="answers per prompt at T=1, after "
                     "a round (the recipe probe keeps one)")
     ap.add_argument("--tuned", type=Path, default=TUNED, help="the round tuning's JSON")
