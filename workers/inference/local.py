@@ -7,7 +7,6 @@ from — the behaviour log-probs OAPL uses as log π_ref.
 
 from __future__ import annotations
 
-import inspect
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from workers.inference.base import AdapterRef, Completion, SamplingParams, UnknownAdapterError
 from workers.inference.chat import check_token_ids, embedding_rows, encode_prompt
+from workers.inference.shared_prompt import (
+    cache_keyword,
+    cache_of,
+    distinct_prompts,
+    left_padded,
+    prefill,
+)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -202,19 +208,15 @@ class LocalBackend:
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         b = len(prompts)
-        width = max(len(p) for p in prompts)
-        # Left padding keeps every sequence's next token in the last column.
-        input_ids = torch.full((b, width), pad, dtype=torch.long)
-        attn = torch.zeros((b, width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p) :] = torch.tensor(p)
-            attn[i, width - len(p) :] = 1
-        input_ids, attn = input_ids.to(self.device), attn.to(self.device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        past, logits = _cache_of(out), out.logits[:, -1, :]
-        next_pos = pos[:, -1:] + 1
-        cache_arg = _cache_arg(model)
+        # A group's n samples continue one prompt: it runs once and they share its cache.
+        distinct, rows = distinct_prompts(prompts)
+        ids, mask = left_padded(distinct, pad)
+        state = prefill(model, ids.to(self.device), mask.to(self.device))
+        if len(distinct) < b:
+            state = state.for_rows(torch.tensor(rows, device=self.device))
+        past, logits, attn = state.cache, state.last_logits, state.attention_mask
+        next_pos = state.next_position
+        cache_arg = cache_keyword(model)
 
         done = torch.zeros(b, dtype=torch.bool)
         for t in range(params.max_tokens):
@@ -238,18 +240,6 @@ class LocalBackend:
                 use_cache=True,
                 **{cache_arg: past},
             )
-            past, logits = _cache_of(out), out.logits[:, -1, :]
+            past, logits = cache_of(out), out.logits[:, -1, :]
             next_pos = next_pos + 1
 
-
-def _cache_arg(model: Any) -> str:
-    """The KV-cache keyword of this transformers version: ``cache`` (5.x, where
-    ``past_key_values`` is deprecated) or ``past_key_values`` (4.x)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft
-    forward = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in forward else "past_key_values"
-
-
-def _cache_of(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values

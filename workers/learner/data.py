@@ -20,6 +20,7 @@ from torch import Tensor
 
 from workers.inference.base import AdapterRef, InferenceBackend, SamplingParams
 from workers.inference.chat import encode_prompt
+from workers.inference.shared_prompt import distinct_prompts, left_padded
 from workers.learner.losses import grpo_advantages, oapl_advantages
 
 
@@ -148,6 +149,13 @@ class Batch:
     rewards: Tensor  # (B,)
     temperature: Tensor  # (B,) scoring temperature of each row: log softmax(logits / T)
     index: Tensor  # (B,) position of each row in the flattened record list
+    # The same rows as distinct prompts and their continuations (``shared_prompt``'s layout):
+    prompts: Tensor  # (U, P) the batch's distinct prompts, left-padded
+    prompt_mask: Tensor  # (U, P)
+    prompt_of: Tensor  # (B,) the row's prompt in ``prompts``
+    completions: Tensor  # (B, C) right-padded
+    completion_mask: Tensor  # (B, C)
+    completion_at: Tensor  # (B, C) where each completion token's log-prob sits in (B, W-1)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -167,8 +175,18 @@ def collate(records: Sequence[SequenceRecord], pad_id: int, indices: Sequence[in
     target = torch.zeros((b, width - 1), dtype=torch.float32)
     beh = torch.zeros((b, width - 1), dtype=torch.float32)
     has_tok = torch.zeros(b, dtype=torch.bool)
+    distinct, prompt_of = distinct_prompts([r.prompt_ids for r in records])
+    prompts, prompt_mask = left_padded(distinct, pad_id)
+    c_width = max(len(r.completion_ids) for r in records)
+    completions = torch.full((b, c_width), pad_id, dtype=torch.long)
+    c_mask = torch.zeros((b, c_width), dtype=torch.long)
+    completion_at = torch.zeros((b, c_width), dtype=torch.long)
     for i, r in enumerate(records):
         p, c = len(r.prompt_ids), len(r.completion_ids)
+        completions[i, :c] = torch.tensor(r.completion_ids, dtype=torch.long)
+        c_mask[i, :c] = 1
+        # past a row's end its (masked) slots point at its last token: the index stays in range
+        completion_at[i] = (p - 1 + torch.arange(c_width)).clamp(max=p + c - 2)
         input_ids[i, : p + c] = torch.tensor(r.prompt_ids + r.completion_ids)
         attn[i, : p + c] = 1
         # logits at position t predict token t+1: completion tokens are predicted at p-1 … p+c-2
@@ -187,6 +205,12 @@ def collate(records: Sequence[SequenceRecord], pad_id: int, indices: Sequence[in
         rewards=torch.tensor([r.reward for r in records], dtype=torch.float32),
         temperature=torch.tensor([r.temperature for r in records], dtype=torch.float32),
         index=torch.tensor(list(indices), dtype=torch.long),
+        prompts=prompts,
+        prompt_mask=prompt_mask,
+        prompt_of=torch.tensor(prompt_of, dtype=torch.long),
+        completions=completions,
+        completion_mask=c_mask,
+        completion_at=completion_at,
     )
 
 

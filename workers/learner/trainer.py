@@ -45,6 +45,7 @@ from torch import Tensor
 
 from workers.inference.base import AdapterRef, InferenceBackend, SamplingParams
 from workers.inference.chat import check_token_ids, embedding_rows
+from workers.inference.shared_prompt import continuation_logits, prefill
 from workers.learner import adapters as adapter_io
 from workers.learner.allocator import allocator_in_use
 from workers.learner.data import (
@@ -382,16 +383,27 @@ def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Ten
 
     Scored at each row's sampling temperature, log softmax(logits / T), the distribution the
     sampler drew from and reported behaviour log-probs for: at θ = θ_ref the log-ratio is 0.
+    When rows share prompts (a group's completions do), each prompt runs once and its rows
+    continue its KV cache (``shared_prompt``): the same log-probs for a fraction of the work.
     """
     rows = embedding_rows(model)
     ids = batch.input_ids
     # Two reductions instead of a host copy of the batch; the list walk only names the bad id.
     if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < rows:
         check_token_ids(ids.tolist(), rows)
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    logits = out.logits[:, :-1, :].float() / batch.temperature[:, None, None]  # (B, W-1, V)
-    targets = batch.input_ids[:, 1:]
-    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    temperature = batch.temperature[:, None, None]
+    if len(batch.prompts) < len(batch):
+        state = prefill(model, batch.prompts, batch.prompt_mask).for_rows(batch.prompt_of)
+        logits = continuation_logits(model, state, batch.completions, batch.completion_mask)
+        completion_logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(
+            -1, batch.completions.unsqueeze(-1)).squeeze(-1) * batch.completion_mask
+        token_logp = torch.zeros_like(batch.target_mask).scatter_add(
+            1, batch.completion_at, completion_logp)
+    else:
+        out = model(input_ids=ids, attention_mask=batch.attention_mask, use_cache=False)
+        logits = out.logits[:, :-1, :].float() / temperature  # (B, W-1, V)
+        token_logp = torch.log_softmax(logits, dim=-1).gather(
+            -1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     token_logp = token_logp * batch.target_mask
     return token_logp.sum(dim=-1), token_logp
 

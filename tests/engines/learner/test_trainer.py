@@ -6,6 +6,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -31,7 +32,7 @@ from workers.learner.trainer import (
 )
 
 # Per-token tolerance between the sampler's behaviour log-probs (KV-cached, left-padded, batched)
-# and the trainer's (one full forward, right-padded): fp32 summation-order noise only.
+# and the trainer's (a shared prompt pass, or one full forward, right-padded): fp32 noise only.
 TOKEN_LOGPROB_TOL = 1e-4
 SEQUENCE_LOGPROB_TOL = 1e-3
 
@@ -410,6 +411,45 @@ def test_sampler_and_trainer_logprobs_agree(
         assert math.isfinite(worst_tok)
         assert worst_tok < TOKEN_LOGPROB_TOL, (adapter, worst_tok)
         assert worst_seq < SEQUENCE_LOGPROB_TOL, (adapter, worst_seq)
+
+
+def test_rows_sharing_a_prompt_score_and_train_as_if_each_ran_alone(
+    tiny_model_dir: Path,
+    backend: LocalBackend,
+    make_groups: Callable[..., list[TrainingGroup]],
+) -> None:
+    # a batch of whole groups runs each prompt once; a batch of one row runs it in one pass
+    records = flatten_groups(make_groups(n_prompts=3, group_size=4, seed=5), backend.tokenizer,
+                             "oapl")
+    policy = load_policy(tiny_model_dir, TrainerConfig(), None)
+    with torch.no_grad():  # move LoRA B off zero so the prompt's gradient is not trivially 0
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    pad = backend.tokenizer.pad_token_id
+
+    def score(batches: list[Any]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        for p in params:
+            p.grad = None
+        out = [sequence_logprobs(policy, mb) for mb in batches]
+        seq = torch.cat([s for s, _ in out])
+        # each row's completion-token log-probs in order, whatever the batch's width
+        tok = torch.cat([t[m.bool()] for mb, (_, tt) in zip(batches, out, strict=True)
+                         for t, m in zip(tt, mb.target_mask, strict=True)])
+        (seq * torch.linspace(-1, 1, len(seq))).sum().backward()
+        return seq.detach(), tok.detach(), [p.grad.clone() for p in params if p.grad is not None]
+
+    (shared,) = micro_batches(records, len(records), pad)
+    assert len(shared.prompts) == 3 and len(shared) == len(records)
+    seq_shared, tok_shared, grad_shared = score([shared])
+    seq_alone, tok_alone, grad_alone = score(micro_batches(records, 1, pad))
+    assert float((seq_shared - seq_alone).abs().max()) < SEQUENCE_LOGPROB_TOL
+    assert tok_shared.shape == tok_alone.shape
+    assert float((tok_shared - tok_alone).abs().max()) < TOKEN_LOGPROB_TOL
+    assert len(grad_shared) == len(grad_alone) == len(params)
+    for a, b in zip(grad_shared, grad_alone, strict=True):
+        assert float((a - b).abs().max()) <= 1e-4 * max(1.0, float(b.abs().max()))
 
 
 # At θ = θ_ref the trainer's log πθ must equal the sampler's log π_ref up to fp32 noise.
