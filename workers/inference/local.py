@@ -219,6 +219,9 @@ class LocalBackend:
         cache_arg = cache_keyword(model)
 
         done = torch.zeros(b, dtype=torch.bool)
+        # The rows still in the model's batch: finished ones leave it (a group's answers end at
+        # different lengths) once enough have finished that a copy of the cache pays for itself.
+        active = torch.arange(b)
         for t in range(params.max_tokens):
             logits = logits.float()
             if params.temperature == 0:
@@ -226,13 +229,25 @@ class LocalBackend:
                 tok = logp.argmax(dim=-1)
             else:
                 logp = torch.log_softmax(logits / params.temperature, dim=-1)
-                probs = logp.exp().cpu()
-                tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1).to(self.device)
-            yield tok.cpu(), logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).cpu()
-            done |= tok.cpu() == eos
+                tok = gumbel_max(logp, gen)
+            # rows that left the batch report the stop token again; callers read up to the first
+            all_tok = torch.full((b,), eos, dtype=torch.long)
+            all_tok[active] = tok.cpu()
+            all_logp = torch.zeros(b, dtype=torch.float32)
+            all_logp[active] = logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1).cpu()
+            yield all_tok, all_logp
+            done |= all_tok == eos
             if bool(done.all()) or t == params.max_tokens - 1:
                 break
-            attn = torch.cat([attn, torch.ones((b, 1), dtype=attn.dtype, device=self.device)], 1)
+            going = ~done[active]
+            if int(going.sum()) <= _COMPACT_AT * len(active):
+                keep = going.nonzero().squeeze(-1)
+                active, keep = active[keep], keep.to(self.device)
+                past.batch_select_indices(keep)
+                attn, next_pos, tok = attn[keep], next_pos[keep], tok[keep]
+            attn = torch.cat(
+                [attn, torch.ones((len(active), 1), dtype=attn.dtype, device=self.device)], 1
+            )
             out = model(
                 input_ids=tok.unsqueeze(-1),
                 attention_mask=attn,
@@ -243,3 +258,15 @@ class LocalBackend:
             past, logits = cache_of(out), out.logits[:, -1, :]
             next_pos = next_pos + 1
 
+
+_COMPACT_AT = 0.75
+"""Finished rows leave the decoding batch when at most this share of it is still going."""
+
+
+def gumbel_max(logp: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One draw per row from softmax(``logp``): argmax of logp + Gumbel noise, which is exactly
+    a categorical draw (a zero-probability token, logp = −inf, is never drawn). The noise comes
+    from ``gen`` on the CPU, so a seed gives the same draws on every device; it replaces
+    ``torch.multinomial``, which took a third of a CPU decoding step."""
+    u = torch.rand(logp.shape, generator=gen, dtype=torch.float32).to(logp.device)
+    return (logp - torch.log(-torch.log(u))).argmax(dim=-1)
