@@ -12,8 +12,11 @@ AdamW:
 - **OAPL**: ``workers.learner.trainer.train`` (the product code path, full batch every step,
   no zero-variance filter so the token set is identical), timed per optimizer step from its
   progress callback.
-- **SFT**: the plain supervised step on the completion tokens: ``model(input_ids, attention_mask,
-  labels)`` (HF's shifted cross-entropy), backward, clip, AdamW.
+- **SFT**: the plain supervised step on the completion tokens: the mean negative log-likelihood
+  of the completion tokens, backward, clip, AdamW. Its forward is the learner's own
+  (``sequence_logprobs``: each distinct prompt runs once and its completions continue its KV
+  cache), so the ratio prices what OAPL adds to a supervised step, not a difference in how the
+  tokens are run (until 2026-12-06 SFT was HF's one-pass ``labels=`` loss, which OAPL also was).
 
 The arms alternate for ``--rounds`` rounds; per-step times are the medians over rounds and steps
 after the first (warm-up) step. ``oapl_vs_sft_cost_ratio`` = OAPL s/token ÷ SFT s/token.
@@ -151,18 +154,12 @@ def sft_step_times(model_dir: Path, groups: list[Any], cfg: LearnerBenchConfig, 
     import torch
 
     from workers.learner.data import flatten_groups, micro_batches
-    from workers.learner.trainer import load_policy
+    from workers.learner.trainer import load_policy, sequence_logprobs
 
     tcfg = trainer_config(cfg, cfg.steps)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     records = flatten_groups(groups, tok, "oapl", tcfg.beta1)
     batches = micro_batches(records, tcfg.micro_batch_size, pad_id)
-    labels = []
-    for mb in batches:
-        lab = torch.full_like(mb.input_ids, -100)
-        # target_mask[:, t] marks input_ids[:, t+1] as a completion token
-        lab[:, 1:] = torch.where(mb.target_mask.bool(), mb.input_ids[:, 1:], -100)
-        labels.append(lab)
     n_tokens = sum(int(mb.target_mask.sum()) for mb in batches)
     model = load_policy(model_dir, tcfg, None)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -171,12 +168,9 @@ def sft_step_times(model_dir: Path, groups: list[Any], cfg: LearnerBenchConfig, 
     stamps = [time.perf_counter()]
     for _ in range(cfg.steps):
         opt.zero_grad(set_to_none=False)
-        for mb, lab in zip(batches, labels, strict=True):
-            out = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask, labels=lab,
-                        use_cache=False)
-            # HF's loss is the token mean of this micro-batch; weight it to the step's token mean
-            loss = out.loss * (int(mb.target_mask.sum()) / n_tokens)
-            loss.backward()
+        for mb in batches:
+            seq_logp, _ = sequence_logprobs(model, mb)
+            (-seq_logp.sum() / n_tokens).backward()  # the step's token-mean NLL
         torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
         opt.step()
         stamps.append(time.perf_counter())
