@@ -26,7 +26,8 @@ libraries and loads the same tokenizer and groups, so peaks never mix and the to
 both sides of the ratio. The training peak is the OAPL process's VmHWM over 2 optimizer steps.
 The floor is the VmHWM of a process that loads model + LoRA + AdamW state without training
 (``hold_state``), plus the analytic activation bytes of the step's largest micro-batch
-(``activation_bytes``, float32). Ratio = training peak ÷ floor, for:
+(float32; ``shared_activation_bytes`` for the trainer's shared-prompt layout, which a batch of
+whole groups takes, ``activation_bytes`` for one pass per sequence). Ratio = training peak ÷ floor, for:
 
 - the bundled model (``learner_peak_rss_vs_floor_bundled``; SFT's ratio alongside);
 - a ~100M-parameter random-init model of the same architecture and tokenizer
@@ -288,9 +289,37 @@ def activation_bytes(model_config: Any, batch: int, width: int, lora_rank: int,
     return 4 * (n_layers * batch * width * per_token + batch * (width - 1) * vocab)
 
 
+def shared_activation_bytes(model_config: Any, prompts: int, prompt_width: int, batch: int,
+                            completion_width: int, lora_rank: int, lora_modules: int) -> int:
+    """``activation_bytes`` for a micro-batch whose ``batch`` rows continue ``prompts`` distinct
+    prompts (the learner's shared-prompt pass): the prompts once (U × P tokens), then the
+    completions (B × C tokens) attending to their prompt's cache:
+
+        4 · [ L · ( U·P · (8h + 4i + m·r + P + a + 2)
+                    + B·C · (6h + 4i + m·r + a + 2) + B·(P+C) · (2h + C) )  +  B·C·V ]
+
+    The prompt pass is the one-pass formula on U × P. A completion token saves the same as there
+    but its k and v (2h fewer); the keys and values SDPA keeps are each row's whole context,
+    the prompt's cache reindexed to the row and the row's own (2h · B·(P+C)), with a B·C·(P+C)
+    float mask; the vocabulary log-probs are the completions' only. Checked against
+    ``saved_tensors_hooks`` on the bundled model (0.5% under at 8 prompts × 8 completions, P 125,
+    C 41; ``tests/benchmarks/test_activation_bytes.py``). Like ``activation_bytes`` it assumes
+    the bundled architecture's SDPA path (4 heads to 2 key-value heads): a model with another
+    ratio saves other copies of k and v (the tests' 2-to-1 model: ~9% less than this)."""
+    mc = model_config
+    h, i, a = mc.hidden_size, mc.intermediate_size, mc.num_attention_heads
+    n_layers, vocab = mc.num_hidden_layers, mc.vocab_size
+    u, p, b, c = prompts, prompt_width, batch, completion_width
+    lora = lora_modules * lora_rank
+    per_layer = (u * p * (8 * h + 4 * i + lora + p + a + 2)
+                 + b * c * (6 * h + 4 * i + lora + a + 2) + b * (p + c) * (2 * h + c))
+    return 4 * (n_layers * per_layer + b * c * vocab)
+
+
 def largest_activation_bytes(model_dir: Path, groups: list[Any], cfg: LearnerBenchConfig,
                              tok: Any) -> tuple[int, list[int]]:
-    """(activation bytes of the step's largest micro-batch, its [sequences, padded width])."""
+    """(activation bytes of the step's largest micro-batch, its [sequences, padded width,
+    distinct prompts])."""
     from transformers import AutoConfig
 
     from workers.learner.data import flatten_groups, micro_batches
@@ -300,9 +329,16 @@ def largest_activation_bytes(model_dir: Path, groups: list[Any], cfg: LearnerBen
     batches = micro_batches(flatten_groups(groups, tok, "oapl", tcfg.beta1),
                             tcfg.micro_batch_size, pad_id)
     mc = AutoConfig.from_pretrained(str(model_dir))
-    shapes = [(len(mb), int(mb.input_ids.shape[1])) for mb in batches]
-    sized = [(activation_bytes(mc, b, w, tcfg.lora_rank, len(tcfg.target_modules)), [b, w])
-             for b, w in shapes]
+    m, r = len(tcfg.target_modules), tcfg.lora_rank
+    # the layout the trainer runs: its prompts once when rows share them, else one pass
+    sized = [
+        (shared_activation_bytes(mc, int(mb.prompts.shape[0]), int(mb.prompts.shape[1]),
+                                 len(mb), int(mb.completions.shape[1]), r, m)
+         if len(mb.prompts) < len(mb) else
+         activation_bytes(mc, len(mb), int(mb.input_ids.shape[1]), r, m),
+         [len(mb), int(mb.input_ids.shape[1]), len(mb.prompts)])
+        for mb in batches
+    ]
     best = max(sized, key=lambda s: s[0])
     return best[0], best[1]
 
@@ -356,7 +392,8 @@ def _vs_floor(res: dict[str, dict[str, Any]], act: int, shape: list[int],
     out: dict[str, Any] = {
         "allocator": res["floor"]["allocator"],
         "params": n_params,
-        "micro_batch": {"sequences": shape[0], "padded_tokens": shape[1]},
+        "micro_batch": {"sequences": shape[0], "padded_tokens": shape[1],
+                        "distinct_prompts": shape[2]},
         "state_peak_rss_mib": round(res["floor"]["peak_bytes"] * mib, 1),
         "activation_mib": round(act * mib, 1),
         "floor_mib": round(floor * mib, 1),
