@@ -334,7 +334,7 @@ def largest_activation_bytes(model_dir: Path, groups: list[Any], cfg: LearnerBen
     sized = [
         (shared_activation_bytes(mc, int(mb.prompts.shape[0]), int(mb.prompts.shape[1]),
                                  len(mb), int(mb.completions.shape[1]), r, m)
-         if len(mb.prompts) < len(mb) else
+         if mb.shares_prompts else
          activation_bytes(mc, len(mb), int(mb.input_ids.shape[1]), r, m),
          [len(mb), int(mb.input_ids.shape[1]), len(mb.prompts)])
         for mb in batches

@@ -160,6 +160,11 @@ class Batch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    @property
+    def shares_prompts(self) -> bool:
+        """Whether some rows continue the same prompt: the learner then runs each prompt once."""
+        return len(self.prompts) < len(self)
+
     def to(self, device: torch.device) -> Batch:
         """This batch on ``device`` (itself when it is there already)."""
         if self.input_ids.device == device:

@@ -392,7 +392,7 @@ def sequence_logprobs(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Ten
     if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < rows:
         check_token_ids(ids.tolist(), rows)
     temperature = batch.temperature[:, None, None]
-    if len(batch.prompts) < len(batch):
+    if batch.shares_prompts:
         state = prefill(model, batch.prompts, batch.prompt_mask).for_rows(batch.prompt_of)
         logits = continuation_logits(model, state, batch.completions, batch.completion_mask)
         completion_logp = torch.log_softmax(logits.float() / temperature, dim=-1).gather(
