@@ -288,6 +288,12 @@ def test_quality_benchmark_reports_rounds_styles_and_cluster_cis(
         assert finite(saved[key]), key
     # None only when the best lag point parsed nothing
     assert saved["oapl_best_parsed_accuracy"] is None or finite(saved["oapl_best_parsed_accuracy"])
+    # a best lag point is re-checked (its figure is the key); this model parses nothing, so its
+    # lag runs drop every group and evaluate only at step 0, which is never a best point
+    recheck = saved["table2_best_recheck"]
+    assert (recheck is None) == (saved["oapl_best_parsed_accuracy_point"] is None)
+    if recheck is not None:
+        assert saved["oapl_best_parsed_accuracy"] == recheck["parsed_accuracy"]
     for key in ("baseline_heldout_correct", "oapl_one_update_heldout_correct"):
         lo, hi = saved[f"{key}_ci95"]
         assert lo <= saved[key] <= hi
@@ -538,3 +544,22 @@ def test_a_stopped_sitting_reports_its_finished_runs_from_its_partial_file(
     assert f"stopped before it finished: the report is made of its finished runs " \
         f"(`--from-partial {copy}`); not run: rounds10 GRPO." in header
     assert copy.exists()  # the input is left as it was
+
+
+def test_the_best_lag_point_is_rechecked_on_prompts_its_curves_never_saw(
+    model_cache: Path,
+) -> None:
+    from benchmarks.quality import EvalSet, QualityConfig, recheck_best_point
+    from workers.inference.local import LocalBackend
+    from workers.learner.bootstrap import BootstrapConfig, bootstrap_model
+
+    qc = QualityConfig(size="test", heldout=9, samples=3, lag_heldout=4, max_tokens=8)
+    evalset = EvalSet.build(qc.heldout)
+    model_dir = bootstrap_model(config=BootstrapConfig(size="test", **dict(TINY)),
+                                cache_dir=model_cache)
+    recheck = recheck_best_point(LocalBackend(model_dir), evalset, qc, None)
+    assert recheck["prompts"] == 9 - 4 and recheck["samples"] == 3
+    # the majority rate of the five prompts after the curves' four, not of all nine
+    tail = evalset.outcomes[4:]
+    assert recheck["majority_rate"] == max(sum(tail), len(tail) - sum(tail)) / len(tail)
+    assert recheck["n_parsed"] <= 5 * 3 and len(recheck["parsed_accuracy_ci95"]) == 2
