@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -133,6 +134,23 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace
 BOOTSTRAP_FLAG_HELP = (
     "KEY=VALUE, repeatable: a field of the warm-start recipe (BootstrapConfig) other than size, "
     "e.g. answer_line_weight=5; every value left out keeps the shipped recipe's")
+
+
+def add_bootstrap_flag(ap: argparse.ArgumentParser) -> None:
+    """The repeatable ``--bootstrap KEY=VALUE`` flag (read back by ``bootstrap_flag_overrides``)."""
+    ap.add_argument("--bootstrap", action="append", default=[], metavar="KEY=VALUE",
+                    help=BOOTSTRAP_FLAG_HELP)
+
+
+def bootstrap_flag_overrides(
+    ap: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[tuple[str, Any], ...]:
+    """``bootstrap_overrides`` of the parsed ``--bootstrap`` and ``--size`` flags; a bad one
+    stops the command with its reason, as argparse stops on a bad flag."""
+    try:
+        return bootstrap_overrides(args.bootstrap, args.size)
+    except ValueError as exc:
+        ap.error(str(exc))
 
 
 def bootstrap_overrides(pairs: Sequence[str], size: str = "tiny") -> tuple[tuple[str, Any], ...]:

@@ -59,7 +59,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from benchmarks._common import BOOTSTRAP_FLAG_HELP, bootstrap_overrides
+from benchmarks._common import add_bootstrap_flag, bootstrap_flag_overrides
 from benchmarks.quality_stats import answer_summary, cluster_bootstrap_ci, majority_rate
 from workers.clinical import task
 from workers.graders import ContractGrader, parse_answer
@@ -948,8 +948,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     d = QualityConfig()
     ap.add_argument("--size", default=d.size)
-    ap.add_argument("--bootstrap", action="append", default=[], metavar="KEY=VALUE",
-                    help=BOOTSTRAP_FLAG_HELP)
+    add_bootstrap_flag(ap)
     ap.add_argument("--seeds", type=int, default=d.seeds)
     ap.add_argument("--heavy-row-seeds", type=int, default=d.heavy_row_seeds)
     ap.add_argument("--heldout", type=int, default=d.heldout)
@@ -979,10 +978,7 @@ def main() -> None:
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device,
                     help="sampler and learner: auto = a GPU when torch sees one")
     args = ap.parse_args()
-    try:
-        overrides = bootstrap_overrides(args.bootstrap, args.size)
-    except ValueError as exc:
-        ap.error(str(exc))
+    overrides = bootstrap_flag_overrides(ap, args)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         write_reports(json.loads((args.out / "quality.json").read_text()), args.out)

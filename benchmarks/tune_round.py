@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import BOOTSTRAP_FLAG_HELP, bootstrap_overrides, write_json
+from benchmarks._common import add_bootstrap_flag, bootstrap_flag_overrides, write_json
 from benchmarks.quality import (
     MAX_TOKENS,
     ROUND,
@@ -242,8 +242,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     d = TuneConfig()
     ap.add_argument("--size", default=d.size)
-    ap.add_argument("--bootstrap", action="append", default=[], metavar="KEY=VALUE",
-                    help=BOOTSTRAP_FLAG_HELP)
+    add_bootstrap_flag(ap)
     ap.add_argument("--grid", choices=sorted(GRIDS), default=d.grid)
     ap.add_argument("--prompts", type=int, default=d.prompts)
     ap.add_argument("--group-size", type=int, default=d.group_size)
@@ -259,10 +258,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.grid == "extend" and not args.merge:
         ap.error("--grid extend only extends an earlier run: add --merge")
-    try:
-        overrides = bootstrap_overrides(args.bootstrap, args.size)
-    except ValueError as exc:
-        ap.error(str(exc))
+    overrides = bootstrap_flag_overrides(ap, args)
     run(TuneConfig(size=args.size, bootstrap_overrides=overrides, cache_dir=args.cache_dir,
                    grid=args.grid, prompts=args.prompts, group_size=args.group_size,
                    val=args.val, samples=args.samples, resume=args.resume, merge=args.merge,

@@ -41,9 +41,10 @@ def test_bad_flags_are_refused_with_the_reason(pairs: list[str], reason: str) ->
         bootstrap_overrides(pairs)
 
 
-def test_the_cli_refuses_a_bad_flag_before_building_anything(tmp_path: Path) -> None:
+@pytest.mark.parametrize("module", ["benchmarks.quality", "benchmarks.tune_round"])
+def test_the_cli_refuses_a_bad_flag_before_building_anything(tmp_path: Path, module: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.quality", "--bootstrap", "answer_line_weight=-1",
+        [sys.executable, "-m", module, "--bootstrap", "answer_line_weight=-1",
          "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
