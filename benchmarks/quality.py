@@ -516,18 +516,18 @@ def table_two(
         backend, items(1000, qc.lag_steps * qc.lag_groups_per_step, "train"), grade)
     out: dict[str, Any] = {}
     kept = Path(tempfile.mkdtemp(prefix="tracelearn-lag-best-"))
-    best: dict[str, Any] = {"correct": -1.0}
+    best = {"correct": -1.0}  # of the point whose adapter is kept
     try:
         for interval in qc.lag_intervals:
 
-            def heldout_eval(adapter: AdapterRef | None, interval: int = interval) -> dict[str, float]:
+            def heldout_eval(adapter: AdapterRef | None) -> dict[str, float]:
                 ev = quick_eval(backend, held, 20_000, adapter, qc.max_tokens)
                 # The run's snapshots go with it: the best point so far (as ``best_lag_point``
                 # picks it: the first highest, step 0 excluded) is copied to be re-checked.
                 if adapter is not None and ev["correct"] > best["correct"]:
                     shutil.rmtree(kept / "adapter", ignore_errors=True)
                     shutil.copytree(adapter.path, kept / "adapter")
-                    best.update(correct=ev["correct"], L=interval)
+                    best["correct"] = ev["correct"]
                 return ev
 
             cfg = TrainerConfig(
