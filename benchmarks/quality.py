@@ -637,10 +637,11 @@ HEADLINE_BASELINE_KEYS = ("baseline_heldout_correct", "baseline_parse_rate",
 
 
 def keep_previous(
-    qc: QualityConfig, path: Path, summary: dict[str, Any], t2: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Fill the rows (and table 2) this run skipped from an earlier run with the same held-out
-    setup; says what it took."""
+    qc: QualityConfig, path: Path, summary: dict[str, Any], t2: dict[str, Any],
+    recheck: dict[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None, dict[str, Any]]:
+    """Fill the rows (and table 2 with the re-check of its best point) this run skipped from an
+    earlier run with the same held-out setup; says what it took."""
     before = json.loads(path.read_text())
     same = ("heldout", "samples", "max_tokens", "seen_styles", "unseen_style")
     if any(before["setup"].get(k) != json.loads(json.dumps(v)) for k, v in (
@@ -655,14 +656,14 @@ def keep_previous(
             taken["rows"].append(key)
     summary = summary | {"rows": {r.key: rows[r.key] for r in ROWS if r.key in rows}}
     if not t2 and before.get("table2"):
-        t2, taken["table2"] = before["table2"], True
+        t2, recheck, taken["table2"] = before["table2"], before.get("table2_best_recheck"), True
     if taken["rows"] or taken["table2"]:
         taken["baseline_correct"] = before.get("baseline_heldout_correct")
     if HEADLINE in taken["rows"]:
         # The headline keys pair the headline row with the baseline it was measured against.
         taken["headline_baseline"] = {k: v for k, v in before.items()
                                       if k.startswith(HEADLINE_BASELINE_KEYS)}
-    return summary, t2, taken
+    return summary, t2, recheck, taken
 
 
 def finished_runs(path: Path, log: Log) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -707,9 +708,8 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     summary = summarise_table_one(t1_raw)
     kept_from: dict[str, Any] = {}
     if qc.keep_from:
-        summary, t2, kept_from = keep_previous(qc, Path(qc.keep_from), summary, t2)
-        if kept_from.get("table2"):
-            recheck = json.loads(Path(qc.keep_from).read_text()).get("table2_best_recheck")
+        summary, t2, recheck, kept_from = keep_previous(qc, Path(qc.keep_from), summary, t2,
+                                                        recheck)
         log(f"taken from {qc.keep_from}: {kept_from}")
     result: dict[str, Any] = headline_keys(summary, t2, evalset, recheck) | kept_from.get(
         "headline_baseline", {}) | {

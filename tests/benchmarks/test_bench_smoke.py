@@ -378,17 +378,19 @@ def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: 
     setup = {"heldout": 10, "samples": 2, "max_tokens": qc.max_tokens,
              "seen_styles": list(task.SEEN_STYLES), "unseen_style": task.UNSEEN_STYLE}
     first = {"setup": setup, "table2": {"1": {"history": []}}, "baseline_heldout_correct": 0.045,
+             "table2_best_recheck": {"parsed_accuracy": 0.55},
              "table1": {"summary": {"rows": {"more": {"oapl": "A"}, "rounds10": {"oapl": "old"}}}}}
     (tmp_path / "q.json").write_text(json.dumps(first))
     summary = {"baseline": {}, "rows": {"rounds10": {"oapl": "new"}}}
-    merged, t2, taken = keep_previous(qc, tmp_path / "q.json", summary, {})
+    merged, t2, recheck, taken = keep_previous(qc, tmp_path / "q.json", summary, {}, None)
     assert merged["rows"] == {"more": {"oapl": "A"}, "rounds10": {"oapl": "new"}}
     assert t2 == first["table2"]
+    assert recheck == first["table2_best_recheck"]  # table 2 comes with its best point's re-check
     assert taken == {"rows": ["more"], "table2": True, "baseline_correct": 0.045,
                      "headline_baseline": {"baseline_heldout_correct": 0.045}}
     (tmp_path / "q.json").write_text(json.dumps(first | {"setup": setup | {"heldout": 500}}))
     with pytest.raises(ValueError, match="held-out setup differs"):
-        keep_previous(qc, tmp_path / "q.json", summary, {})
+        keep_previous(qc, tmp_path / "q.json", summary, {}, None)
 
 
 def _wrk_level(c: int, rps: float, p99: float, stored: int) -> dict[str, Any]:
