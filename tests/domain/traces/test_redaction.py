@@ -4,6 +4,7 @@ leave alone (random digit runs, clinical numbers, dates of therapy, versions, ti
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 from itertools import pairwise
 from unittest.mock import patch
 
@@ -188,19 +189,13 @@ def test_prechecks_skip_no_finding_in_random_text(text: str) -> None:
     assert find_spans(text) == _without_prechecks(text)
 
 
-def _stem_suffices(needs: redaction.Needs, text: str) -> bool:
-    return needs.stems_suffice and needs.stems is not None and bool(
-        needs.stems.search(text.encode("ascii").lower()))
-
-
 def test_each_precheck_is_needed_by_its_detector_on_the_corpus() -> None:
     for text in _corpus_texts():
-        folded = text.encode("ascii").translate(redaction._FOLD) if text.isascii() else None
         for kind, needs in redaction.NEEDS.items():
             if list(redaction.DETECTORS[kind](text)):
                 assert any(p.search(text) for p in needs.patterns), (kind, text)
-                if folded is not None and needs.folded and not _stem_suffices(needs, text):
-                    assert any(p.search(folded) for p in needs.folded), (kind, text)
+                if text.isascii() and needs.stems:
+                    assert any(stem in text.lower().encode() for stem in needs.stems), (kind, text)
 
 
 def test_the_phone_need_passes_over_opaque_ids_and_clinical_numbers() -> None:
@@ -216,25 +211,49 @@ def test_the_phone_need_passes_over_opaque_ids_and_clinical_numbers() -> None:
         assert "PHONE" in redaction.possible_kinds(orjson.dumps([text]).decode()), text
 
 
-@settings(max_examples=1500, deadline=None, derandomize=True)
-@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map("".join)
-       | st.from_regex(r"[ +()0-9.:@a-zA-Z/#-]{0,60}", fullmatch=True))
-def test_a_folded_precheck_holds_wherever_its_plain_one_does(text: str) -> None:
-    if not text.isascii():
-        return
-    folded = text.encode("ascii").translate(redaction._FOLD)
-    for kind, needs in redaction.NEEDS.items():
-        if needs.folded and any(p.search(text) for p in needs.patterns):
-            # A keyword path (the phone's) is read from the stems of the lower-cased text.
-            assert _stem_suffices(needs, text) or any(p.search(folded) for p in needs.folded), kind
-
-
 _KEYWORD_FRAGMENTS = [
     "tel", "TEL", "Tel.", "telephone", "téléphone", "Telefon", "phone", "PH", "Mobile", "mob",
     "cell", "Cellulare", "fax", "called", "Contact", "reachable at", "WhatsApp", "SMS", "ſms",
     "Handy", "móvil", "portable", "hotel", "lymphoma", " ", ": ", "is ", "no. ", "#", "5", "0",
     "(", "x", "é",
 ]
+
+
+def _sre_met(text: str) -> set[str]:
+    """The needs met, read the slow way: each pattern by sre, the stems as substrings."""
+    lowered = text.lower().encode()
+    return {kind for kind, needs in redaction.NEEDS.items()
+            if any(p.search(text) for p in needs.patterns)
+            and (not needs.stems or any(stem in lowered for stem in needs.stems))}
+
+
+@settings(max_examples=1500, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(_FRAGMENTS + _KEYWORD_FRAGMENTS), max_size=40).map("".join)
+       | st.from_regex(r"[ +()0-9.:@a-zA-Z/#\\\t\n-]{0,60}", fullmatch=True))
+def test_the_one_pass_needs_agree_with_sre_on_ascii_text(text: str) -> None:
+    if not text.isascii():
+        return
+    assert redaction._ascii_needs().met(text.encode()) == _sre_met(text), text
+
+
+def test_the_one_pass_needs_read_each_detector_apart() -> None:
+    """One scan answers for every detector at once; each is met or not on its own."""
+    met = redaction._ascii_needs().met
+    assert met(b"no digits here") == set()
+    assert met(b"write to a@b.co") == {"EMAIL"}
+    assert met(b"patient 12345") == {"MRN"}  # four digits, but no birth keyword
+    assert met(b"PATIENT 12345 at 10.0.0.1") == {"MRN", "IP"}  # any case
+    assert met(b"12345") == set()  # a number without any record keyword: no MRN, no DOB
+    assert met(b"Tel 0151") == {"PHONE"}  # the keyword alone opens the phone search
+    assert met(b"12 Main Street") == {"ADDRESS"}
+
+
+def test_the_one_pass_needs_serve_several_threads() -> None:
+    """A scratch space serves one scan at a time: threads scanning at once each get their own."""
+    texts = [f"call 555-0{i:03d} or mail u{i}@x.org".encode() for i in range(400)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(redaction._ascii_needs().met, texts))
+    assert results == [{"PHONE", "EMAIL"}] * 400
 
 
 @settings(max_examples=1500, deadline=None, derandomize=True)
