@@ -84,9 +84,10 @@ class Settings(BaseSettings):
         description="Helper processes per API process that admit parts of a large batch while "
         "the request's own thread admits the first part; spawned in the background when the "
         "server starts (each ~100 MiB). Unset: the usable cores shared out among the API "
-        "processes (`api_processes`), less one for each API process, at most 3 (so none where "
-        "there are as many API processes as cores, as `tracelearn api` starts by default). 0: "
-        "every batch is admitted in the API process.",
+        "processes (`api_processes`), less one for each API process and one for the "
+        "database's share of the batch, at most 3 (so none on two cores, nor where there are "
+        "as many API processes as cores, as `tracelearn api` starts by default). 0: every "
+        "batch is admitted in the API process.",
     )
     api_processes: int = Field(
         default=1, ge=1, le=256,

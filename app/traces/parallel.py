@@ -1,8 +1,8 @@
 """Helper processes for the CPU-bound part of a large batch.
 
 Admitting a trace (validation, hashing, redaction: ``service.admit_items``) is pure Python,
-~100 µs a trace, under the GIL of the process that received the batch; a 1,000-trace batch
-would keep one core busy for a tenth of a second while the others idle. A batch of at least
+~40 µs a trace, under the GIL of the process that received the batch; a 1,000-trace batch
+would keep one core busy for ~40 ms while the others idle. A batch of at least
 ``ingest_parallel_min_items`` traces is therefore split: the request's own thread admits the
 first part while helper processes admit the others in chunks, and the result is the one a
 single process gives (``service.ingest`` inserts chunks as they come back, holding only the
@@ -49,8 +49,12 @@ T = TypeVar("T")
 
 def default_helpers(api_processes: int) -> int:
     """Each of ``api_processes`` API processes gets its share of the usable cores, one of them
-    its own: a helper for each of the others, at most ``MAX_DEFAULT_HELPERS``."""
-    return max(0, min(usable_cores() // api_processes - 1, MAX_DEFAULT_HELPERS))
+    its own and one left for the database's share of a batch (its insert, when Postgres runs
+    beside it): a helper for each of the others, at most ``MAX_DEFAULT_HELPERS``. On two cores
+    a helper made 1,000-trace batches slower (13.0k and 12.8k rows/s without, 11.0k and 11.3k
+    with one, back to back): it shared the second core with Postgres, and the request waited
+    for its part."""
+    return max(0, min(usable_cores() // api_processes - 2, MAX_DEFAULT_HELPERS))
 
 
 def helper_count(settings: Settings) -> int:
