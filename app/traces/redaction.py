@@ -45,21 +45,20 @@ from __future__ import annotations
 
 import bisect
 import enum
-import functools
 import hashlib
 import hmac
 import ipaddress
 import re
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import hyperscan
 import orjson
 import phonenumbers
 from stdnum import iban as stdnum_iban
+
+from app.patterns import Pattern, PatternSet
 
 
 class RedactionMode(enum.StrEnum):
@@ -428,55 +427,37 @@ NEEDS: dict[str, Needs] = {
 
 
 class AsciiNeeds:
-    """Every detector's needs compiled into one Vectorscan (Hyperscan) database: one pass over
-    an ASCII text says which detectors may find something there, where sre made a pass per
-    pattern (~1.6 against ~22 µs a 860-byte clinical trace). On ASCII text the two engines
-    read these patterns alike (``\\d``, ``\\s`` and ``\\b`` are ASCII in both;
-    ``test_redaction.py`` compares them on random text)."""
+    """Every detector's needs in one ``PatternSet``: one pass over an ASCII text says which
+    detectors may find something there, where sre made a pass per pattern (~4 against ~22 µs
+    for an 860-byte clinical trace's JSON). On ASCII text the two engines read these patterns
+    alike (``test_redaction.py`` compares them on random text)."""
 
     def __init__(self, needs: dict[str, Needs]) -> None:
-        # Pattern ids: 2k for detector k's patterns (any one), 2k + 1 for its stems.
-        expressions: list[bytes] = []
-        ids: list[int] = []
+        # Ids: 2k for detector k's patterns (any one), 2k + 1 for its stems (any case).
+        patterns: list[Pattern] = []
         for k, detector_needs in enumerate(needs.values()):
-            for pattern in detector_needs.patterns:
-                expressions.append(pattern.pattern.encode())
-                ids.append(2 * k)
+            patterns += [Pattern(2 * k, p.pattern.encode()) for p in detector_needs.patterns]
             if detector_needs.stems:
-                expressions.append(b"|".join(map(re.escape, detector_needs.stems)))
-                ids.append(2 * k + 1)
+                patterns.append(Pattern(2 * k + 1, b"|".join(map(re.escape, detector_needs.stems)),
+                                        caseless=True))
         self._kinds = [(kind, 2 * k, 2 * k + 1 if n.stems else None)
                        for k, (kind, n) in enumerate(needs.items())]
-        self._database = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        # UTF8: the keyword patterns hold a few accented letters; ASCII text is valid UTF-8.
-        # SINGLEMATCH: whether a pattern matches is all that is asked, not where.
-        flags = hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_SINGLEMATCH
-        self._database.compile(expressions=expressions, ids=ids, elements=len(expressions),
-                               flags=[flags | (hyperscan.HS_FLAG_CASELESS if i % 2 else 0)
-                                      for i in ids])
-        self._scratch = threading.local()  # a scratch space serves one scan at a time
+        # UTF-8: the phone keyword holds a few accented letters; ASCII text is valid UTF-8.
+        self._patterns = PatternSet(patterns, utf8=True)
 
     def met(self, text: bytes) -> set[str]:
         """The detectors whose needs ``text`` (ASCII) meets."""
-        hits: set[int] = set()
-        scratch = getattr(self._scratch, "space", None)
-        if scratch is None:
-            scratch = self._scratch.space = hyperscan.Scratch(self._database)
-        self._database.scan(text, scratch=scratch,
-                            match_event_handler=lambda i, *_: hits.add(i))
+        hits = self._patterns.matched(text)
         return {kind for kind, patterns, stems in self._kinds
                 if patterns in hits and (stems is None or stems in hits)}
 
 
-@functools.cache
-def _ascii_needs() -> AsciiNeeds:
-    # Compiled at first use (~ms), in each process that redacts.
-    return AsciiNeeds(NEEDS)
+_ascii_needs = AsciiNeeds(NEEDS)  # compiled at its first scan
 
 
 def _met_needs(text: str) -> set[str] | None:
     """The detectors whose needs ``text`` meets, when it is ASCII; None otherwise."""
-    return _ascii_needs().met(text.encode("ascii")) if text.isascii() else None
+    return _ascii_needs.met(text.encode("ascii")) if text.isascii() else None
 
 
 def _may_find(kind: str, needs: Needs, work: str, met: set[str] | None) -> bool:

@@ -233,12 +233,12 @@ def _sre_met(text: str) -> set[str]:
 def test_the_one_pass_needs_agree_with_sre_on_ascii_text(text: str) -> None:
     if not text.isascii():
         return
-    assert redaction._ascii_needs().met(text.encode()) == _sre_met(text), text
+    assert redaction._ascii_needs.met(text.encode()) == _sre_met(text), text
 
 
 def test_the_one_pass_needs_read_each_detector_apart() -> None:
     """One scan answers for every detector at once; each is met or not on its own."""
-    met = redaction._ascii_needs().met
+    met = redaction._ascii_needs.met
     assert met(b"no digits here") == set()
     assert met(b"write to a@b.co") == {"EMAIL"}
     assert met(b"patient 12345") == {"MRN"}  # four digits, but no birth keyword
@@ -252,7 +252,7 @@ def test_the_one_pass_needs_serve_several_threads() -> None:
     """A scratch space serves one scan at a time: threads scanning at once each get their own."""
     texts = [f"call 555-0{i:03d} or mail u{i}@x.org".encode() for i in range(400)]
     with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(redaction._ascii_needs().met, texts))
+        results = list(pool.map(redaction._ascii_needs.met, texts))
     assert results == [{"PHONE", "EMAIL"}] * 400
 
 
