@@ -212,10 +212,13 @@ _IP = re.compile(
 
 # Phone numbers. "00" as an international prefix is read as "+" (same length, so offsets hold).
 _IDD_00 = re.compile(r"(?<![\w+.,])00(?=[1-9]\d)")
-_PHONE_KEYWORD = re.compile(
-    r"(?i)\b(?:tel(?:ephone|efon|éfono|efono)?|t[ée]l[ée]phone|tél|phone|ph|mobile?|mob|cell"
+_PHONE_KEYWORDS = (
+    r"tel(?:ephone|efon|éfono|efono)?|t[ée]l[ée]phone|tél|phone|ph|mobile?|mob|cell"
     r"(?:phone|ulare)?|fax|call(?:ed)?|contact|reach(?:able)?(?: at)?|whatsapp|sms|handy"
-    r"|móvil|portable)\b\.?\s*(?:(?:is|at|on|number|no\.?|nr\.?|#)\s*)?:?\s*"
+    r"|móvil|portable"
+)
+_PHONE_KEYWORD = re.compile(
+    rf"(?i)\b(?:{_PHONE_KEYWORDS})\b\.?\s*(?:(?:is|at|on|number|no\.?|nr\.?|#)\s*)?:?\s*"
 )
 # National layouts tried after a phone keyword, in this order; internationally written numbers
 # need no list (their country code says where they belong).
@@ -402,6 +405,20 @@ def _needs(patterns: list[str], stems: tuple[bytes, ...] = ()) -> Needs:
     return Needs(tuple(re.compile(p) for p in patterns), stems)
 
 
+# A keyword opens the phone search only where what follows it (its "is", "no.", ":" and
+# whitespace, as ``_PHONE_KEYWORD`` reads them) is where a number opens: a digit, "(" or "+"
+# (and, in text that is not ASCII, any other character, since ``str.isdigit`` holds for more
+# than ``\d``); "squamous cell carcinoma" needs no phone search. Read on a trace's JSON too,
+# where a string's control characters are escapes ("\\n", "\\u001c"): the whitespace class
+# takes them, and the keyword's leading word boundary is left out, since in "\\ntel" the
+# escape's letter runs into it.
+_JSON_SPACE = r"(?:[\s\x1c-\x1f]|\\[ntrf]|\\u00[01][0-9a-fA-F])"
+_PHONE_KEYWORD_NEED = (
+    rf"(?i)(?:{_PHONE_KEYWORDS})\b\.?{_JSON_SPACE}*(?:(?:is|at|on|number|no\.?|nr\.?|#)"
+    rf"{_JSON_SPACE}*)?:?{_JSON_SPACE}*(?:[0-9(+]|[^\x00-\x7f])"
+)
+
+
 NEEDS: dict[str, Needs] = {
     "EMAIL": _needs([r"@"]),
     "IBAN": _needs([r"[A-Z]{2}\d\d"]),
@@ -417,8 +434,9 @@ NEEDS: dict[str, Needs] = {
                   (b"dob", b"d.o.b", b"birth", b"born", b"b.", b"geb", b"naissance",
                    b"nacimiento", b"nacid", b"nascita", b"nat")),
     "IP": _needs([r":[0-9A-Fa-f]{0,4}:", r"\d\.\d{1,3}\.\d{1,3}\.\d"]),
-    # A stretch the matcher is shown (``_PHONE_WINDOW_NEEDS``), or a phone keyword.
-    "PHONE": _needs([*_PHONE_WINDOW_NEEDS, _PHONE_KEYWORD.pattern]),
+    # A stretch the matcher is shown (``_PHONE_WINDOW_NEEDS``), or a phone keyword that a
+    # number could follow (``_PHONE_KEYWORD_NEED``).
+    "PHONE": _needs([*_PHONE_WINDOW_NEEDS, _PHONE_KEYWORD_NEED]),
     # A house number, one to five words (a direction, the street's name) and a street suffix;
     # or a PO box.
     "ADDRESS": _needs(

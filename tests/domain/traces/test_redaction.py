@@ -236,6 +236,33 @@ def test_the_one_pass_needs_agree_with_sre_on_ascii_text(text: str) -> None:
     assert redaction._ascii_needs.met(text.encode()) == _sre_met(text), text
 
 
+# Numbers valid after a keyword in some region, so that random text finds phones.
+_JSON_FRAGMENTS = _FRAGMENTS + _KEYWORD_FRAGMENTS + [
+    "\x1c", "\x0b", "\r", "n", "t", "\ntel ", "0151 23456789", "(030) 901820", "020 7946 0958",
+    "+44 20 7946 0958"]
+
+
+@settings(max_examples=2000, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from(_JSON_FRAGMENTS), max_size=30).map("".join))
+def test_a_trace_s_json_meets_the_needs_of_every_finding_in_its_strings(text: str) -> None:
+    """``possible_kinds`` reads a trace's JSON, where a string's control characters are escapes
+    ("\\n" runs its letter into the next word): a kind found in a string is still possible."""
+    found = {s.kind for s in find_spans(text)}
+    for value in ([text], {"metadata": {"note": text}}):
+        serialized = orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+        assert found <= set(redaction.possible_kinds(serialized)), (text, serialized)
+
+
+def test_a_phone_keyword_needs_a_number_after_it() -> None:
+    """"Squamous cell carcinoma" (a keyword, and digits elsewhere) opens no phone search; a
+    keyword before a number does, across a newline written as JSON's escape too."""
+    assert "PHONE" not in redaction.possible_kinds("squamous cell carcinoma, T2 N0, 4.5 cm")
+    for text in ["cell 0151 23456789", "Notes:\ntel 0151 23456789", "Tel.:\n(030) 901820",
+                 "reachable at\t+49 30 901820"]:
+        assert "PHONE" in redaction.possible_kinds(orjson.dumps([text]).decode()), text
+        assert "PHONE" in redaction.possible_kinds(text), text
+
+
 def test_the_one_pass_needs_read_each_detector_apart() -> None:
     """One scan answers for every detector at once; each is met or not on its own."""
     met = redaction._ascii_needs.met
