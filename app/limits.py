@@ -89,7 +89,7 @@ _BODY_MARKS = PatternSet([
     Pattern(_SUSPECT_NUMBER, rb"NaN|Infinity|[eE]\+?[0-9]{3}|[0-9]{300}"),
     Pattern(_LONG_INTEGER, rb"[0-9]{19}"),
     Pattern(_BACKSLASH_QUOTE, rb'\\"'),
-])
+], sre_below=16_384)  # a single trace's body is read on the event loop: keep the GIL
 
 
 def body_marks(body: bytes) -> BodyMarks:
