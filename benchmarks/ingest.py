@@ -60,6 +60,7 @@ from typing import Any
 
 import httpx
 import orjson
+import psutil
 import psycopg
 
 from benchmarks._common import (
@@ -429,6 +430,49 @@ def run_wrk(wrk: str, url: str, connections: int, duration_s: int, env: dict[str
     return level
 
 
+class CpuMeter:
+    """CPU seconds spent by the API process (with its children) and by the Postgres server
+    processes while a block runs. Throughput moves with whatever else the host runs; CPU per
+    request moves far less, so back-to-back comparisons of two builds read it first."""
+
+    def __init__(self, api_pid: int) -> None:
+        self.api_pid = api_pid
+        self.api_s = self.postgres_s = 0.0
+
+    @staticmethod
+    def _cpu(proc: psutil.Process, reaped: bool = False) -> float:
+        """``proc``'s CPU seconds; ``reaped``: with its children that have ended."""
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:  # gone meanwhile: a backend that ended
+            return 0.0
+        own = times.user + times.system
+        return float(own + times.children_user + times.children_system if reaped else own)
+
+    def _read(self) -> tuple[float, float]:
+        api = psutil.Process(self.api_pid)
+        api_s = self._cpu(api, reaped=True) + sum(
+            self._cpu(c, reaped=True) for c in api.children(recursive=True))
+        postgres_s = sum(self._cpu(p) for p in psutil.process_iter(["name"])
+                         if (p.info.get("name") or "").startswith("postgres"))
+        return api_s, postgres_s
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        api_s, postgres_s = self._read()
+        self.api_s, self.postgres_s = api_s - self._start[0], postgres_s - self._start[1]
+
+    def per_request(self, requests: int) -> dict[str, float | None]:
+        """Milliseconds of CPU per answered request, each side."""
+        if requests <= 0:
+            return {"api_cpu_ms_per_request": None, "postgres_cpu_ms_per_request": None}
+        return {"api_cpu_ms_per_request": round(1000 * self.api_s / requests, 4),
+                "postgres_cpu_ms_per_request": round(1000 * self.postgres_s / requests, 4)}
+
+
 def _stored(pg_dsn: str, tenant: str, run_id: str) -> int:
     """Rows of one wrk run once the count stops moving: the last answers' commits may land a
     moment after wrk has stopped (the commit runs after the response is sent)."""
@@ -467,7 +511,9 @@ def run_wrk_levels(
         if cfg.warmup_s:
             run_wrk(wrk, f"{server.url}/v1/traces", c, cfg.warmup_s,
                     lua_env | {"WRK_RUN": f"warm{run_id}"}, LUA)
-        level = run_wrk(wrk, f"{server.url}/v1/traces", c, cfg.duration_s, lua_env, LUA)
+        with CpuMeter(server.proc.pid) as cpu:
+            level = run_wrk(wrk, f"{server.url}/v1/traces", c, cfg.duration_s, lua_env, LUA)
+        level |= cpu.per_request(int(level.get("requests", 0)))
         level["rows_stored"] = _stored(pg_dsn, tenant, run_id)
         # wrk counts answered requests; the ones in flight when it stops (at most one per
         # connection) are stored too but not counted.
@@ -477,7 +523,9 @@ def run_wrk_levels(
         ingest.append(level)
         line = (f"wrk c={c:>3}: ingest {level['requests_per_s']:.0f} req/s p50 "
                 f"{level.get('p50_ms')} ms p99 {level.get('p99_ms')} ms, {level['non_2xx']} "
-                f"non-2xx, {level['socket_errors']} socket errors, {level['rows_stored']} stored")
+                f"non-2xx, {level['socket_errors']} socket errors, {level['rows_stored']} stored, "
+                f"CPU ms a request: API {level['api_cpu_ms_per_request']}, Postgres "
+                f"{level['postgres_cpu_ms_per_request']}")
         if cfg.profile and c == profile_at:
             profile = out / f"ingest_profile_wrk{c}.txt"
             with Profiler(server.proc.pid, profile, enabled=True):

@@ -4,9 +4,15 @@ and the profile excerpt. The end-to-end run is in ``test_bench_smoke.py``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from benchmarks.ingest import (
+    CpuMeter,
     IngestConfig,
     batch_summary,
     batches_for,
@@ -111,3 +117,31 @@ def test_no_connection_level_or_batch_size_is_refused_before_any_work(
             main(argv)
         assert exit_.value.code == 2
         assert "needs at least one positive number" in capsys.readouterr().err
+
+
+def test_cpu_per_request_is_the_cpu_seconds_over_the_requests_in_milliseconds() -> None:
+    meter = CpuMeter(api_pid=0)
+    meter.api_s, meter.postgres_s = 0.5, 0.125
+    assert meter.per_request(250) == {"api_cpu_ms_per_request": 2.0,
+                                      "postgres_cpu_ms_per_request": 0.5}
+    assert meter.per_request(0) == {"api_cpu_ms_per_request": None,
+                                    "postgres_cpu_ms_per_request": None}
+
+
+def test_the_cpu_meter_counts_what_the_api_process_children_burn(tmp_path: Path) -> None:
+    """The API process here is a shell whose child burns 0.4 s of CPU and exits: the meter,
+    entered before the burn began, counts it as the API's."""
+    done = tmp_path / "burnt"
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.4: pass"
+    parent = subprocess.Popen(["sh", "-c", f'sleep 0.3; {sys.executable} -c "{burn}"; '
+                               f'touch {done}; sleep 30'])
+    try:
+        with CpuMeter(parent.pid) as meter:
+            deadline = time.monotonic() + 30
+            while not done.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert done.exists(), "the child never finished its burn"
+        assert 0.35 <= meter.api_s < 5
+    finally:
+        parent.kill()
+        parent.wait()
