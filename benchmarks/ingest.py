@@ -534,9 +534,12 @@ def run_wrk_levels(
             profiled["profile"] = profile.name
             line += f" | under py-spy {profiled['requests_per_s']:.0f} req/s"
         if cfg.healthz_floor:
-            healthz.append(run_wrk(wrk, f"{server.url}/healthz", c, cfg.duration_s, {}, None))
+            with CpuMeter(server.proc.pid) as cpu:
+                floor = run_wrk(wrk, f"{server.url}/healthz", c, cfg.duration_s, {}, None)
+            healthz.append(floor | cpu.per_request(int(floor.get("requests", 0))))
             line += (f" | healthz {healthz[-1]['requests_per_s']:.0f} req/s p99 "
-                     f"{healthz[-1].get('p99_ms')} ms")
+                     f"{healthz[-1].get('p99_ms')} ms, API CPU ms a request "
+                     f"{healthz[-1]['api_cpu_ms_per_request']}")
         print(line, flush=True)
     return ingest, healthz, profiled
 
