@@ -396,7 +396,9 @@ def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: 
 def _wrk_level(c: int, rps: float, p99: float, stored: int) -> dict[str, Any]:
     return {"connections": c, "requests": 100 * c, "seconds": 10.0, "requests_per_s": rps,
             "traces_per_s": rps, "p50_ms": p99 / 2, "p90_ms": p99 * 0.9, "p99_ms": p99,
-            "max_ms": p99 * 2, "non_2xx": 0, "socket_errors": 0, "rows_stored": stored}
+            "max_ms": p99 * 2, "non_2xx": 0, "socket_errors": 0, "rows_stored": stored,
+            "api_cpu_ms_per_request": round(1000 / rps, 2),
+            "postgres_cpu_ms_per_request": round(100 / rps, 3)}
 
 
 def test_run_all_reports_every_wrk_level_the_copy_ratio_per_batch_size_and_the_profile(
@@ -423,8 +425,9 @@ def test_run_all_reports_every_wrk_level_the_copy_ratio_per_batch_size_and_the_p
     assert summary["ingest_rps_at_50_vs_1"] == 1.6 and summary["ingest_p99_ms_at_50"] == 400.0
     report = (tmp_path / "performance.md").read_text()
     assert "| `ingest_rps_at_50_vs_1` |" in report and "| 1.6 | ≥ 1.0 | met |" in report
-    assert "| 50 | 160.0 | 160.0 | 200.0 | 360.0 | 400.0 | 800.0 | 0 | 0 | 5000 / 5003 | 900.0 | 5.0 |" \
-        in report
+    # CPU a request, ingest (API, Postgres) and then the floor's (API).
+    assert ("| 50 | 160.0 | 160.0 | 200.0 | 360.0 | 400.0 | 800.0 | 0 | 0 | 5000 / 5003 | 6.25 | "
+            "0.625 | 900.0 | 5.0 | 1.11 |") in report
     for c in (1, 10, 200):
         assert f"\n| {c} | " in report
     for s, r in ((1, 0.11), (10, 0.12), (100, 0.13), (1000, 0.14)):
