@@ -289,6 +289,9 @@ class QualityConfig:
     lag_group_size: int = 8
     lag_heldout: int = 100
     lag_eval_every: int = 10
+    lag_lr: float = LAG["lr"]
+    """The lag runs' learning rate (``benchmarks.decision``: at 2e-3 with 4 groups a step a lag
+    run loses the warm-start's reading of the case, even on a noise-free reward)."""
     tuned_path: str | None = str(TUNED)
     tuned: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     """Explicit tuned points (overrides ``tuned_path``), e.g. for tests."""
@@ -539,7 +542,7 @@ def table_two(
                 eval_every=qc.lag_eval_every,
                 seed=0,
                 device=qc.device,
-                **LAG,
+                **(LAG | {"lr": qc.lag_lr}),
             )
             t0 = time.perf_counter()
             res = train([], model_dir, None, cfg, tokenizer=backend.tokenizer, regenerate=source,
@@ -871,7 +874,9 @@ def write_reports(result: dict[str, Any], out: Path) -> None:
             f"## Table 2 — {setup['lag_steps']}-step OAPL with sync interval L",
             "",
             f"Held-out: {n_lag} prompts × 1 answer (T=1, seen styles), every "
-            f"{setup['lag_eval_every']} steps. A failed run stopped at its collapse guard.",
+            f"{setup['lag_eval_every']} steps; {setup.get('lag_groups_per_step', 4)} groups a "
+            f"step at lr {setup.get('lag_lr', LAG['lr']):g}. A failed run stopped at its "
+            "collapse guard.",
             "",
             "| L | status | final correct | final parse rate | final acc \\| parsed | final YES "
             "| best correct (step) | mean train reward | stopped because |",
@@ -965,6 +970,7 @@ def main() -> None:
     ap.add_argument("--lag-group-size", type=int, default=d.lag_group_size)
     ap.add_argument("--lag-heldout", type=int, default=d.lag_heldout)
     ap.add_argument("--lag-eval-every", type=int, default=d.lag_eval_every)
+    ap.add_argument("--lag-lr", type=float, default=d.lag_lr, help="the lag runs' learning rate")
     ap.add_argument("--tuned", type=Path, default=TUNED, help="the tuning script's JSON")
     ap.add_argument("--keep-from", type=Path, default=None,
                     help="an earlier quality.json: skipped rows and table 2 are taken from it")
@@ -991,7 +997,7 @@ def main() -> None:
         lag_intervals=tuple(int(x) for x in args.lag_intervals.split(",") if x),
         lag_steps=args.lag_steps, lag_groups_per_step=args.lag_groups_per_step,
         lag_group_size=args.lag_group_size, lag_heldout=args.lag_heldout,
-        lag_eval_every=args.lag_eval_every, tuned_path=str(args.tuned),
+        lag_eval_every=args.lag_eval_every, lag_lr=args.lag_lr, tuned_path=str(args.tuned),
         keep_from=str(args.keep_from) if args.keep_from else None,
         from_partial=str(args.from_partial) if args.from_partial else None, device=args.device)
     t0 = time.perf_counter()

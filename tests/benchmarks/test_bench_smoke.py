@@ -267,7 +267,7 @@ def test_quality_benchmark_reports_rounds_styles_and_cluster_cis(
     cfg = QualityConfig(
         size="test", bootstrap_overrides=TINY, seeds=2, heavy_row_seeds=1, heldout=6, samples=2,
         max_tokens=12, rows=("more", "rounds10"), scale=4 / 128, rounds=2, group_size_cap=2, lag_intervals=(1, 2), lag_steps=2,
-        lag_groups_per_step=2, lag_group_size=2, lag_heldout=4, lag_eval_every=1,
+        lag_groups_per_step=2, lag_group_size=2, lag_heldout=4, lag_eval_every=1, lag_lr=7e-4,
         tuned=(("oapl", (*point, ("beta2", 0.1))), ("grpo", point)))
     partial = tmp_path / PARTIAL_NAME
     oapl_runs_on_disk: list[int] = []
@@ -310,8 +310,10 @@ def test_quality_benchmark_reports_rounds_styles_and_cluster_cis(
         assert len(s["correct_ci95"]) == 2
     assert rows["rounds10"]["oapl"]["unseen_t1"] is None  # unseen T=1: headline row only
     assert set(saved["table2"]) == {"1", "2"}
+    assert saved["setup"]["lag_lr"] == 7e-4  # the lag runs' own learning rate, in the report too
     report = (tmp_path / "quality.md").read_text()
     assert "acc \\| parsed" in report and "si_units" in report
+    assert "2 groups a step at lr 0.0007" in report
     assert (tmp_path / "one_update.png").stat().st_size > 0
 
 
