@@ -39,8 +39,8 @@ from benchmarks._common import (
     results_dir,
     write_json,
 )
-from benchmarks.quality import LAG, MAX_TOKENS, answers, grade
-from benchmarks.quality_stats import answer_summary, cluster_bootstrap_ci, majority_rate
+from benchmarks.quality import LAG, MAX_TOKENS, answers, grade, items
+from benchmarks.quality_stats import answer_summary, majority_rate, parsed_accuracy_ci95
 from workers.clinical import task
 from workers.inference.base import AdapterRef
 from workers.inference.local import LocalBackend
@@ -96,10 +96,11 @@ def bayes_side(case: task.Case) -> bool:
 
 def prompt_items(seed: int, n: int, split: str, reward: Reward) -> list[PromptItem]:
     """``n`` prompts of ``split``, each with the value its completions are graded against."""
+    if reward == "outcome":
+        return items(seed, n, split)
     out = []
     for e in task.generate(seed, n, split):
-        value = bayes_side(e.case) if reward == "bayes" else e.outcome
-        outcome = {"name": task.OUTCOME_NAME, "value": value}
+        outcome = {"name": task.OUTCOME_NAME, "value": bayes_side(e.case)}
         out.append(PromptItem(e.external_id, e.messages, outcome))
     return out
 
@@ -111,14 +112,11 @@ def decision_summary(
     ``bayes_agreement`` (parsed answers on the Bayes side) with a 95% CI by bootstrap over
     prompts (a prompt's k answers are one cluster)."""
     s = answer_summary(parsed, outcomes)
-    hits = [(float(a == b), i) for i, (ans, b) in enumerate(zip(parsed, sides, strict=True))
-            for a in ans if a is not None]
-    agreement = answer_summary(parsed, sides)["parsed_accuracy"]
-    ci95 = (list(cluster_bootstrap_ci([v for v, _ in hits], [i for _, i in hits], seed=0))
-            if hits else None)
     return {key: s[key] for key in ("correct", "parse_rate", "parsed_accuracy", "yes_share",
-                                    "n_parsed")} | {"bayes_agreement": agreement,
-                                                    "bayes_agreement_ci95": ci95}
+                                    "n_parsed")} | {
+        "bayes_agreement": answer_summary(parsed, sides)["parsed_accuracy"],
+        "bayes_agreement_ci95": parsed_accuracy_ci95(parsed, sides),
+    }
 
 
 def run_probe(dc: DecisionConfig, log: Log = print) -> dict[str, Any]:
@@ -129,7 +127,7 @@ def run_probe(dc: DecisionConfig, log: Log = print) -> dict[str, Any]:
     model_dir = bootstrap_model(config=recipe, cache_dir=dc.cache_dir)
     backend = LocalBackend(model_dir)
     examples = task.generate(VALIDATION_SEED, dc.prompts, "validation")
-    evaluation = prompt_items(VALIDATION_SEED, dc.prompts, "validation", "outcome")
+    evaluation = items(VALIDATION_SEED, dc.prompts, "validation")
     outcomes = [e.outcome for e in examples]
     sides = [bayes_side(e.case) for e in examples]
     history: list[dict[str, Any]] = []

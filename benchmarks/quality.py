@@ -60,7 +60,12 @@ import numpy as np
 import torch
 
 from benchmarks._common import add_bootstrap_flag, bootstrap_flag_overrides
-from benchmarks.quality_stats import answer_summary, cluster_bootstrap_ci, majority_rate
+from benchmarks.quality_stats import (
+    answer_summary,
+    cluster_bootstrap_ci,
+    majority_rate,
+    parsed_accuracy_ci95,
+)
 from workers.clinical import task
 from workers.graders import ContractGrader, parse_answer
 from workers.inference.base import AdapterRef, SamplingParams
@@ -578,10 +583,7 @@ def recheck_best_point(
     prompts, outcomes = evalset.seen[qc.lag_heldout:], evalset.outcomes[qc.lag_heldout:]
     parsed, _ = answers(backend, prompts, qc.samples, 1.0, 30_000, adapter, qc.max_tokens)
     s = answer_summary(parsed, outcomes)
-    hits = [(float(a == y), i) for i, (ans, y) in enumerate(zip(parsed, outcomes, strict=True))
-            for a in ans if a is not None]
-    ci95 = (list(cluster_bootstrap_ci([v for v, _ in hits], [i for _, i in hits], seed=0))
-            if hits else [float("nan"), float("nan")])
+    ci95 = parsed_accuracy_ci95(parsed, outcomes) or [float("nan"), float("nan")]
     return {"prompts": len(prompts), "samples": qc.samples, "correct": s["correct"],
             "parse_rate": s["parse_rate"], "parsed_accuracy": s["parsed_accuracy"],
             "parsed_accuracy_ci95": ci95, "n_parsed": s["n_parsed"], "yes_share": s["yes_share"],

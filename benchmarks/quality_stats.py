@@ -50,6 +50,18 @@ def cluster_bootstrap_ci(
     return (float(low), float(high))
 
 
+def parsed_accuracy_ci95(
+    answers: Sequence[Sequence[bool | None]], truths: Sequence[bool]
+) -> list[float] | None:
+    """95% interval of the accuracy among parsed answers against ``truths`` (one per prompt), by
+    bootstrap over prompts: a prompt's k answers are one cluster. None when nothing parsed."""
+    hits = [(float(a == y), i) for i, (ans, y) in enumerate(zip(answers, truths, strict=True))
+            for a in ans if a is not None]
+    if not hits:
+        return None
+    return list(cluster_bootstrap_ci([v for v, _ in hits], [i for _, i in hits], seed=0))
+
+
 def answer_summary(answers: Sequence[Sequence[bool | None]], outcomes: Sequence[bool]) -> dict[str, Any]:
     """Format vs decision for k answers per prompt (True = YES, False = NO, None = unparseable).
 
