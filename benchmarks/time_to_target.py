@@ -5,6 +5,8 @@ same G, 64 completions per optimizer step, same task, same evaluation, same mach
 
     python -m benchmarks.time_to_target [--budget 480] [--target 0.45] [--seeds 0,1,2]
     python -m benchmarks.time_to_target --tune      # each arm's settings, on validation prompts
+    python -m benchmarks.time_to_target --bootstrap call_noise=0 --tuned DIR/time_to_target_tune.json \
+        --out DIR                                   # a trial warm-start recipe (tune it first)
 
 - **OAPL, lagged reference (ours)**: what OAPL allows and on-policy GRPO does not: π_ref (the
   current snapshot, adapter merged as in serving) samples G completions for the next L steps'
@@ -60,7 +62,9 @@ from typing import Any
 from app.settings import get_settings
 from benchmarks._common import (
     RESULTS_DIR,
+    add_bootstrap_flag,
     agg_backend,
+    bootstrap_flag_overrides,
     machine,
     print_ratios,
     results_dir,
@@ -114,6 +118,8 @@ class TimeToTargetConfig:
     tuned_path: str | None = None
     """``time_to_target_tune.json`` whose chosen points the arms take (None: the fields here)."""
     bootstrap_overrides: tuple[tuple[str, Any], ...] = ()
+    """Warm-start recipe fields other than the shipped ones (``--bootstrap KEY=VALUE``), for
+    measuring a trial model; pass its own ``--tuned`` file and ``--out`` folder with it."""
 
 
 def _grade_fn() -> Callable[[Any, str, Any], tuple[float, bool]]:
@@ -557,12 +563,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--tune", action="store_true",
                    help=f"tune both arms on validation prompts (seeds {TUNE_SEEDS}, "
                         f"{TUNE_BUDGET_S:.0f} s budget a run) and write the tuning file")
+    add_bootstrap_flag(p)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     cfg = TimeToTargetConfig(size=a.size, target=a.target, budget_s=a.budget, heldout=a.heldout,
                              eval_every=a.eval_every,
                              seeds=tuple(int(x) for x in a.seeds.split(",") if x.strip()),
-                             tuned_path=a.tuned or None)
+                             tuned_path=a.tuned or None,
+                             bootstrap_overrides=bootstrap_flag_overrides(p, a))
     if a.tune:
         return tune(cfg, a.out)
     result = run(cfg, a.out)

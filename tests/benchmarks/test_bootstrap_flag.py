@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,12 +42,19 @@ def test_bad_flags_are_refused_with_the_reason(pairs: list[str], reason: str) ->
         bootstrap_overrides(pairs)
 
 
-@pytest.mark.parametrize("module", ["benchmarks.quality", "benchmarks.tune_round"])
-def test_the_cli_refuses_a_bad_flag_before_building_anything(tmp_path: Path, module: str) -> None:
+@pytest.mark.parametrize(("module", "has_cache_flag"), [
+    ("benchmarks.quality", True), ("benchmarks.tune_round", True), ("benchmarks.decision", True),
+    ("benchmarks.time_to_target", False),  # builds into the settings' model cache
+])
+def test_the_cli_refuses_a_bad_flag_before_building_anything(
+    tmp_path: Path, module: str, has_cache_flag: bool
+) -> None:
+    cache = ["--cache-dir", str(tmp_path / "cache")] if has_cache_flag else []
     proc = subprocess.run(
         [sys.executable, "-m", module, "--bootstrap", "answer_line_weight=-1",
-         "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+         "--out", str(tmp_path / "out"), *cache],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=os.environ | {"TRACELEARN_MODEL_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 2
     assert "invalid bootstrap config" in proc.stderr
     assert not (tmp_path / "cache").exists()
