@@ -15,11 +15,16 @@ from safetensors.torch import load_file
 from workers.learner.adapters import load_verified
 from workers.learner.data import TrainingGroup, dump_groups_jsonl, load_groups_jsonl
 
-# Two ranks sum the same per-sequence gradients in a different order: the loss curve and the
-# weights agree to fp32 rounding. Stated tolerance: 1e-4 relative on every step's loss, 1e-5
-# absolute on every adapter weight.
+# Two ranks sum the same per-sequence gradients in a different order: the loss curve agrees to
+# fp32 rounding (1e-4 relative on every step's loss). AdamW divides each gradient by its own
+# running scale, so on near-zero gradient elements the rounding difference is amplified into the
+# update (measured up to 1.7e-5 after 3 steps at lr 1e-2). The weight tolerance is therefore 0.1%
+# of the most an element can move (about lr per step): a rank that trained on other data or
+# skipped the gradient average moves weights by a sizeable fraction of lr, far above it.
+LR = 1e-2
+STEPS = 3
 LOSS_RTOL = 1e-4
-WEIGHT_ATOL = 1e-5
+WEIGHT_ATOL = 1e-3 * LR * STEPS
 
 
 def run_cli(args: list[str], nproc: int | None = None) -> subprocess.CompletedProcess[str]:
@@ -81,7 +86,7 @@ def test_torchrun_two_processes_give_the_one_process_loss_curve(
         "--epochs",
         "3",
         "--lr",
-        "1e-2",
+        str(LR),
         "--beta2",
         "0.05",
         "--micro-batch-size",
@@ -95,7 +100,7 @@ def test_torchrun_two_processes_give_the_one_process_loss_curve(
     assert two.returncode == 0, two.stderr
     h1 = json.loads((tmp_path / "h1").read_text())
     h2 = json.loads((tmp_path / "h2").read_text())
-    assert len(h1) == len(h2) == 3
+    assert len(h1) == len(h2) == STEPS
     for a, b in zip(h1, h2, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_RTOL)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=LOSS_RTOL)
