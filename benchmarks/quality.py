@@ -662,6 +662,8 @@ def keep_previous(
     summary = summary | {"rows": {r.key: rows[r.key] for r in ROWS if r.key in rows}}
     if not t2 and before.get("table2"):
         t2, recheck, taken["table2"] = before["table2"], before.get("table2_best_recheck"), True
+        # The lag settings describe table 2, so they travel with it.
+        taken["table2_setup"] = {k: v for k, v in before["setup"].items() if k.startswith("lag")}
     if taken["rows"] or taken["table2"]:
         taken["baseline_correct"] = before.get("baseline_heldout_correct")
     if HEADLINE in taken["rows"]:
@@ -723,10 +725,12 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
         "model": info,
         "setup": {**{k: v for k, v in dataclasses.asdict(qc).items()},
                   "round": ROUND, "oapl": OAPL, "grpo": GRPO,
-                  "lag": LAG, "tuned": t1_raw["tuned"], "tuned_on_model": tuned_on,
+                  "lag": LAG | {"lr": qc.lag_lr}, "tuned": t1_raw["tuned"],
+                  "tuned_on_model": tuned_on,
                   "model_name": model_dir.name, "unseen_style": task.UNSEEN_STYLE,
                   "seen_styles": list(task.SEEN_STYLES),
-                  "rows": {r.key: dataclasses.asdict(r) for r in qc.rows_to_run()}},
+                  "rows": {r.key: dataclasses.asdict(r) for r in qc.rows_to_run()},
+                  **kept_from.get("table2_setup", {})},
         "table1": {"summary": summary,
                    "rounds": {k: {a: [r["rounds"] for r in runs] for a, runs in algos.items()}
                               for k, algos in t1_raw["rows"].items()}},

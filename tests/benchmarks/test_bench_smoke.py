@@ -378,7 +378,8 @@ def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: 
 
     qc = QualityConfig(heldout=10, samples=2, rows=("rounds10",), lag_intervals=())
     setup = {"heldout": 10, "samples": 2, "max_tokens": qc.max_tokens,
-             "seen_styles": list(task.SEEN_STYLES), "unseen_style": task.UNSEEN_STYLE}
+             "seen_styles": list(task.SEEN_STYLES), "unseen_style": task.UNSEEN_STYLE,
+             "lag_lr": 5e-4, "lag_intervals": [1, 10]}
     first = {"setup": setup, "table2": {"1": {"history": []}}, "baseline_heldout_correct": 0.045,
              "table2_best_recheck": {"parsed_accuracy": 0.55},
              "table1": {"summary": {"rows": {"more": {"oapl": "A"}, "rounds10": {"oapl": "old"}}}}}
@@ -388,7 +389,9 @@ def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: 
     assert merged["rows"] == {"more": {"oapl": "A"}, "rounds10": {"oapl": "new"}}
     assert t2 == first["table2"]
     assert recheck == first["table2_best_recheck"]  # table 2 comes with its best point's re-check
+    # table 2's lag settings come with it, not this sitting's (which ran no lag interval)
     assert taken == {"rows": ["more"], "table2": True, "baseline_correct": 0.045,
+                     "table2_setup": {"lag_lr": 5e-4, "lag_intervals": [1, 10]},
                      "headline_baseline": {"baseline_heldout_correct": 0.045}}
     (tmp_path / "q.json").write_text(json.dumps(first | {"setup": setup | {"heldout": 500}}))
     with pytest.raises(ValueError, match="held-out setup differs"):
