@@ -1,7 +1,7 @@
 """Can a lagged OAPL run learn the decision, or only the format? A probe of the learner.
 
     python -m benchmarks.decision [--reward outcome|bayes] [--steps 200] [--groups-per-step 4]
-                                  [--lr 2e-3] [--beta2 0.1] [--sync-interval 10]
+                                  [--lr 5e-4] [--beta2 0.1] [--sync-interval 10]
                                   [--keep-zero-variance-groups]
                                   [--prompts 300] [--samples 2] [--eval-every 50]
                                   [--bootstrap KEY=VALUE ...] [--label NAME]

@@ -35,7 +35,9 @@ SIZES: dict[str, ModelSize] = {
 
 
 _LATER_KNOBS = {"answer_line_weight": 1.0}
-"""``BootstrapConfig`` fields added after bootstrap-4's shipped model, with their defaults."""
+"""``BootstrapConfig`` fields added after bootstrap-4's shipped model, with the value they had
+then: at that value a field stays out of the cache key, so every model built before the field
+existed keeps its key."""
 
 
 @dataclass(frozen=True)
@@ -51,12 +53,16 @@ class BootstrapConfig:
     batch_size: int = 32
     lr: float = 3e-3
     """Peak AdamW learning rate (linear warm-up 5%, cosine decay to 10%)."""
-    call_noise: float = 0.15
-    """Probability that a demonstration's overall call is flipped."""
-    answer_line_weight: float = 1.0
+    call_noise: float = 0.0
+    """Probability that a demonstration's overall call is flipped. 0 since 2026-12 (0.15
+    before): the demonstrations stay weak through their format, and a warm-start that reads the
+    case leaves RL a decision to sharpen rather than flipped calls to undo
+    (``benchmarks/quality_findings.md`` compares the two recipes)."""
+    answer_line_weight: float = 2.0
     """Weight of each token of a demonstration's final (answer) line in the warm-start loss,
     against 1 for the reasoning's: above 1 the warm-start is pushed harder to state its call on
-    the last line (each demonstration's final line states its call, in one of nine forms)."""
+    the last line (each demonstration's final line states its call, in one of nine forms). 2
+    since 2026-12 (1 before, with ``call_noise`` 0.15)."""
 
     def __post_init__(self) -> None:
         if self.size not in SIZES:

@@ -57,9 +57,13 @@ def test_answer_line_start_is_where_the_final_line_begins() -> None:
     assert with_line > 0 and without > 0
 
 
-def test_the_knob_at_its_default_keeps_the_key_and_a_set_one_changes_it() -> None:
+def test_the_knob_at_its_old_value_keeps_the_old_key_and_any_other_value_changes_it() -> None:
+    # At 1.0 the knob stays out of the key, so the model shipped before it existed (call noise
+    # 0.15; results/quality.json before 2026-12 names it) keeps the key it is cached under.
+    assert BootstrapConfig(call_noise=0.15, answer_line_weight=1.0).cache_key() == "3551c40d07abb6e0"
     default = BootstrapConfig()
-    assert BootstrapConfig(answer_line_weight=1.0).cache_key() == default.cache_key()
+    assert (default.call_noise, default.answer_line_weight) == (0.0, 2.0)
+    assert BootstrapConfig(answer_line_weight=1.0).cache_key() != default.cache_key()
     assert BootstrapConfig(answer_line_weight=4.0).cache_key() != default.cache_key()
     with pytest.raises(ValueError, match="invalid bootstrap config"):
         BootstrapConfig(answer_line_weight=0.0)
