@@ -68,3 +68,9 @@ def test_the_report_says_when_the_recipe_or_the_tuning_is_not_the_shipped_one() 
                          "tuned_on_model": "tiny-aaa", "model_name": "tiny-bbb"})
     assert "NOT the shipped one: answer_line_weight=5.0" in note
     assert "tuned on model tiny-aaa, not on this one (tiny-bbb)" in note
+    # A trial recipe that has since shipped is the shipped one: only real departures are named.
+    shipped = BootstrapConfig()
+    note = _recipe_note({"bootstrap_overrides": [["call_noise", shipped.call_noise],
+                                                 ["sft_steps", shipped.sft_steps + 1]]})
+    assert note == f"; warm-start recipe NOT the shipped one: sft_steps={shipped.sft_steps + 1}"
+    assert _recipe_note({"bootstrap_overrides": [["call_noise", shipped.call_noise]]}) == ""
