@@ -839,7 +839,7 @@ def _recipe_note(setup: dict[str, Any]) -> str:
     """The warm-start recipe's departures from the shipped one (``--bootstrap``), if any: an
     override equal to today's default (a trial recipe since shipped) is none."""
     shipped = dataclasses.asdict(BootstrapConfig())
-    departures = [(k, v) for k, v in setup.get("bootstrap_overrides") or () if shipped[k] != v]
+    departures = [(k, v) for k, v in setup.get("bootstrap_overrides") or () if shipped.get(k) != v]
     note = ("; warm-start recipe NOT the shipped one: "
             + ", ".join(f"{k}={v}" for k, v in departures) if departures else "")
     tuned_on, name = setup.get("tuned_on_model"), setup.get("model_name")
