@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from workers.inference.base import SamplingParams
 from workers.inference.detokenizer import IncrementalDecoder
 from workers.inference.serving import LocalServingEngine
@@ -37,13 +39,20 @@ def test_a_cut_inside_a_character_drops_the_dangling_half_only_when_cut(local_en
     assert ended.flush(cut=False).endswith("\ufffd")  # what the model generated, kept
 
 
-def test_streamed_answer_equals_the_whole_answer(local_engine: LocalServingEngine):
-    params = SamplingParams(max_tokens=40, temperature=1.0, seed=11)
+@pytest.mark.parametrize(("max_tokens", "finish"), [(200, "stop"), (5, "length")])
+def test_streamed_answer_equals_the_whole_answer(
+    local_engine: LocalServingEngine, max_tokens: int, finish: str
+):
+    params = SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=11)
     whole = local_engine.complete(None, PROMPT, params)
     chunks = list(local_engine.stream(None, PROMPT, params))
+    assert whole.finish_reason == chunks[-1].finish_reason == finish
     assert "".join(c.text for c in chunks) == whole.text
-    assert chunks[-1].finish_reason == whole.finish_reason
-    assert [c.completion_tokens for c in chunks] == list(range(1, whole.completion_tokens + 1))
+    # A chunk per token; the end-of-sequence token is the "stop" chunk, while a cut answer gets
+    # a closing "length" chunk that adds no token (it carries only what the decoder held back).
+    counts = list(range(1, whole.completion_tokens + 1))
+    assert [c.completion_tokens for c in chunks] == (counts if finish == "stop" else
+                                                     [*counts, whole.completion_tokens])
     assert all(c.finish_reason is None for c in chunks[:-1])
     assert {c.prompt_tokens for c in chunks} == {whole.prompt_tokens}
 
