@@ -323,6 +323,10 @@ class QualityConfig:
                                            rounds=self.rounds if r.rounds > 1 else 1))
         return out
 
+    def lag_settings(self) -> dict[str, Any]:
+        """The lag runs' learner settings (``LAG`` at this run's lr), as they run and as reported."""
+        return LAG | {"lr": self.lag_lr}
+
     def tuned_points(self) -> dict[str, dict[str, Any]]:
         if self.tuned:
             return {a: dict(kv) for a, kv in self.tuned}
@@ -548,7 +552,7 @@ def table_two(
                 eval_every=qc.lag_eval_every,
                 seed=0,
                 device=qc.device,
-                **(LAG | {"lr": qc.lag_lr}),
+                **qc.lag_settings(),
             )
             t0 = time.perf_counter()
             res = train([], model_dir, None, cfg, tokenizer=backend.tokenizer, regenerate=source,
@@ -726,7 +730,7 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
         "model": info,
         "setup": {**{k: v for k, v in dataclasses.asdict(qc).items()},
                   "round": ROUND, "oapl": OAPL, "grpo": GRPO,
-                  "lag": LAG | {"lr": qc.lag_lr}, "tuned": t1_raw["tuned"],
+                  "lag": qc.lag_settings(), "tuned": t1_raw["tuned"],
                   "tuned_on_model": tuned_on,
                   "model_name": model_dir.name, "unseen_style": task.UNSEEN_STYLE,
                   "seen_styles": list(task.SEEN_STYLES),
