@@ -32,6 +32,9 @@ from the previous ``quality.json`` with ``--keep-from``):
     python -m benchmarks.quality --rows rollouts4x,rounds10 --lag-intervals "" \
         --keep-from benchmarks/results/quality.json
 
+``--algorithms grpo`` (or ``oapl``) runs one arm of the rows it names; the other arm comes from
+``--keep-from``, and the report's header names what was taken.
+
 A sitting stopped before the end leaves its finished (row, algorithm) runs in
 ``results/quality_partial.json``; ``--from-partial`` (a copy of that file, with the sitting's own
 ``--rows`` and ``--keep-from``) makes the report of them without running anything, and says in
@@ -94,6 +97,7 @@ UNTUNED: dict[str, dict[str, Any]] = {
 # Table 2: 100 steps of 4 groups, one pass over the regenerated prompts (unchanged).
 LAG: dict[str, Any] = dict(lr=5e-4, micro_batch_size=128, lora_rank=16, lora_alpha=32.0, beta1=1.0, beta2=0.1)
 
+ALGORITHMS = ("oapl", "grpo")
 CONDITIONS = ("seen_t1", "seen_greedy", "unseen_t1", "unseen_greedy")
 
 
@@ -283,6 +287,8 @@ class QualityConfig:
     unseen_all_rows: bool = False
     """Unseen style at T=1 for every row (default: baseline and headline; greedy always)."""
     rows: tuple[str, ...] = tuple(r.key for r in ROWS)
+    algorithms: tuple[str, ...] = ALGORITHMS
+    """Table 1's arms this sitting runs; with ``keep_from`` the others come from it."""
     scale: float = 1.0
     """Multiplies every row's prompt count (smoke runs)."""
     rounds: int = 10
@@ -311,6 +317,11 @@ class QualityConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where the sampler and the learner run (``TrainerConfig.device``): ``auto`` is a GPU when
     torch sees one. The algorithms are the same on both; the numbers differ by sampling noise."""
+
+    def __post_init__(self) -> None:
+        if not self.algorithms or not set(self.algorithms) <= set(ALGORITHMS):
+            raise ValueError(f"algorithms must be a non-empty subset of {', '.join(ALGORITHMS)}, "
+                             f"not {', '.join(self.algorithms) or 'none'}")
 
     def rows_to_run(self) -> list[Row]:
         out = []
@@ -444,7 +455,7 @@ def table_one(
             log(f"seed {seed}: sampled {' + '.join(f'{e - s}×{g}' for s, e, g in segments)}"
                 f" baseline rollouts ({time.perf_counter() - t0:.0f}s)")
             for row in seed_rows:
-                for algo in ("oapl", "grpo"):
+                for algo in qc.algorithms:
                     t0 = time.perf_counter()
                     cfg = dataclasses.replace(round_config(algo, tuned, seed), device=qc.device)
                     model, hist = run_rounds(model_dir, backend,
@@ -664,6 +675,12 @@ def keep_previous(
         if key not in rows:
             rows[key] = value
             taken["rows"].append(key)
+            continue
+        # An algorithm this run skipped (``--algorithms``) or did not finish (``--from-partial``)
+        missing = {algo: runs for algo, runs in value.items() if algo not in rows[key]}
+        if missing:
+            rows[key] = rows[key] | missing
+            taken["rows"] += [f"{key} {algo.upper()}" for algo in missing]
     summary = summary | {"rows": {r.key: rows[r.key] for r in ROWS if r.key in rows}}
     if not t2 and before.get("table2"):
         t2, recheck, taken["table2"] = before["table2"], before.get("table2_best_recheck"), True
@@ -695,6 +712,9 @@ def run(qc: QualityConfig, out_dir: Path, log: Log = print) -> dict[str, Any]:
     if HEADLINE not in qc.rows and not qc.keep_from:
         raise ValueError(f"the headline row {HEADLINE!r} is neither run nor taken from an "
                          "earlier quality.json (--keep-from)")
+    if set(qc.algorithms) != set(ALGORITHMS) and not qc.keep_from:
+        raise ValueError(f"a sitting of {', '.join(qc.algorithms)} alone needs --keep-from: the "
+                         "headline compares both algorithms")
     t_start = time.perf_counter()
     model_dir = bootstrap_model(
         config=BootstrapConfig(size=qc.size, **dict(qc.bootstrap_overrides)), cache_dir=qc.cache_dir)
@@ -962,6 +982,21 @@ def write_reports(result: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def _config(args: argparse.Namespace, overrides: tuple[tuple[str, Any], ...]) -> QualityConfig:
+    return QualityConfig(
+        size=args.size, bootstrap_overrides=overrides, cache_dir=args.cache_dir, seeds=args.seeds,
+        heavy_row_seeds=args.heavy_row_seeds, heldout=args.heldout, samples=args.samples,
+        unseen_all_rows=args.unseen_all_rows, rows=tuple(args.rows.split(",")),
+        algorithms=tuple(a for a in args.algorithms.split(",") if a), scale=args.scale,
+        rounds=args.rounds, group_size_cap=args.group_size_cap,
+        lag_intervals=tuple(int(x) for x in args.lag_intervals.split(",") if x),
+        lag_steps=args.lag_steps, lag_groups_per_step=args.lag_groups_per_step,
+        lag_group_size=args.lag_group_size, lag_heldout=args.lag_heldout,
+        lag_eval_every=args.lag_eval_every, lag_lr=args.lag_lr, tuned_path=str(args.tuned),
+        keep_from=str(args.keep_from) if args.keep_from else None,
+        from_partial=str(args.from_partial) if args.from_partial else None, device=args.device)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     d = QualityConfig()
@@ -973,6 +1008,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=d.samples)
     ap.add_argument("--unseen-all-rows", action="store_true")
     ap.add_argument("--rows", default=",".join(d.rows), help="subset of " + ",".join(d.rows))
+    ap.add_argument("--algorithms", default=",".join(d.algorithms),
+                    help="table 1's arms to run (with --keep-from, the others are taken from it)")
     ap.add_argument("--scale", type=float, default=d.scale, help="× every row's prompt count")
     ap.add_argument("--rounds", type=int, default=d.rounds)
     ap.add_argument("--group-size-cap", type=int, default=None)
@@ -998,21 +1035,14 @@ def main() -> None:
                     help="sampler and learner: auto = a GPU when torch sees one")
     args = ap.parse_args()
     overrides = bootstrap_flag_overrides(ap, args)
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.report_only:
         write_reports(json.loads((args.out / "quality.json").read_text()), args.out)
         return
-    qc = QualityConfig(
-        size=args.size, bootstrap_overrides=overrides, cache_dir=args.cache_dir, seeds=args.seeds,
-        heavy_row_seeds=args.heavy_row_seeds, heldout=args.heldout, samples=args.samples,
-        unseen_all_rows=args.unseen_all_rows, rows=tuple(args.rows.split(",")), scale=args.scale,
-        rounds=args.rounds, group_size_cap=args.group_size_cap,
-        lag_intervals=tuple(int(x) for x in args.lag_intervals.split(",") if x),
-        lag_steps=args.lag_steps, lag_groups_per_step=args.lag_groups_per_step,
-        lag_group_size=args.lag_group_size, lag_heldout=args.lag_heldout,
-        lag_eval_every=args.lag_eval_every, lag_lr=args.lag_lr, tuned_path=str(args.tuned),
-        keep_from=str(args.keep_from) if args.keep_from else None,
-        from_partial=str(args.from_partial) if args.from_partial else None, device=args.device)
+    try:
+        qc = _config(args, overrides)
+    except ValueError as exc:
+        ap.error(str(exc))
+    args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with (args.out / "quality.log").open("w") as log_file:
 

@@ -398,6 +398,31 @@ def test_quality_rows_skipped_in_a_second_sitting_come_from_the_first(tmp_path: 
         keep_previous(qc, tmp_path / "q.json", summary, {}, None)
 
 
+def test_a_sitting_of_one_algorithm_takes_the_other_arm_of_its_rows_from_the_first(
+    tmp_path: Path,
+) -> None:
+    from benchmarks.quality import QualityConfig, keep_previous, run
+    from workers.clinical import task
+
+    qc = QualityConfig(heldout=10, samples=2, rows=("rounds10",), algorithms=("grpo",),
+                       lag_intervals=())
+    setup = {"heldout": 10, "samples": 2, "max_tokens": qc.max_tokens,
+             "seen_styles": list(task.SEEN_STYLES), "unseen_style": task.UNSEEN_STYLE}
+    first = {"setup": setup, "table2": {}, "baseline_heldout_correct": 0.045,
+             "table1": {"summary": {"rows": {"more": {"oapl": "A", "grpo": "B"},
+                                             "rounds10": {"oapl": "old", "grpo": "old"}}}}}
+    (tmp_path / "q.json").write_text(json.dumps(first))
+    summary = {"baseline": {}, "rows": {"rounds10": {"grpo": "new"}}}
+    merged, _, _, taken = keep_previous(qc, tmp_path / "q.json", summary, {}, None)
+    assert merged["rows"] == {"more": {"oapl": "A", "grpo": "B"},
+                              "rounds10": {"grpo": "new", "oapl": "old"}}
+    assert taken["rows"] == ["more", "rounds10 OAPL"]
+    with pytest.raises(ValueError, match="needs --keep-from"):
+        run(dataclasses.replace(qc, rows=("more",)), tmp_path / "out", lambda _: None)
+    with pytest.raises(ValueError, match="non-empty subset"):
+        QualityConfig(algorithms=("ppo",))
+
+
 def _wrk_level(c: int, rps: float, p99: float, stored: int) -> dict[str, Any]:
     return {"connections": c, "requests": 100 * c, "seconds": 10.0, "requests_per_s": rps,
             "traces_per_s": rps, "p50_ms": p99 / 2, "p90_ms": p99 * 0.9, "p99_ms": p99,

@@ -61,6 +61,19 @@ def test_the_cli_refuses_a_bad_flag_before_building_anything(
     assert not (tmp_path / "out").exists()
 
 
+def test_the_quality_cli_refuses_an_unknown_algorithm_before_writing_anything(
+    tmp_path: Path,
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "--algorithms", "oapl,ppo",
+         "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "non-empty subset of oapl, grpo, not oapl, ppo" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "cache").exists()
+
+
 def test_the_report_says_when_the_recipe_or_the_tuning_is_not_the_shipped_one() -> None:
     assert _recipe_note({"bootstrap_overrides": [], "tuned_on_model": "m", "model_name": "m"}) == ""
     assert _recipe_note({}) == ""
