@@ -435,7 +435,7 @@ def table_one(
     t0 = time.perf_counter()
     base = evaluate(backend, evalset, qc.samples, seed=10_000, max_tokens=qc.max_tokens)
     log(f"baseline {summary_line(base)} ({time.perf_counter() - t0:.0f}s)")
-    out: dict[str, Any] = {"baseline": base, "rows": {r.key: {"oapl": [], "grpo": []} for r in rows},
+    out: dict[str, Any] = {"baseline": base, "rows": {r.key: {a: [] for a in ALGORITHMS} for r in rows},
                            "tuned": tuned}
     work = Path(tempfile.mkdtemp(prefix="quality-rounds-"))
     try:
@@ -843,7 +843,7 @@ def _sittings(result: dict[str, Any]) -> str:
     if result["setup"].get("from_partial"):
         rows = result["table1"]["summary"]["rows"]
         missing = [f"{key} {algo.upper()}" for key in result["setup"]["rows"]
-                   for algo in ("oapl", "grpo") if algo not in rows.get(key, {})]
+                   for algo in ALGORITHMS if algo not in rows.get(key, {})]
         stopped = (" This sitting was stopped before it finished: the report is made of its "
                    f"finished runs (`--from-partial {result['setup']['from_partial']}`)"
                    + (f"; not run: {', '.join(missing)}." if missing else "."))
@@ -947,7 +947,7 @@ def write_reports(result: dict[str, Any], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     keys = list(t1["rows"])
     x = np.arange(len(keys))
-    for i, algo in enumerate(("oapl", "grpo")):
+    for i, algo in enumerate(ALGORITHMS):
         ss = [t1["rows"][k].get(algo, {}).get("seen_t1") for k in keys]
         means = [s["correct"] if s else 0.0 for s in ss]
         err = [[m - (s["correct_ci95"][0] if s else 0) for m, s in zip(means, ss, strict=True)],

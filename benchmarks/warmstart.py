@@ -51,6 +51,7 @@ import torch
 
 from benchmarks._common import machine, results_dir, write_json
 from benchmarks.quality import (
+    ALGORITHMS,
     EVAL_SEED,
     HEADLINE_ROW,
     MAX_TOKENS,
@@ -212,7 +213,7 @@ def after_round(
         "majority_rate": majority_rate([e.outcome for e in examples]),
         "models": {"warm-start": measure(backend, examples, samples)},
     }
-    for algo in ("oapl", "grpo"):
+    for algo in ALGORITHMS:
         res = train(pool, model_dir, None, round_config(algo, tuned, seed),
                     tokenizer=backend.tokenizer)
         out["models"][algo] = measure(merged_backend(res.model, backend.tokenizer), examples,
