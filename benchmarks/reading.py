@@ -20,14 +20,15 @@ model on validation prompts, greedily and at T=1:
   correct and ≤ 20% parsed;
 - the build's seconds (the issue's bound is ≤ 5 min on two cores).
 
-Every recipe is stored under its label in ``benchmarks/results/reading.json`` (a build 3–5 min
-when not cached, the probe ~1 min).
+Every recipe is stored under its label in ``benchmarks/results/reading.json`` and drawn in
+``reading.png`` (a build 3–5 min when not cached, the probe ~1 min).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -120,6 +121,37 @@ def run_reading(
     return out
 
 
+def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    """Each recipe's stated calls on the Bayes side, greedy and at T=1, with their 95% CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(runs)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(labels) + 1.6))
+    for offset, cond, color in ((-0.18, "greedy", "tab:blue"), (0.18, "t1", "tab:orange")):
+        ys = [i + offset for i in range(len(labels))]
+        points = [runs[label][cond] for label in labels]
+        # a recipe that stated no call has no bar, not a bar at 0
+        xs = [math.nan if p["overall_bayes_agreement"] is None else p["overall_bayes_agreement"]
+              for p in points]
+        cis = [p["overall_bayes_agreement_ci95"] or [math.nan] * 2 for p in points]
+        err = [[x - lo for x, (lo, _) in zip(xs, cis, strict=True)],
+               [hi - x for x, (_, hi) in zip(xs, cis, strict=True)]]
+        ax.barh(ys, xs, height=0.34, xerr=err, color=color, capsize=2,
+                label="greedy" if cond == "greedy" else "T=1")
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.axvline(0.5, color="gray", ls="--", lw=1)
+    ax.set_xlim(0.4, 1.0)
+    ax.set_xlabel("stated Overall calls on the Bayes side (validation prompts)")
+    ax.set_title("How well does each warm-start recipe read the case? (before RL)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--size", default="tiny")
@@ -142,6 +174,7 @@ def main() -> None:
     runs = json.loads(path.read_text()) if path.exists() else {}
     runs[label] = result
     write_json(path, runs)
+    plot(runs, path.with_suffix(".png"))
     for cond in ("greedy", "t1"):
         r = result[cond]
         print(f"{label} {cond}: Overall stated {r['overall_stated']:.3f}, on the Bayes side "

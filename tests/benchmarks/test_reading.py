@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.reading import factor_recall, overall_call, reading_summary, run_reading
+from benchmarks.reading import (
+    factor_recall,
+    overall_call,
+    plot,
+    reading_summary,
+    run_reading,
+)
 from workers.clinical import task
 from workers.learner.bootstrap import BootstrapConfig
 
@@ -67,3 +73,11 @@ def test_a_small_recipe_is_built_and_read(tmp_path: Path) -> None:
         r = out[cond]
         assert 0.0 <= r["overall_stated"] <= 1.0 and 0.0 <= r["factor_recall"] <= 1.0
         assert 0.0 <= r["correct"] <= r["parse_rate"] <= 1.0
+
+
+def test_the_plot_draws_every_recipe_even_one_that_stated_no_call(tmp_path: Path) -> None:
+    point = {"overall_bayes_agreement": 0.8, "overall_bayes_agreement_ci95": [0.75, 0.85]}
+    none = {"overall_bayes_agreement": None, "overall_bayes_agreement_ci95": None}
+    plot({"a": {"greedy": point, "t1": point}, "b": {"greedy": point, "t1": none}},
+         tmp_path / "reading.png")
+    assert (tmp_path / "reading.png").stat().st_size > 1000
