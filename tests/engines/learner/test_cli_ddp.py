@@ -18,13 +18,16 @@ from workers.learner.data import TrainingGroup, dump_groups_jsonl, load_groups_j
 # Two ranks sum the same per-sequence gradients in a different order: the loss curve agrees to
 # fp32 rounding (1e-4 relative on every step's loss). AdamW divides each gradient by its own
 # running scale, so on near-zero gradient elements the rounding difference is amplified into the
-# update (measured up to 1.7e-5 after 3 steps at lr 1e-2). The weight tolerance is therefore 0.1%
-# of the most an element can move (about lr per step): a rank that trained on other data or
-# skipped the gradient average moves weights by a sizeable fraction of lr, far above it.
+# update: single elements differed by 1.7e-5 and, in another clean-clone run, 3.2e-5 after 3
+# steps at lr 1e-2, so an element-wise bound at that level is a coin toss. The test bounds each
+# tensor's mean difference at 0.1% of the most an element can move (about lr per step) and its
+# largest at 1%: a rank that trained on other data or skipped the gradient average moves most
+# elements by a sizeable fraction of lr, far above both.
 LR = 1e-2
 STEPS = 3
 LOSS_RTOL = 1e-4
-WEIGHT_ATOL = 1e-3 * LR * STEPS
+WEIGHT_MEAN_ATOL = 1e-3 * LR * STEPS
+WEIGHT_MAX_ATOL = 1e-2 * LR * STEPS
 
 
 def run_cli(args: list[str], nproc: int | None = None) -> subprocess.CompletedProcess[str]:
@@ -109,4 +112,6 @@ def test_torchrun_two_processes_give_the_one_process_loss_curve(
     w2 = load_file(str(tmp_path / "a2" / "adapter_model.safetensors"))
     assert w1.keys() == w2.keys()
     for k in w1:
-        assert (w1[k] - w2[k]).abs().max().item() < WEIGHT_ATOL, k
+        diff = (w1[k] - w2[k]).abs()
+        assert diff.mean().item() < WEIGHT_MEAN_ATOL, k
+        assert diff.max().item() < WEIGHT_MAX_ATOL, k
