@@ -94,6 +94,11 @@ def bayes_side(case: task.Case) -> bool:
     return task.true_logit(case) > 0
 
 
+def bayes_rate(sides: Sequence[bool], outcomes: Sequence[bool]) -> float:
+    """How often the Bayes side is the drawn outcome on these cases (~0.77 over the task)."""
+    return sum(s == y for s, y in zip(sides, outcomes, strict=True)) / len(outcomes)
+
+
 def prompt_items(seed: int, n: int, split: str, reward: Reward) -> list[PromptItem]:
     """``n`` prompts of ``split``, each with the value its completions are graded against."""
     if reward == "outcome":
@@ -161,7 +166,7 @@ def run_probe(dc: DecisionConfig, log: Log = print) -> dict[str, Any]:
         "config": dataclasses.asdict(dc), "status": res.status,
         "failure_reason": res.failure_reason, "optimizer_steps": res.metrics["optimizer_steps"],
         "majority_rate": majority_rate(outcomes),
-        "bayes_rate": sum(s == y for s, y in zip(sides, outcomes, strict=True)) / len(outcomes),
+        "bayes_rate": bayes_rate(sides, outcomes),
         "history": [h | {"step": s} for s, h in zip(steps, history, strict=True)],
         "seconds": time.perf_counter() - t0,
     }

@@ -42,9 +42,9 @@ from benchmarks._common import (
     results_dir,
     write_json,
 )
-from benchmarks.decision import VALIDATION_SEED, bayes_side
+from benchmarks.decision import VALIDATION_SEED, bayes_rate, bayes_side, decision_summary
 from benchmarks.quality import MAX_TOKENS
-from benchmarks.quality_stats import answer_summary, parsed_accuracy_ci95
+from benchmarks.quality_stats import answer_summary
 from workers.clinical import task
 from workers.graders.contract import parse_answer
 from workers.inference.base import SamplingParams
@@ -62,8 +62,7 @@ def overall_call(text: str) -> bool | None:
 
 def factor_recall(text: str, case: task.Case) -> float:
     """Share of the case's signed factors (the template's non-neutral ones) written exactly."""
-    parts = [f"{name} {'+' if w > 0 else '-'}" for name, w in task.factor_signs(case)
-             if abs(w) > 0.05]
+    parts = task.signed_factors(case)
     if not parts:
         return 1.0
     head = text.split("\n", 1)[0]
@@ -75,16 +74,15 @@ def reading_summary(
 ) -> dict[str, Any]:
     """What k answers per prompt say about the reading (see the module docstring)."""
     calls = [[overall_call(t) for t in ts] for ts in texts]
-    sides = [bayes_side(c) for c in cases]
+    # a stated call is scored as the decision probe scores a parsed answer
+    d = decision_summary(calls, outcomes, [bayes_side(c) for c in cases])
     flat = [c for cs in calls for c in cs]
-    stated = [c for c in flat if c is not None]
-    agree = answer_summary(calls, sides)
     return {
-        "overall_stated": len(stated) / len(flat),
-        "overall_bayes_agreement": agree["parsed_accuracy"],
-        "overall_bayes_agreement_ci95": parsed_accuracy_ci95(calls, sides),
-        "overall_correct_if_stated": answer_summary(calls, outcomes)["parsed_accuracy"],
-        "overall_favorable_share": (sum(stated) / len(stated)) if stated else None,
+        "overall_stated": sum(c is not None for c in flat) / len(flat),
+        "overall_bayes_agreement": d["bayes_agreement"],
+        "overall_bayes_agreement_ci95": d["bayes_agreement_ci95"],
+        "overall_correct_if_stated": d["parsed_accuracy"],
+        "overall_favorable_share": d["yes_share"],
         "factor_recall": sum(factor_recall(t, c) for ts, c in zip(texts, cases, strict=True)
                              for t in ts) / len(flat),
     }
@@ -93,6 +91,8 @@ def reading_summary(
 def run_reading(
     recipe: BootstrapConfig, prompts: int, samples: int, cache_dir: str | None = None
 ) -> dict[str, Any]:
+    """Build (or take from the cache) ``recipe``'s model and read its answers to ``prompts``
+    validation prompts: one greedy, ``samples`` at T=1."""
     t0 = time.perf_counter()
     model_dir = bootstrap_model(config=recipe, cache_dir=cache_dir)
     info = bootstrap_info(model_dir)
@@ -107,8 +107,7 @@ def run_reading(
         "build_seconds": info.get("seconds_total"),
         "sft_loss_last": info.get("sft_loss_last"),
         "prompts": prompts,
-        "bayes_rate": sum(bayes_side(c) == y for c, y in zip(cases, outcomes, strict=True))
-        / prompts,
+        "bayes_rate": bayes_rate([bayes_side(c) for c in cases], outcomes),
     }
     for cond, n, temperature in (("greedy", 1, 0.0), ("t1", samples, 1.0)):
         comps = backend.generate(messages, n, SamplingParams(MAX_TOKENS, temperature, 11))

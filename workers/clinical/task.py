@@ -360,10 +360,15 @@ FINAL_STYLES: list[tuple[str, float]] = [
 ]
 
 
+def signed_factors(case: Case) -> list[str]:
+    """The reasoning's factor list: each non-neutral factor with its sign ("ECOG 2 -")."""
+    # Neutral factors are left out to keep completions short (CPU sampling cost is per token).
+    return [f"{name} {'+' if w > 0 else '-'}" for name, w in factor_signs(case) if abs(w) > 0.05]
+
+
 def reasoning(case: Case, rng: random.Random, call_noise: float) -> tuple[str, bool]:
     """Signed factor list in a fixed order, then an overall call, wrong w.p. ``call_noise``."""
-    # Neutral factors are left out to keep completions short (CPU sampling cost is per token).
-    parts = [f"{name} {'+' if w > 0 else '-'}" for name, w in factor_signs(case) if abs(w) > 0.05]
+    parts = signed_factors(case)
     call = true_logit(case) > 0
     if rng.random() < call_noise:
         call = not call
