@@ -11,7 +11,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 status=0
-for lock in requirements/lock-runtime.txt requirements/lock-dev.txt requirements/lock-langfuse.txt; do
+for lock in requirements/lock-runtime.txt requirements/lock-dev.txt requirements/lock-langfuse.txt requirements/lock-pip.txt; do
   # torch is locked as its CPU build (2.13.0+cpu); the services know it by the public release it
   # is built from. The hashes stay: pip-audit checks every line has one, and downloads nothing.
   sed -E 's/^(torch==[^+ ]+)\+cpu /\1 /' "$lock" > "$tmp/$(basename "$lock")"

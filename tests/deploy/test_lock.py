@@ -18,6 +18,7 @@ from tests.support.locks import (
     DEV_EXTRAS,
     DEV_LOCK,
     LANGFUSE_LOCK,
+    PIP_LOCK,
     REPO,
     RUNTIME_LOCK,
     Pin,
@@ -101,7 +102,21 @@ def test_ci_and_the_image_install_from_the_locks_with_hashes() -> None:
     assert re.search(r"pip install -q --no-deps --no-build-isolation -e \.$", ci, re.M)
     docker = (REPO / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
     assert re.search(r"pip install --require-hashes .*-r requirements/lock-runtime\.txt", docker)
-    assert "COPY requirements/lock-runtime.txt" in docker
+    assert re.search(r"COPY .*requirements/lock-runtime\.txt", docker)
+
+
+def test_pip_comes_first_at_the_dev_locks_version_and_hashes() -> None:
+    # A venv's bundled pip 23.x misresolves a dependency's extra under --require-hashes
+    # (docs/supply-chain.md), so CI, the README's first command and the image install pip alone
+    # from its own lock before anything else.
+    assert read_lock(PIP_LOCK) == {"pip": read_lock(DEV_LOCK)["pip"]}
+    first = "pip install -q --require-hashes -r requirements/lock-pip.txt"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert first in ci and ci.index(first) < ci.index("-r requirements/lock-dev.txt")
+    readme = (REPO / "README.md").read_text()
+    assert readme.index("-r requirements/lock-pip.txt") < readme.index("-r requirements/lock-runtime.txt")
+    docker = (REPO / "deploy" / "Dockerfile").read_text()
+    assert docker.index("-r requirements/lock-pip.txt") < docker.index("-r requirements/lock-runtime.txt")
 
 
 def test_the_audit_workflow_audits_every_lock_with_the_locked_pip_audit() -> None:

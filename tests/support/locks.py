@@ -19,6 +19,7 @@ LOCKS = REPO / "requirements"
 RUNTIME_LOCK = LOCKS / "lock-runtime.txt"
 DEV_LOCK = LOCKS / "lock-dev.txt"
 LANGFUSE_LOCK = LOCKS / "lock-langfuse.txt"
+PIP_LOCK = LOCKS / "lock-pip.txt"
 SBOM = REPO / "deploy" / "sbom.cdx.json"
 # The extras CI installs from lock-dev.txt; `langfuse` has its own lock (installed with
 # --no-deps), `vllm` lives unlocked in .venv-vllm.
