@@ -58,9 +58,12 @@ def test_answer_line_start_is_where_the_final_line_begins() -> None:
 
 
 def test_the_knob_at_its_old_value_keeps_the_old_key_and_any_other_value_changes_it() -> None:
-    # At 1.0 the knob stays out of the key, so the model shipped before it existed (call noise
-    # 0.15; results/quality.json before 2026-12 names it) keeps the key it is cached under.
-    assert BootstrapConfig(call_noise=0.15, answer_line_weight=1.0).cache_key() == "3551c40d07abb6e0"
+    # At 1.0 the knob stays out of the key, so the model shipped before it existed (6,000
+    # demonstrations, call noise 0.15; results/quality.json before 2026-12 names it) keeps the
+    # key it is cached under, as does the 6,000-demonstration build shipped before 82050f9.
+    old = BootstrapConfig(n_demos=6000, call_noise=0.15, answer_line_weight=1.0)
+    assert old.cache_key() == "3551c40d07abb6e0"
+    assert BootstrapConfig(n_demos=6000).cache_key() == "f97593514a110a7d"
     default = BootstrapConfig()
     assert (default.call_noise, default.answer_line_weight) == (0.0, 2.0)
     assert BootstrapConfig(answer_line_weight=1.0).cache_key() != default.cache_key()
