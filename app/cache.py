@@ -13,8 +13,10 @@ cache once more on the next request.
 
 from __future__ import annotations
 
+import contextvars
 import threading
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar, cast
 
 from sqlalchemy import select
@@ -30,6 +32,53 @@ _SESSION_KEY = "cache.generations"
 _PER_REQUEST = "cache.per_request"
 _ABSENT = object()
 _COUNTERS = select(CacheGeneration.name, CacheGeneration.generation)
+
+
+class NotCached(LookupError):
+    """A lookup under ``cached_only`` that the process caches could not answer."""
+
+
+_cached_only: contextvars.ContextVar[bool] = contextvars.ContextVar("cached_only", default=False)
+_seen_lock = threading.Lock()
+_seen: dict[str, dict[str, int]] = {}
+
+
+def _database_of(session: Session) -> str:
+    return str(session.get_bind().engine.url)
+
+
+def _saw(database: str, counters: dict[str, int]) -> None:
+    """Remember the newest counters this process has read from ``database``: the counters only
+    grow (triggers bump them), so the newest of each is the largest read."""
+    with _seen_lock:
+        held = _seen.setdefault(database, {})
+        for name, generation in counters.items():
+            if generation > held.get(name, generation - 1):
+                held[name] = generation
+
+
+def last_seen(database: str) -> dict[str, int] | None:
+    """The newest counters this process has read from ``database`` (by URL), or None before
+    its first read."""
+    with _seen_lock:
+        held = _seen.get(database)
+        return dict(held) if held else None
+
+
+@contextmanager
+def cached_only(session: Session, counters: dict[str, int]) -> Iterator[None]:
+    """Answer every cache lookup made with ``session`` from the process caches, as of
+    ``counters`` (``last_seen``), without a statement: a lookup the caches cannot answer raises
+    ``NotCached`` instead of loading. What is read this way may be stale by the time it is
+    used; the group writer reads the counters again in the transaction that writes
+    (``app.traces.group_commit``) and writes only what was read under the same counters."""
+    per_request(session)
+    session.info[_SESSION_KEY] = (None, dict(counters))
+    token = _cached_only.set(True)
+    try:
+        yield
+    finally:
+        _cached_only.reset(token)
 
 
 def per_request(session: Session) -> None:
@@ -52,6 +101,7 @@ def generations(session: Session) -> dict[str, int]:
     rows = first_statement(session, lambda: session.execute(_COUNTERS).tuples().all())
     counters = dict(rows)
     session.info[_SESSION_KEY] = (session.get_transaction(), counters)
+    _saw(_database_of(session), counters)
     return counters
 
 
@@ -73,7 +123,9 @@ def read_request_generations(session: Session) -> None:
         ).execute(_COUNTERS).tuples().all())
         return dict(rows)
 
-    counters = _request_reads(str(session.get_bind().engine.url)).get(read)
+    database = _database_of(session)
+    counters = _request_reads(database).get(read)
+    _saw(database, counters)
     session.info[_SESSION_KEY] = (None, counters)
     session.commit()  # hands the connection back (if it took one); the pool resets its isolation
 
@@ -153,9 +205,12 @@ class GenerationCache(Generic[K, V]):
         those found) in ``session``'s transaction."""
         wanted = set(keys)
         generation = generations(session).get(self.counter)
+        cached_only = _cached_only.get()
         if generation is None:  # a database without the counter: no caching, never stale
+            if cached_only:
+                raise NotCached(self.counter)
             return load(wanted)
-        database = str(session.get_bind().engine.url)
+        database = _database_of(session)
         with self._lock:
             held_generation, entries = self._by_database.get(database, (generation, {}))
             if held_generation != generation or len(entries) > self.max_entries:
@@ -163,6 +218,8 @@ class GenerationCache(Generic[K, V]):
             self._by_database[database] = (generation, entries)
             found: dict[K, object] = {k: entries[k] for k in wanted if k in entries}
         missing = wanted - found.keys()
+        if missing and cached_only:
+            raise NotCached(self.counter)
         if missing:
             loaded = load(missing)
             fresh = {k: loaded.get(k, _ABSENT) for k in missing}

@@ -126,7 +126,7 @@ def require(scope: Scope) -> Callable[..., Awaitable[Principal]]:
     # Async though it awaits nothing: FastAPI runs a sync dependency in the threadpool, a
     # thread hop per request for a set lookup.
     async def _dependency(principal: Principal = Depends(current_principal)) -> Principal:
-        if scope not in principal.scopes and Scope.admin not in principal.scopes:
+        if not principal.holds(scope):
             raise Forbidden(f"this route needs the {scope.value!r} scope")
         return principal
 
@@ -159,7 +159,7 @@ def receiver_principal(
         "send `Authorization: Bearer <tracelearn API key>`, or Basic auth with public key "
         "`tl_<prefix>` and the API key as the secret key",
     )
-    if Scope.ingest not in principal.scopes and Scope.admin not in principal.scopes:
+    if not principal.holds(Scope.ingest):
         raise Forbidden("this route needs the 'ingest' scope")
     return principal
 

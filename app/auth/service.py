@@ -38,6 +38,10 @@ class Principal:
     scopes: frozenset[Scope]
     name: str
 
+    def holds(self, scope: Scope) -> bool:
+        """Whether this key may use what needs ``scope`` (admin holds every scope)."""
+        return scope in self.scopes or Scope.admin in self.scopes
+
     @property
     def actor(self) -> str:
         return f"key:{self.key_id}:{self.name}" if self.name else f"key:{self.key_id}"

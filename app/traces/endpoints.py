@@ -82,7 +82,12 @@ async def ingest_traces(
             _body_adapter.validate_python(body)  # never valid: says why as FastAPI would
         except ValidationError as exc:
             raise RequestValidationError(exc.errors(include_url=False)) from exc
-    result = await group_commit.ingest_one(session, principal, body, settings)
+    return single_trace_answer(await group_commit.ingest_one(session, principal, body, settings))
+
+
+def single_trace_answer(result: ItemResult) -> Response:
+    """One trace's answer: 201 (stored) or 200 (a duplicate) with its result, else its
+    problem."""
     if result.status in _SINGLE_STATUS:
         return Response(result.model_dump_json(), status_code=_SINGLE_STATUS[result.status],
                         media_type=JSON)

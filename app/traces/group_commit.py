@@ -23,6 +23,12 @@ requests. A connection lost, or the database gone, fails the whole group with th
 direct path raises (503 + Retry-After). Any other database error (a value the database refuses:
 422) is the fault of one trace, so the group is written again one trace to a transaction and
 only that trace's request fails. SQLite keeps the direct path: it has one writer anyway.
+
+A row admitted from the process caches alone, without a statement (``admitted_under``: the
+counters those caches were read under, ``app.cache.cached_only``), is written only if the
+counters the writer reads in the same transaction, its first statement, are still those: a
+key revoked or a policy changed since is caught there, and that request is answered
+``None`` — it must be admitted again the ordinary way.
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import anyio
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-from app.auth.service import Principal
+from app.auth.service import Principal, Scope, authenticate
+from app.cache import NotCached, cached_only, generations, last_seen
 from app.db import Database, first_statement, get_database
 from app.observability import INGEST_GROUP_SIZE
 from app.settings import Settings, get_settings
@@ -55,15 +63,17 @@ class _Waiting:
     database: Database
     entry: service.Admitted
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[ItemResult]
+    future: asyncio.Future[ItemResult | None]
+    admitted_under: dict[str, int] | None
 
-    def settle(self, result: ItemResult | BaseException) -> None:
+    def settle(self, result: ItemResult | BaseException | None) -> None:
         # RuntimeError: its event loop is closed, so nobody is waiting any more.
         with suppress(RuntimeError):
             self.loop.call_soon_threadsafe(_settle, self.future, result)
 
 
-def _settle(future: asyncio.Future[ItemResult], result: ItemResult | BaseException) -> None:
+def _settle(future: asyncio.Future[ItemResult | None],
+            result: ItemResult | BaseException | None) -> None:
     if future.done():  # the client went away and its request was cancelled
         return
     if isinstance(result, BaseException):
@@ -95,13 +105,15 @@ class GroupWriter:
         with self._arrivals:
             self._arriving -= 1
 
-    async def write(self, database: Database, entry: service.Admitted) -> ItemResult:
-        """``entry``'s result (announced first), once the commit holding its row is done."""
+    async def write(self, database: Database, entry: service.Admitted,
+                    admitted_under: dict[str, int] | None = None) -> ItemResult | None:
+        """``entry``'s result (announced first), once the commit holding its row is done; None
+        when it was ``admitted_under`` counters that have moved since (nothing written)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[ItemResult] = loop.create_future()
+        future: asyncio.Future[ItemResult | None] = loop.create_future()
         with self._arrivals:  # arrives and is queued at once: the writer never sees neither
             self._arriving -= 1
-            self._queue.put(_Waiting(database, entry, loop, future))
+            self._queue.put(_Waiting(database, entry, loop, future, admitted_under))
         return await future
 
     @property
@@ -161,9 +173,8 @@ class GroupWriter:
         return group
 
     def _commit(self, group: list[_Waiting]) -> None:
-        database = group[0].database
         try:
-            results = _store(database, [waiting.entry for waiting in group])
+            results = _store(group)
         except OperationalError as exc:
             # The database is gone or the connection died: every request fails as it would
             # alone (503 + Retry-After), nothing is acknowledged.
@@ -181,7 +192,7 @@ class GroupWriter:
         except Exception as exc:
             self._fail(group, exc)
             return
-        INGEST_GROUP_SIZE.observe(len(group))
+        INGEST_GROUP_SIZE.observe(sum(result is not None for result in results))
         for waiting, result in zip(group, results, strict=True):
             waiting.settle(result)
 
@@ -195,11 +206,24 @@ def _by_database(group: list[_Waiting]) -> list[list[_Waiting]]:
     return list(by.values())
 
 
-def _store(database: Database, entries: Sequence[service.Admitted]) -> list[ItemResult]:
-    with database.session() as session:
-        # The INSERT is the transaction's first statement: on a pooled connection that died
-        # (a database restart) it runs once more on a fresh one. A failed COMMIT is not retried.
-        return first_statement(session, lambda: service.store(session, entries))
+def _store(group: Sequence[_Waiting]) -> list[ItemResult | None]:
+    """Each row's result in order, None for a row admitted under counters that have moved."""
+    with group[0].database.session() as session:
+        # The transaction's first statement (the counters, or else the INSERT) runs once more
+        # on a fresh connection when the pooled one died (a database restart). A failed COMMIT
+        # is not retried.
+        if any(waiting.admitted_under is not None for waiting in group):
+            counters = first_statement(session, lambda: generations(session))
+            written = [waiting for waiting in group
+                       if waiting.admitted_under in (None, counters)]
+        else:
+            written = list(group)
+        if not written:
+            return [None] * len(group)
+        results = first_statement(
+            session, lambda: service.store(session, [waiting.entry for waiting in written]))
+    by_row = {id(waiting): result for waiting, result in zip(written, results, strict=True)}
+    return [by_row.get(id(waiting)) for waiting in group]
 
 
 writer = GroupWriter()
@@ -232,6 +256,7 @@ async def ingest_one(
         return refused
     assert admitted is not None
     result = await writer.write(database, admitted)
+    assert result is not None  # admitted under no counters: never held back
     service.count_results([result])
     return result
 
@@ -244,3 +269,41 @@ def _admit(
     # connection goes back to the pool instead of idling while the row waits for its group.
     session.commit()
     return (refused[0], None) if refused else (None, admitted[0])
+
+
+def admit_cached(
+    database: Database, raw_key: str, raw: dict[str, Any], settings: Settings
+) -> tuple[Principal, service.Admitted, dict[str, int]] | None:
+    """The caller's principal, the trace admitted and the counters they were read under, all
+    from the process caches without a statement (``app.cache.cached_only``); None when
+    anything needed is not cached, the key is unknown, revoked or lacks the ``ingest`` scope,
+    or the trace is refused: the ordinary path then answers, and says why."""
+    counters = last_seen(str(database.engine.url))
+    if counters is None:
+        return None
+    session = database.sessionmaker()
+    try:
+        with cached_only(session, counters):
+            principal = authenticate(session, raw_key)
+            if principal is None or not principal.holds(Scope.ingest):
+                return None
+            refused, admitted = service.admit(session, principal, [raw], settings)
+    except NotCached:
+        return None
+    finally:
+        session.close()
+    if refused:
+        return None
+    return principal, admitted[0], counters
+
+
+async def write_cached(
+    database: Database, entry: service.Admitted, counters: dict[str, int]
+) -> ItemResult | None:
+    """``admit_cached``'s trace written in a group; None when the counters have moved since
+    (nothing written: admit it again the ordinary way)."""
+    writer.announce()
+    result = await writer.write(database, entry, counters)
+    if result is not None:
+        service.count_results([result])
+    return result

@@ -1,0 +1,191 @@
+"""Single-trace POSTs admitted from the process caches (``app.traces.cached_ingest``): on
+Postgres a warm request is stored without the route, and everything the caches cannot vouch
+for — a key revoked since, a scope taken away, a cold process, a rate limit — is answered by
+the route exactly as before."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
+
+from app.auth.service import revoke_key
+from app.db import Database
+from app.models import ApiKey, Trace
+from app.settings import Settings, set_settings
+from app.traces import cached_ingest, group_commit
+from tests.conftest import bearer
+
+
+def trace(ext: str, policy: str, content: str = "Patient note") -> dict[str, object]:
+    return {"external_id": ext, "policy": policy,
+            "messages": [{"role": "user", "content": content}], "response": "ANSWER: YES"}
+
+
+class Calls:
+    """What ``admit_cached`` and ``write_cached`` gave, request by request."""
+
+    def __init__(self) -> None:
+        self.admitted: list[bool] = []
+        self.written: list[str | None] = []
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[Calls]:
+    seen = Calls()
+    admit, write = group_commit.admit_cached, group_commit.write_cached
+
+    def admit_spy(*args: Any) -> Any:
+        found = admit(*args)
+        seen.admitted.append(found is not None)
+        return found
+
+    async def write_spy(*args: Any) -> Any:
+        result = await write(*args)
+        seen.written.append(None if result is None else result.status.value)
+        return result
+
+    monkeypatch.setattr(group_commit, "admit_cached", admit_spy)
+    monkeypatch.setattr(group_commit, "write_cached", write_spy)
+    yield seen
+
+
+@pytest.fixture(params=["postgres"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Postgres, whose group writer the cached path writes through; ``sqlite`` where asked."""
+    return str(request.getfixturevalue("pg_url" if request.param == "postgres" else "sqlite_url"))
+
+
+def stored(database: Database, tenant: str) -> int:
+    with database.session() as session:
+        return int(session.scalar(select(func.count()).where(Trace.tenant == tenant)) or 0)
+
+
+def test_a_warm_single_trace_is_stored_from_the_caches_and_answered_as_the_route_would(
+    client: TestClient, admin_headers: dict[str, str], policy_name: str, tenant: str,
+    database: Database, calls: Calls,
+) -> None:
+    cold = client.post("/v1/traces", json=trace("a", policy_name), headers=admin_headers)
+    assert cold.status_code == 201, cold.text  # the route's, filling the caches
+    new = client.post("/v1/traces", json=trace("b", policy_name), headers=admin_headers)
+    again = client.post("/v1/traces", json=trace("b", policy_name), headers=admin_headers)
+    other = client.post("/v1/traces", json=trace("b", policy_name, "other"),
+                        headers=admin_headers)
+    assert (new.status_code, again.status_code, other.status_code) == (201, 200, 409)
+    assert calls.written == ["created", "duplicate", "conflict"]
+    assert new.headers["content-type"] == "application/json"
+    assert new.json()["status"] == "created" and again.json()["id"] == new.json()["id"]
+    assert other.headers["content-type"] == "application/problem+json"
+    assert other.headers["x-content-type-options"] == "nosniff"  # the middleware still wraps
+    assert stored(database, tenant) == 2
+    metrics = client.get("/metrics").text
+    assert 'route="/traces",status="201"' in metrics  # filed under the route's template
+
+
+def test_a_key_revoked_after_it_was_cached_is_held_back_at_the_write_and_refused(
+    client: TestClient, database: Database, tenant: str, policy_name: str,
+    make_key: Callable[..., str], calls: Calls,
+) -> None:
+    key = make_key(tenant, "ingest,read")
+    for ext in ("a", "b"):
+        assert client.post("/v1/traces", json=trace(ext, policy_name),
+                           headers=bearer(key)).status_code == 201
+    with database.session() as session:
+        key_id = session.scalar(select(ApiKey.id).where(ApiKey.prefix == key.split("_")[1]))
+        assert key_id is not None
+        revoke_key(session, key_id)
+    r = client.post("/v1/traces", json=trace("c", policy_name), headers=bearer(key))
+    assert r.status_code == 401, r.text
+    # Admitted from the stale cache, then held back by the counters read with the insert.
+    assert calls.written[-1] is None
+    assert stored(database, tenant) == 2
+
+
+def test_a_scope_taken_away_after_caching_is_refused(
+    client: TestClient, database: Database, tenant: str, policy_name: str,
+    make_key: Callable[..., str], calls: Calls,
+) -> None:
+    key = make_key(tenant, "ingest,read")
+    for ext in ("a", "b"):
+        assert client.post("/v1/traces", json=trace(ext, policy_name),
+                           headers=bearer(key)).status_code == 201
+    with database.session() as session:
+        session.execute(update(ApiKey).where(ApiKey.prefix == key.split("_")[1])
+                        .values(scopes=["read"]))
+    assert client.post("/v1/traces", json=trace("c", policy_name),
+                       headers=bearer(key)).status_code == 403
+    assert calls.written[-1] is None and stored(database, tenant) == 2
+
+
+def test_what_the_caches_cannot_vouch_for_goes_to_the_route(
+    client: TestClient, admin_headers: dict[str, str], policy_name: str,
+    make_key: Callable[..., str], tenant: str, calls: Calls,
+) -> None:
+    assert client.post("/v1/traces", json=trace("a", policy_name),
+                       headers=admin_headers).status_code == 201
+    calls.admitted.clear()
+    read_only = bearer(make_key(tenant, "read"))
+    answers = [
+        client.post("/v1/traces", json=trace("b", policy_name), headers=read_only),
+        client.post("/v1/traces", json=trace("c", "no-such-policy"), headers=admin_headers),
+        client.post("/v1/traces", json={"external_id": "d"}, headers=admin_headers),
+        client.post("/v1/traces", json={"traces": [trace("e", policy_name)]},
+                    headers=admin_headers),
+        client.post("/v1/traces", content=b"[1]", headers=admin_headers
+                    | {"content-type": "application/json"}),
+        client.post("/v1/traces", content=b"{", headers=admin_headers
+                    | {"content-type": "application/json"}),
+        client.post("/v1/traces", json=trace("f", policy_name),
+                    headers={"authorization": "Bearer tl_nope_nope"}),
+    ]
+    assert [r.status_code for r in answers] == [403, 422, 422, 207, 422, 422, 401]
+    # A key not cached yet (the new one; then the admin key, its cache emptied by the new
+    # key's counter; an unknown one) and an invalid trace were handed over at admission; a
+    # batch, a body that is not an object and one that is not JSON never got there.
+    assert calls.admitted == [False, False, False, False]
+    assert calls.written == []
+
+
+def test_a_rate_limit_reached_is_answered_by_the_route(
+    client: TestClient, settings: Settings, admin_headers: dict[str, str], policy_name: str,
+    calls: Calls,
+) -> None:
+    set_settings(settings.model_copy(update={"rate_limit_per_minute": 3}))
+    try:
+        codes = [client.post("/v1/traces", json=trace(f"r{i}", policy_name),
+                             headers=admin_headers).status_code for i in range(4)]
+    finally:
+        set_settings(settings)
+    assert codes == [201, 201, 201, 429]
+    # The first by the route (the new policy was not cached yet), the next two from the
+    # caches, the last refused by the route: the bucket held three tokens.
+    assert calls.written == ["created", "created"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_sqlite_keeps_the_route(
+    client: TestClient, admin_headers: dict[str, str], policy_name: str, calls: Calls,
+) -> None:
+    for ext in ("a", "b"):
+        assert client.post("/v1/traces", json=trace(ext, policy_name),
+                           headers=admin_headers).status_code == 201
+    assert calls.admitted == [] and calls.written == []
+
+
+def test_the_bearer_key_is_read_only_from_a_json_request() -> None:
+    def scope(*headers: tuple[bytes, bytes]) -> dict[str, Any]:
+        return {"headers": list(headers)}
+
+    json_type = (b"content-type", b"application/json; charset=utf-8")
+    assert cached_ingest._bearer_key(scope(json_type, (b"authorization", b"Bearer tl_a_b"))
+                                     ) == "tl_a_b"
+    assert cached_ingest._bearer_key(scope(json_type, (b"authorization", b"bearer  tl_a_b "))
+                                     ) == "tl_a_b"
+    assert cached_ingest._bearer_key(scope(json_type, (b"authorization", b"Basic eA=="))) is None
+    assert cached_ingest._bearer_key(scope(json_type, (b"authorization", b"Bearer "))) is None
+    assert cached_ingest._bearer_key(scope((b"content-type", b"text/plain"),
+                                           (b"authorization", b"Bearer tl_a_b"))) is None
+    assert cached_ingest._bearer_key(scope((b"authorization", b"Bearer tl_a_b"))) is None
