@@ -54,7 +54,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ import orjson
 import psutil
 import psycopg
 
+from app.cli.serve import default_api_workers
 from benchmarks._common import (
     agg_backend,
     machine,
@@ -122,6 +123,10 @@ class IngestConfig:
     """Batches of the secondary pass with inline outcomes (1000 traces each; 0 skips it)."""
     server_workers: int = 1
     """``tracelearn api`` processes."""
+    default_processes_level: bool = True
+    """Also run the reference level against a server with the processes ``tracelearn api``
+    starts by default on this host (``default_api_workers``), when that is more than
+    ``server_workers``: the service as deployed here, beside the issue's one-process table."""
     seed: int = 0
     profile: bool = False
 
@@ -655,6 +660,15 @@ def run(cfg: IngestConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
                           f"COPY {bt['copy_rows_per_s']} rows/s, ratio {bt['ratio']}",
                           flush=True)
                 wrk, healthz, profiled = run_wrk_levels(server, key, tenant, pg_dsn, cfg, out)
+            default_processes: dict[str, Any] | None = None
+            if cfg.default_processes_level and default_api_workers() > cfg.server_workers:
+                with Server(db_url, Path(tmp), default_api_workers()) as server:
+                    level, floor, _ = run_wrk_levels(
+                        server, key, tenant, pg_dsn, replace(cfg, connections=(
+                            reference_level(cfg.connections, cfg.reference_connections),),
+                            profile=False), out)
+                    default_processes = {"processes": default_api_workers(), "wrk": level,
+                                         "healthz_floor": floor}
     finally:
         drop_database(name)
     by_size = {bt["batch_size"]: bt for bt in batches}
@@ -664,6 +678,11 @@ def run(cfg: IngestConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         **{f"ingest_http_vs_copy_ratio_batch_{s}": bt["ratio"] for s, bt in by_size.items()},
         **wrk_ratios(wrk, cfg.reference_connections),
     }
+    if default_processes is not None:
+        level = default_processes["wrk"][0]
+        at = level["connections"]
+        ratios[f"ingest_p99_ms_at_{at}_default_processes"] = level.get("p99_ms")
+        ratios[f"ingest_rps_at_{at}_default_processes"] = level.get("requests_per_s")
     at, lo = reference_level(cfg.connections, cfg.reference_connections), min(cfg.connections)
     p99, rps_ratio = ratios[f"ingest_p99_ms_at_{at}"], ratios[f"ingest_rps_at_{at}_vs_{lo}"]
     result: dict[str, Any] = {
@@ -679,6 +698,7 @@ def run(cfg: IngestConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         "wrk": wrk,
         "healthz_floor": healthz,
         "wrk_profiled": profiled,
+        "wrk_default_processes": default_processes,
         "issue_reference": {str(k): v for k, v in ISSUE_REFERENCE.items()},
         "ratios": ratios,
         "targets": {
@@ -758,6 +778,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--min-rows", type=int, default=d.min_rows)
     p.add_argument("--outcome-batches", type=int, default=d.outcome_batches)
     p.add_argument("--workers", type=int, default=d.server_workers)
+    p.add_argument("--no-default-processes", action="store_true",
+                   help="skip the reference level against the default number of API processes")
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", type=str, default=None)
     a = p.parse_args(argv)
@@ -769,6 +791,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         healthz_floor=not a.no_healthz, reference_connections=a.profile_at,
         batch_sizes=_ints(a.batch_sizes), batches=a.batches, min_rows=a.min_rows,
         outcome_batches=a.outcome_batches, server_workers=a.workers, profile=a.profile,
+        default_processes_level=not a.no_default_processes,
     )
     result = run(cfg, a.out)
     at = reference_level(cfg.connections, cfg.reference_connections)

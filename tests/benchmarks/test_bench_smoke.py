@@ -47,6 +47,7 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 @pytest.mark.postgres
 @pytest.mark.timeout(300)
 def test_ingest_benchmark_reports_wrk_levels_copy_ratios_and_the_profile(tmp_path: Path) -> None:
+    from app.cli.serve import default_api_workers
     from benchmarks.ingest import IngestConfig, run
 
     if shutil.which("wrk") is None:
@@ -76,6 +77,15 @@ def test_ingest_benchmark_reports_wrk_levels_copy_ratios_and_the_profile(tmp_pat
     assert (tmp_path / "ingest.png").stat().st_size > 0
     if shutil.which("py-spy", path=str(Path(sys.executable).parent)):
         assert "top self:" in (tmp_path / "ingest_profile_wrk2.txt").read_text()
+    default = saved["wrk_default_processes"]
+    if default_api_workers() > 1:  # the service as started by default here, at the reference
+        assert default["processes"] == default_api_workers()
+        (level,) = default["wrk"]
+        assert level["connections"] == 2 and level["requests"] > 0 and level["non_2xx"] == 0
+        assert level["sent_equals_stored"], level
+        assert saved["ratios"]["ingest_p99_ms_at_2_default_processes"] == level["p99_ms"]
+    else:
+        assert default is None
 
 
 def test_learner_benchmark_reports_cost_ratio_and_rss(tmp_path: Path, model_cache: Path) -> None:
@@ -190,7 +200,7 @@ def test_run_all_summary_is_one_flat_object_with_the_nine_figures(
     assert saved == summary
     assert set(saved) == {
         "ingest_http_vs_copy_ratio", "ingest_p99_ms_at_50", "ingest_rps_at_50_vs_1",
-        "oapl_vs_sft_cost_ratio",
+        "ingest_p99_ms_at_50_default_processes", "oapl_vs_sft_cost_ratio",
         "learner_peak_rss_vs_floor", "learner_peak_rss_vs_floor_bundled",
         "learner_peak_rss_vs_floor_system_malloc",
         "time_to_45pct_speedup_vs_trl", "rollout_pipeline_vs_bare_ratio",
