@@ -11,7 +11,7 @@ those caches has moved since (``app.traces.group_commit``). A key revoked a mome
 therefore still refused on its very next request.
 
 Anything else is handed to the application unchanged, with the body it already read:
-batches, other content types, unknown or revoked keys, keys without the ``ingest`` scope, a
+batches, bodies over ``LARGEST_BODY``, other content types, unknown or revoked keys, keys without the ``ingest`` scope, a
 rate limit reached, a cache miss, every refused or invalid trace, a database error, and a row
 whose caches moved before its commit. What the group writer decides (stored, duplicate,
 conflict) is answered as the route answers it (``single_trace_answer``).
@@ -37,6 +37,10 @@ from app.traces import group_commit
 from app.traces.endpoints import single_trace_answer
 
 PATH = "/v1/traces"
+LARGEST_BODY = 64 * 1024
+"""Larger single traces go to the route: admission runs on the event loop here, and a trace of
+megabytes would hold every other request of the process while it is validated and redacted
+(the route admits in the threadpool)."""
 
 
 class CachedSingleTraceIngest:
@@ -78,7 +82,7 @@ class CachedSingleTraceIngest:
     async def _answer(raw_key: str, body: bytes) -> Response | None:
         """The answer for a trace the group writer judged, admitted from the caches, or None
         for the route to answer."""
-        if b'"traces"' in body:
+        if len(body) > LARGEST_BODY or b'"traces"' in body:
             # A batch, most likely: the route parses it, so it is not parsed twice (a single
             # trace that merely says "traces" somewhere goes there too).
             return None

@@ -192,7 +192,8 @@ class GroupWriter:
         except Exception as exc:
             self._fail(group, exc)
             return
-        INGEST_GROUP_SIZE.observe(sum(result is not None for result in results))
+        if written := sum(result is not None for result in results):
+            INGEST_GROUP_SIZE.observe(written)
         for waiting, result in zip(group, results, strict=True):
             waiting.settle(result)
 

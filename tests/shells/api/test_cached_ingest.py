@@ -140,11 +140,15 @@ def test_what_the_caches_cannot_vouch_for_goes_to_the_route(
                     | {"content-type": "application/json"}),
         client.post("/v1/traces", json=trace("f", policy_name),
                     headers={"authorization": "Bearer tl_nope_nope"}),
+        client.post("/v1/traces", json=trace("g", policy_name,
+                                             "x" * cached_ingest.LARGEST_BODY),
+                    headers=admin_headers),
     ]
-    assert [r.status_code for r in answers] == [403, 422, 422, 207, 422, 422, 401]
+    assert [r.status_code for r in answers] == [403, 422, 422, 207, 422, 422, 401, 201]
     # A key not cached yet (the new one; then the admin key, its cache emptied by the new
     # key's counter; an unknown one) and an invalid trace were handed over at admission; a
-    # batch, a body that is not an object and one that is not JSON never got there.
+    # batch, a body that is not an object, one that is not JSON and one over the size the
+    # event loop admits never got there.
     assert calls.admitted == [False, False, False, False]
     assert calls.written == []
 
