@@ -62,8 +62,10 @@ class Settings(BaseSettings):
         default=True,
         description="On Postgres, single-trace POSTs are written by one writer per process in "
         "groups: one multi-row INSERT and one commit for every trace that arrived within the "
-        "window, each request answered only after the commit that holds its trace. Off: each "
-        "request commits its own trace. SQLite always writes directly.",
+        "window, each request answered only after the commit that holds its trace; a warm "
+        "single trace is admitted from the process caches before the framework and checked "
+        "against the cache counters in that commit (`docs/architecture.md`). Off: each request "
+        "commits its own trace through the route. SQLite always writes directly.",
     )
     group_commit_window_ms: float = Field(
         default=2.0, ge=0.0, le=100.0,
