@@ -24,7 +24,7 @@ from app.settings import Settings, get_settings
 from app.snapshots.endpoints import router as snapshots_router
 from app.tenants.endpoints import router as tenant_router
 from app.traces import service as trace_service
-from app.traces.cached_ingest import CachedSingleTraceIngest
+from app.traces.endpoints import CachedSingleTraceIngest
 from app.traces.endpoints import router as traces_router
 from workers.celery_app import send_job
 

@@ -1,7 +1,7 @@
-"""Single-trace POSTs admitted from the process caches (``app.traces.cached_ingest``): on
-Postgres a warm request is stored without the route, and everything the caches cannot vouch
-for — a key revoked since, a scope taken away, a cold process, a rate limit — is answered by
-the route exactly as before."""
+"""Single-trace POSTs admitted from the process caches (``CachedSingleTraceIngest`` in
+``app.traces.endpoints``): on Postgres a warm request is stored without the route, and
+everything the caches cannot vouch for — a key revoked since, a scope taken away, a cold
+process, a rate limit — is answered by the route exactly as before."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from app.auth.service import revoke_key
 from app.db import Database
 from app.models import ApiKey, Trace
 from app.settings import Settings, set_settings
-from app.traces import cached_ingest, group_commit
+from app.traces import endpoints, group_commit
 from tests.conftest import bearer
 
 
@@ -137,7 +137,7 @@ def test_what_the_caches_cannot_vouch_for_goes_to_the_route(
         client.post("/v1/traces", json=trace("f", policy_name),
                     headers={"authorization": "Bearer tl_nope_nope"}),
         client.post("/v1/traces", json=trace("g", policy_name,
-                                             "x" * cached_ingest.LARGEST_BODY),
+                                             "x" * endpoints.LARGEST_BODY),
                     headers=admin_headers),
     ]
     assert [r.status_code for r in answers] == [403, 422, 422, 207, 422, 422, 401, 201]
@@ -180,12 +180,12 @@ def test_the_bearer_key_is_read_only_from_a_json_request() -> None:
         return {"headers": list(headers)}
 
     json_type = (b"content-type", b"application/json; charset=utf-8")
-    assert cached_ingest._bearer_key(scope(json_type, (b"authorization", b"Bearer tl_a_b"))
+    assert endpoints._bearer_key(scope(json_type, (b"authorization", b"Bearer tl_a_b"))
                                      ) == "tl_a_b"
-    assert cached_ingest._bearer_key(scope(json_type, (b"authorization", b"bearer  tl_a_b "))
+    assert endpoints._bearer_key(scope(json_type, (b"authorization", b"bearer  tl_a_b "))
                                      ) == "tl_a_b"
-    assert cached_ingest._bearer_key(scope(json_type, (b"authorization", b"Basic eA=="))) is None
-    assert cached_ingest._bearer_key(scope(json_type, (b"authorization", b"Bearer "))) is None
-    assert cached_ingest._bearer_key(scope((b"content-type", b"text/plain"),
+    assert endpoints._bearer_key(scope(json_type, (b"authorization", b"Basic eA=="))) is None
+    assert endpoints._bearer_key(scope(json_type, (b"authorization", b"Bearer "))) is None
+    assert endpoints._bearer_key(scope((b"content-type", b"text/plain"),
                                            (b"authorization", b"Bearer tl_a_b"))) is None
-    assert cached_ingest._bearer_key(scope((b"authorization", b"Bearer tl_a_b"))) is None
+    assert endpoints._bearer_key(scope((b"authorization", b"Bearer tl_a_b"))) is None
