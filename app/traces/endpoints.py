@@ -174,8 +174,9 @@ def delete_trace(
 # Anything else is handed to the application unchanged, with the body it already read:
 # batches, bodies over ``LARGEST_BODY``, other content types, unknown or revoked keys, keys
 # without the ``ingest`` scope, a rate limit reached, a cache miss, every refused or invalid
-# trace, a database error, and a row whose caches moved before its commit. What the group writer decides (stored, duplicate,
-# conflict) is answered as the route answers it (``single_trace_answer``).
+# trace, a database error, and a row whose caches moved before its commit. What the group
+# writer decides (stored, duplicate, conflict) is answered as the route answers it
+# (``single_trace_answer``).
 #
 # A request handed over after its rate-limit token was taken (its caches moved before the
 # commit, or the database failed) takes a second one on the route: a rare double count, in the
