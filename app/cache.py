@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar, cast
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from app.db import first_statement
@@ -43,8 +43,13 @@ _seen_lock = threading.Lock()
 _seen: dict[str, dict[str, int]] = {}
 
 
+def database_key(engine: Engine) -> str:
+    """How the caches tell databases apart (tests and tools point one process at several)."""
+    return str(engine.url)
+
+
 def _database_of(session: Session) -> str:
-    return str(session.get_bind().engine.url)
+    return database_key(session.get_bind().engine)
 
 
 def _saw(database: str, counters: dict[str, int]) -> None:

@@ -661,13 +661,14 @@ def run(cfg: IngestConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
                           flush=True)
                 wrk, healthz, profiled = run_wrk_levels(server, key, tenant, pg_dsn, cfg, out)
             default_processes: dict[str, Any] | None = None
-            if cfg.default_processes_level and default_api_workers() > cfg.server_workers:
-                with Server(db_url, Path(tmp), default_api_workers()) as server:
+            processes = default_api_workers()
+            if cfg.default_processes_level and processes > cfg.server_workers:
+                with Server(db_url, Path(tmp), processes) as server:
                     level, floor, _ = run_wrk_levels(
                         server, key, tenant, pg_dsn, replace(cfg, connections=(
                             reference_level(cfg.connections, cfg.reference_connections),),
                             profile=False), out)
-                    default_processes = {"processes": default_api_workers(), "wrk": level,
+                    default_processes = {"processes": processes, "wrk": level,
                                          "healthz_floor": floor}
     finally:
         drop_database(name)

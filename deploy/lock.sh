@@ -59,9 +59,8 @@ compile pyproject.toml "$tmp/build.in" --extra test --extra dev --extra bench \
 grep -E '^[A-Za-z0-9]' requirements/lock-dev.txt | sed 's/ *\\$//' > "$tmp/dev-pins.txt"
 compile pyproject.toml "$tmp/build.in" -c "$tmp/dev-pins.txt" -o requirements/lock-runtime.txt "$@"
 compile "$tmp/langfuse.in" --no-deps -o requirements/lock-langfuse.txt "$@"
-# pip itself, installed first everywhere: a venv's bundled pip (23.x) resolves a dependency's
-# extra (pip-audit's CacheControl[filecache]) to the index's newest release instead of the pinned
-# one under --require-hashes and refuses the lock.
+# pip itself, installed first everywhere (docs/supply-chain.md: older pips misresolve extras
+# under --require-hashes).
 echo pip > "$tmp/pip.in"
 compile "$tmp/pip.in" -c "$tmp/dev-pins.txt" -o requirements/lock-pip.txt "$@"
 

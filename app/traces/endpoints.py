@@ -14,13 +14,13 @@ from starlette.types import Scope as AsgiScope
 
 from app.apidocs import request_body
 from app.auth.service import Principal, Scope
-from app.db import get_database
+from app.db import Database, get_database
 from app.dependencies import SessionDep, rate_limiter, require
 from app.errors import RateLimited
 from app.limits import parse_json
 from app.models import Split
 from app.problems import problem_json
-from app.settings import get_settings
+from app.settings import Settings, get_settings
 from app.traces import group_commit, service
 from app.traces.schemas import (
     BatchResult,
@@ -204,7 +204,8 @@ class CachedSingleTraceIngest:
             await self.app(scope, receive, send)
             return
         raw_key = _bearer_key(scope)
-        if raw_key is None:
+        settings, database = get_settings(), get_database()
+        if raw_key is None or not group_commit.grouped(settings, database):
             await self.app(scope, receive, send)
             return
         messages: list[Message] = []
@@ -217,7 +218,8 @@ class CachedSingleTraceIngest:
         if messages[-1]["type"] != "http.request":  # the client went away mid-body
             await self.app(scope, replay, send)
             return
-        answer = await self._answer(raw_key, b"".join(m.get("body", b"") for m in messages))
+        answer = await self._answer(raw_key, b"".join(m.get("body", b"") for m in messages),
+                                    settings, database)
         if answer is None:
             await self.app(scope, replay, send)
             return
@@ -225,7 +227,8 @@ class CachedSingleTraceIngest:
         await answer(scope, replay, send)
 
     @staticmethod
-    async def _answer(raw_key: str, body: bytes) -> Response | None:
+    async def _answer(raw_key: str, body: bytes, settings: Settings,
+                      database: Database) -> Response | None:
         """The answer for a trace the group writer judged, admitted from the caches, or None
         for the route to answer."""
         if len(body) > LARGEST_BODY or b'"traces"' in body:
@@ -237,10 +240,6 @@ class CachedSingleTraceIngest:
         except ValueError:
             return None
         if not isinstance(raw, dict):
-            return None
-        settings = get_settings()
-        database = get_database()
-        if not group_commit.grouped(settings, database):
             return None
         admitted = group_commit.admit_cached(database, raw_key, raw, settings)
         if admitted is None:

@@ -48,7 +48,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope, authenticate
-from app.cache import NotCached, cached_only, generations, last_seen
+from app.cache import NotCached, cached_only, database_key, generations, last_seen
 from app.db import Database, first_statement, get_database
 from app.observability import INGEST_GROUP_SIZE
 from app.settings import Settings, get_settings
@@ -279,7 +279,7 @@ def admit_cached(
     from the process caches without a statement (``app.cache.cached_only``); None when
     anything needed is not cached, the key is unknown, revoked or lacks the ``ingest`` scope,
     or the trace is refused: the ordinary path then answers, and says why."""
-    counters = last_seen(str(database.engine.url))
+    counters = last_seen(database_key(database.engine))
     if counters is None:
         return None
     session = database.sessionmaker()
