@@ -182,6 +182,22 @@ async def _send_problem(send: Send, status: int, type_: str, title: str, detail:
     await send({"type": "http.response.body", "body": payload})
 
 
+def body_problem(
+    path: str, content_type: bytes, body: bytes, max_depth: int
+) -> tuple[int, str, str, str] | None:
+    """Why a request body within the size limit is refused before it reaches any route, as
+    (status, problem type, title, detail), or None: JSON nested deeper than ``max_depth``, or
+    JSON no database column can hold (``unstorable_json``; strings are checked here only on
+    paths that do not check them item by item, ``PER_ITEM_PATHS``)."""
+    if b"json" not in content_type:
+        return None
+    marks = body_marks(body)
+    if json_depth_exceeds(body, max_depth, marks):
+        return (400, "json-too-deep", "JSON nested too deeply",
+                f"request JSON nests deeper than {max_depth} levels")
+    return unstorable_json(body, check_strings=path not in PER_ITEM_PATHS, marks=marks)
+
+
 class BodyLimitMiddleware:
     def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int) -> None:
         self.app = app
@@ -229,20 +245,11 @@ class BodyLimitMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = b"".join(chunks)
-        content_type = headers.get(b"content-type", b"")
-        marks = body_marks(body) if b"json" in content_type else None
-        if marks is not None and json_depth_exceeds(body, self.max_depth, marks):
-            await _send_problem(
-                send, 400, "json-too-deep", "JSON nested too deeply",
-                f"request JSON nests deeper than {self.max_depth} levels",
-            )
+        problem = body_problem(scope["path"], headers.get(b"content-type", b""), body,
+                               self.max_depth)
+        if problem is not None:
+            await _send_problem(send, *problem)
             return
-        if marks is not None:
-            problem = unstorable_json(body, check_strings=scope["path"] not in PER_ITEM_PATHS,
-                                      marks=marks)
-            if problem is not None:
-                await _send_problem(send, *problem)
-                return
         sent = False
 
         async def _receive() -> Message:
@@ -255,19 +262,21 @@ class BodyLimitMiddleware:
         await self.app(scope, _receive, send)
 
 
-class SecurityHeadersMiddleware:
-    """Conservative headers on every response; the dashboard needs no third-party origin."""
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        b"script-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    ),
+]
+"""Conservative headers on every response; the dashboard needs no third-party origin."""
 
-    HEADERS = [
-        (b"x-content-type-options", b"nosniff"),
-        (b"x-frame-options", b"DENY"),
-        (b"referrer-policy", b"no-referrer"),
-        (
-            b"content-security-policy",
-            b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-            b"script-src 'self'; frame-ancestors 'none'; form-action 'self'",
-        ),
-    ]
+
+class SecurityHeadersMiddleware:
+    """``SECURITY_HEADERS`` on every response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -280,7 +289,7 @@ class SecurityHeadersMiddleware:
         async def _send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + self.HEADERS
+                message["headers"] = list(message["headers"]) + SECURITY_HEADERS
             await send(message)
 
         await self.app(scope, receive, _send)

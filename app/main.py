@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.types import ASGIApp
 
 from app.apidocs import install_docs
 from app.dashboard.routes import install_dashboard
@@ -32,12 +34,32 @@ API_ROUTERS = [traces_router, feedback_router, policies_router, snapshots_router
                runs_router, proxy_router, tenant_router]
 
 
+class TracelearnAPI(FastAPI):
+    """The application, with the cached single-trace path (``CachedSingleTraceIngest``) in
+    front of its whole middleware stack, the framework's layers included: it answers the
+    hottest request without the ten layers every other request goes through, and does itself
+    what they would do for it (body checks, security headers, request metrics) under the same
+    ``settings`` the body limit middleware was built with."""
+
+    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.body_limits = (settings.max_body_bytes, settings.max_json_depth)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        max_bytes, max_depth = self.body_limits
+        return CachedSingleTraceIngest(
+            super().build_middleware_stack(), max_bytes=max_bytes, max_depth=max_depth,
+            route=next(route for route in traces_router.routes
+                       if isinstance(route, APIRoute) and "POST" in (route.methods or ())))
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings.log_level, settings.log_json)
     # Jobs enqueued by requests (runs, evaluations, promotions) reach the broker this way.
     register_sender(send_job)
-    app = FastAPI(
+    app = TracelearnAPI(
+        settings,
         docs_url=None,  # served from local assets by install_docs
         redoc_url=None,
         title="tracelearn",
@@ -53,11 +75,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(otlp_router)
     install_docs(app)
     install_dashboard(app)
-    # Innermost: it reads the body the limit middleware has already read and checked. Its
-    # requests are filed under the route's own template in the metrics, as the route's are.
-    app.add_middleware(CachedSingleTraceIngest, route=next(
-        route for route in traces_router.routes
-        if isinstance(route, APIRoute) and "POST" in (route.methods or ())))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes,
                        max_depth=settings.max_json_depth)
     app.add_middleware(SecurityHeadersMiddleware)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import email.message
+import time
 from datetime import datetime
 from typing import Any
 
@@ -17,8 +18,9 @@ from app.auth.service import Principal, Scope
 from app.db import Database, get_database
 from app.dependencies import SessionDep, rate_limiter, require
 from app.errors import RateLimited
-from app.limits import parse_json
+from app.limits import SECURITY_HEADERS, body_problem, parse_json
 from app.models import Split
+from app.observability import observe_request
 from app.problems import problem_json
 from app.settings import Settings, get_settings
 from app.traces import group_commit, service
@@ -159,23 +161,29 @@ def delete_trace(
 
 # ------------------------------------------------------------------ the cached single-trace path
 #
-# Single-trace POSTs answered from the process caches, before the framework.
+# Single-trace POSTs answered from the process caches, in front of the framework.
 #
 # ``POST /v1/traces`` with one trace is the service's hottest request. Through FastAPI it costs
-# two threadpool hand-offs (auth, then admission), a counters round trip, dependency solving and
-# the framework's request and response objects: ~2 ms of CPU a request on the 2-core host of
-# ``benchmarks/ingest.py``, where a bare ASGI answer in the same process costs ~0.08 ms. Here the
-# request is admitted on the event loop from what the process already holds (the key, the
-# policy, the tenant's redaction mode, the served snapshots: ``app.cache.cached_only``) and its
-# row joins the group writer, which checks, in the transaction that writes it, that none of
-# those caches has moved since (``app.traces.group_commit``). A key revoked a moment ago is
-# therefore still refused on its very next request.
+# two threadpool hand-offs (auth, then admission), a counters round trip, dependency solving,
+# the framework's request and response objects and ten middleware layers (ours and the
+# framework's): ~2 ms of CPU a request on the 2-core host of ``benchmarks/ingest.py``, where a
+# bare ASGI answer in the same process costs ~0.08 ms. Here the request is admitted on the event
+# loop from what the process already holds (the key, the policy, the tenant's redaction mode,
+# the served snapshots: ``app.cache.cached_only``) and its row joins the group writer, which
+# checks, in the transaction that writes it, that none of those caches has moved since
+# (``app.traces.group_commit``). A key revoked a moment ago is therefore still refused on its
+# very next request.
+#
+# It wraps the whole middleware stack (``app.main``) and does for its own answers what the
+# layers it skips would: the body's size and shape checks (``app.limits.body_problem``: a body
+# they would refuse is handed over, and refused there), the security headers and the request
+# metrics, filed under the route's template.
 #
 # Anything else is handed to the application unchanged, with the body it already read:
-# batches, bodies over ``LARGEST_BODY``, other content types, unknown or revoked keys, keys
-# without the ``ingest`` scope, a rate limit reached, a cache miss, every refused or invalid
-# trace, a database error, and a row whose caches moved before its commit. What the group
-# writer decides (stored, duplicate, conflict) is answered as the route answers it
+# batches, a query string, bodies over ``LARGEST_BODY``, other content types, unknown or revoked
+# keys, keys without the ``ingest`` scope, a rate limit reached, a cache miss, every refused or
+# invalid trace, a database error, and a row whose caches moved before its commit. What the
+# group writer decides (stored, duplicate, conflict) is answered as the route answers it
 # (``single_trace_answer``).
 #
 # A request handed over after its rate-limit token was taken (its caches moved before the
@@ -190,16 +198,19 @@ megabytes would hold every other request of the process while it is validated an
 
 
 class CachedSingleTraceIngest:
-    """ASGI middleware in front of the application (inside the body limit, which has already
-    read and checked the body); ``route`` is the route the request is filed under for the
-    request metrics, as if the route had served it."""
+    """ASGI wrapper in front of the whole application, its middleware included. ``max_bytes``
+    and ``max_depth``: the body limits the application applies (``BodyLimitMiddleware``);
+    ``route``: the route its answers are filed under in the request metrics, as if the route
+    had served them."""
 
-    def __init__(self, app: ASGIApp, route: Any) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, max_depth: int, route: Any) -> None:
         self.app = app
+        self.largest = min(LARGEST_BODY, max_bytes)
+        self.max_depth = max_depth
         self.route = route
 
     async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
-        if (scope["type"] != "http" or scope["method"] != "POST"
+        if (scope["type"] != "http" or scope["method"] != "POST" or scope.get("query_string")
                 or scope["path"] != scope.get("root_path", "") + CACHED_PATH):
             await self.app(scope, receive, send)
             return
@@ -208,32 +219,47 @@ class CachedSingleTraceIngest:
         if raw_key is None or not group_commit.grouped(settings, database):
             await self.app(scope, receive, send)
             return
+        start, largest = time.perf_counter(), self.largest
         messages: list[Message] = []
-        more = True
-        while more:
+        size, more = 0, True
+        while more and size <= largest:
             message = await receive()
             messages.append(message)
+            size += len(message.get("body", b""))
             more = message["type"] == "http.request" and message.get("more_body", False)
         replay = _replaying(messages, receive)
-        if messages[-1]["type"] != "http.request":  # the client went away mid-body
+        # Over the size admitted here (the application reads the rest, under its own limit),
+        # or the client went away mid-body.
+        if size > largest or messages[-1]["type"] != "http.request":
             await self.app(scope, replay, send)
             return
-        answer = await self._answer(raw_key, b"".join(m.get("body", b"") for m in messages),
-                                    settings, database)
+        body = b"".join(m.get("body", b"") for m in messages)
+        try:
+            answer = await self._answer(scope, raw_key, body, settings, database,
+                                        self.max_depth)
+        except Exception:
+            # Whatever failed here fails again on the route, inside the error handling that
+            # logs it and answers a problem.
+            answer = None
         if answer is None:
             await self.app(scope, replay, send)
             return
+        await send({"type": "http.response.start", "status": answer.status_code,
+                    "headers": answer.raw_headers + SECURITY_HEADERS})
+        await send({"type": "http.response.body", "body": answer.body})
         scope["route"] = self.route
-        await answer(scope, replay, send)
+        observe_request(scope, answer.status_code, start)
 
     @staticmethod
-    async def _answer(raw_key: str, body: bytes, settings: Settings,
-                      database: Database) -> Response | None:
+    async def _answer(scope: AsgiScope, raw_key: str, body: bytes, settings: Settings,
+                      database: Database, max_depth: int) -> Response | None:
         """The answer for a trace the group writer judged, admitted from the caches, or None
-        for the route to answer."""
-        if len(body) > LARGEST_BODY or b'"traces"' in body:
+        for the application to answer."""
+        if b'"traces"' in body:
             # A batch, most likely: the route parses it, so it is not parsed twice (a single
             # trace that merely says "traces" somewhere goes there too).
+            return None
+        if body_problem(scope["path"], b"application/json", body, max_depth) is not None:
             return None
         try:
             raw = parse_json(body)

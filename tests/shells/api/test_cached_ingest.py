@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from app.auth.service import revoke_key
 from app.db import Database
+from app.main import create_app
 from app.models import ApiKey, Trace
 from app.settings import Settings, set_settings
 from app.traces import endpoints, group_commit
@@ -147,6 +148,31 @@ def test_what_the_caches_cannot_vouch_for_goes_to_the_route(
     # event loop admits never got there.
     assert calls.admitted == [False, False, False, False]
     assert calls.written == []
+
+
+def test_what_the_body_limits_refuse_they_refuse_on_a_warm_path_too(
+    client: TestClient, settings: Settings, admin_headers: dict[str, str], policy_name: str,
+    calls: Calls,
+) -> None:
+    assert client.post("/v1/traces", json=trace("a", policy_name),
+                       headers=admin_headers).status_code == 201  # warms the caches
+    calls.admitted.clear()
+    nested: dict[str, object] = {}
+    for _ in range(settings.max_json_depth + 2):
+        nested = {"x": nested}
+    deep = client.post("/v1/traces", json=trace("b", policy_name) | {"metadata": nested},
+                       headers=admin_headers)
+    queried = client.post("/v1/traces?note=1", json=trace("c", policy_name),
+                          headers=admin_headers)
+    with TestClient(create_app(settings.model_copy(update={"max_body_bytes": 1024}))) as small:
+        large = small.post("/v1/traces", json=trace("d", policy_name, "x" * 1100),
+                           headers=admin_headers)
+    assert (deep.status_code, queried.status_code, large.status_code) == (400, 201, 413)
+    assert deep.json()["type"].endswith("json-too-deep")
+    assert large.json()["type"].endswith("payload-too-large")
+    assert large.headers["x-content-type-options"] == "nosniff"
+    # None of them was admitted here: the limits answered two, the route the third.
+    assert calls.admitted == [] and calls.written == []
 
 
 def test_a_rate_limit_reached_is_answered_by_the_route(
