@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import weakref
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar, cast
@@ -43,9 +44,17 @@ _seen_lock = threading.Lock()
 _seen: dict[str, dict[str, int]] = {}
 
 
+_keys: weakref.WeakKeyDictionary[Engine, str] = weakref.WeakKeyDictionary()
+
+
 def database_key(engine: Engine) -> str:
-    """How the caches tell databases apart (tests and tools point one process at several)."""
-    return str(engine.url)
+    """How the caches tell databases apart (tests and tools point one process at several): the
+    engine's URL, rendered once per engine (rendering took ~7 µs, and a cached single trace
+    asks four times)."""
+    key = _keys.get(engine)
+    if key is None:
+        key = _keys[engine] = str(engine.url)
+    return key
 
 
 def _database_of(session: Session) -> str:

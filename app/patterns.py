@@ -11,7 +11,6 @@ time.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -33,21 +32,13 @@ class PatternSet:
     its own scratch space (a scratch serves one scan at a time). ``utf8``: the patterns hold
     characters beyond ASCII, so they are read as UTF-8, and every text scanned must then be
     valid UTF-8 (Vectorscan's behaviour on other bytes is undefined); without it any bytes
-    may be scanned. ``sre_below``: see ``__init__``; the patterns must then read alike in
-    ``re`` (on bytes, where ``\\d``, ``\\s``, ``\\w`` and ``\\b`` are ASCII too)."""
+    may be scanned. The scan releases the GIL, and each match takes it back: where other
+    threads are busy, the scanning thread may then wait a switch interval (5 ms) for it, so
+    the event loop's short texts are better read otherwise (``app.limits.body_marks``)."""
 
-    def __init__(self, patterns: Sequence[Pattern], *, utf8: bool = False,
-                 sre_below: int = 0) -> None:
+    def __init__(self, patterns: Sequence[Pattern], *, utf8: bool = False) -> None:
         self._patterns = tuple(patterns)
         self._utf8 = utf8
-        # The scan releases the GIL, and each match takes it back: where other threads are
-        # busy, the scanning thread may then wait a switch interval (5 ms) for it. Texts
-        # shorter than ``sre_below`` are read by ``re`` instead, one pattern after another,
-        # which is cheap on a short text and keeps the GIL (the event loop's single-trace
-        # bodies: wrk at 50 connections served ~5% more with them read this way).
-        self._sre_below = sre_below
-        self._sre = [(p.id, re.compile(p.expression, re.IGNORECASE if p.caseless else 0))
-                     for p in self._patterns] if sre_below else []
         self._database: hyperscan.Database | None = None
         self._compiling = threading.Lock()
         self._scratch = threading.local()
@@ -69,12 +60,6 @@ class PatternSet:
 
     def matched(self, text: bytes) -> set[int]:
         """The ids of the patterns that match somewhere in ``text``."""
-        if len(text) < self._sre_below:
-            found: set[int] = set()
-            for pattern_id, expression in self._sre:
-                if pattern_id not in found and expression.search(text):
-                    found.add(pattern_id)
-            return found
         database = self._database or self._compiled()
         scratch = getattr(self._scratch, "space", None)
         if scratch is None:

@@ -18,7 +18,7 @@ from app.auth.service import Principal, Scope
 from app.db import Database, get_database
 from app.dependencies import SessionDep, rate_limiter, require
 from app.errors import RateLimited
-from app.limits import SECURITY_HEADERS, body_problem, parse_json
+from app.limits import SECURITY_HEADERS, body_marks, body_problem, parse_json
 from app.models import Split
 from app.observability import observe_request
 from app.problems import problem_json
@@ -259,10 +259,12 @@ class CachedSingleTraceIngest:
             # A batch, most likely: the route parses it, so it is not parsed twice (a single
             # trace that merely says "traces" somewhere goes there too).
             return None
-        if body_problem(scope["path"], b"application/json", body, max_depth) is not None:
+        marks = body_marks(body)
+        if body_problem(scope["path"], b"application/json", body, max_depth,
+                        marks) is not None:
             return None
         try:
-            raw = parse_json(body)
+            raw = parse_json(body, marks)
         except ValueError:
             return None
         if not isinstance(raw, dict):

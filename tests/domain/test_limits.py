@@ -74,7 +74,7 @@ _NUMBER_PIECES = [b"NaN", b"Na", b"N", b"Infinity", b"e", b"E", b"+", b"E+", b"0
        | st.binary(max_size=64))
 def test_the_body_marks_are_those_the_regexes_give(body: bytes) -> None:
     assert body_marks(body) == _marks_by_re(body)
-    # Past ``sre_below`` the body is read by Vectorscan: spaces change no mark.
+    # Past ``_FOLDED_BELOW`` the body is read by Vectorscan: spaces change no mark.
     padded = body + b" " * 16_384
     assert body_marks(padded) == _marks_by_re(padded)
 
