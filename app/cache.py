@@ -119,6 +119,21 @@ def generations(session: Session) -> dict[str, int]:
     return counters
 
 
+COUNTERS_SQL = "SELECT name, generation FROM cache_generations"
+"""Every counter, as SQL for a caller that reads them with other statements in one round trip
+(psycopg's pipeline mode) and files them with ``accept_generations``."""
+
+
+def accept_generations(session: Session, rows: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """The counters a caller read itself (``COUNTERS_SQL``) as the first statement of
+    ``session``'s transaction, filed as ``generations`` files its own read: that transaction's
+    lookups then use them, and the process has seen them (``last_seen``)."""
+    counters = dict(rows)
+    session.info[_SESSION_KEY] = (session.get_transaction(), counters)
+    _saw(_database_of(session), counters)
+    return dict(counters)
+
+
 def read_request_generations(session: Session) -> None:
     """A request's counters, read before anything else as one autocommit statement on Postgres:
     no BEGIN and no COMMIT, one round trip instead of three, and no transaction left open (the

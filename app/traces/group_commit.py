@@ -48,7 +48,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope, authenticate
-from app.cache import NotCached, cached_only, database_key, generations, last_seen
+from app.cache import NotCached, cached_only, database_key, last_seen
 from app.db import Database, first_statement, get_database
 from app.observability import INGEST_GROUP_SIZE
 from app.settings import Settings, get_settings
@@ -209,22 +209,39 @@ def _by_database(group: list[_Waiting]) -> list[list[_Waiting]]:
 
 def _store(group: Sequence[_Waiting]) -> list[ItemResult | None]:
     """Each row's result in order, None for a row admitted under counters that have moved."""
+    admitted_under = [w.admitted_under for w in group if w.admitted_under is not None]
+    if not admitted_under:
+        return _store_plainly(group)
+    # The counters only grow, and a process files every read it makes (``last_seen``): the
+    # rows of a group were admitted under one chain of counters, and only the newest can
+    # still be current. Rows admitted under an older one are held back at once.
+    newest = max(admitted_under, key=lambda counters: sum(counters.values()))
+    written = [w for w in group if w.admitted_under in (None, newest)]
     with group[0].database.session() as session:
-        # The transaction's first statement (the counters, or else the INSERT) runs once more
-        # on a fresh connection when the pooled one died (a database restart). A failed COMMIT
-        # is not retried.
-        if any(waiting.admitted_under is not None for waiting in group):
-            counters = first_statement(session, lambda: generations(session))
-            written = [waiting for waiting in group
-                       if waiting.admitted_under in (None, counters)]
-        else:
-            written = list(group)
-        if not written:
-            return [None] * len(group)
-        results = first_statement(
-            session, lambda: service.store(session, [waiting.entry for waiting in written]))
-    by_row = {id(waiting): result for waiting, result in zip(written, results, strict=True)}
-    return [by_row.get(id(waiting)) for waiting in group]
+        # Nothing is committed before ``store_under`` returns, so a connection found dead on
+        # the way (a database restart) is replaced and the whole of it run once more.
+        results = first_statement(session, lambda: service.store_under(
+            session, [w.entry for w in written], newest))
+        if results is None:
+            session.rollback()
+    if results is None:
+        # The counters moved: no row admitted from the caches is written; those the route
+        # admitted (under no counters) are, on their own.
+        unchecked = [w for w in group if w.admitted_under is None]
+        stored = dict(zip(map(id, unchecked), _store_plainly(unchecked) if unchecked else [],
+                          strict=True))
+        return [stored.get(id(w)) for w in group]
+    by_row = {id(w): result for w, result in zip(written, results, strict=True)}
+    return [by_row.get(id(w)) for w in group]
+
+
+def _store_plainly(group: Sequence[_Waiting]) -> list[ItemResult | None]:
+    """Rows admitted under no counters, each result in order."""
+    with group[0].database.session() as session:
+        # The transaction's first statement runs once more on a fresh connection when the
+        # pooled one died (a database restart). A failed COMMIT is not retried.
+        return list(first_statement(
+            session, lambda: service.store(session, [w.entry for w in group])))
 
 
 writer = GroupWriter()

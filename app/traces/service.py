@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 
 from app.audit import record
 from app.auth.service import Principal
-from app.cache import GenerationCache
+from app.cache import COUNTERS_SQL, GenerationCache, accept_generations
 from app.db import execute_json_array, json_array_insert_sql, json_dumps, upsert_insert, utcnow
 from app.errors import InvalidInput, NotFound, PayloadTooLarge, problem_body
 from app.models import (
@@ -788,6 +788,49 @@ _OUTCOME_WAITING = (
 )
 
 
+@contextmanager
+def _driver_errors(connection: Connection) -> Iterator[None]:
+    """psycopg's errors, from statements sent on ``connection``'s driver connection directly
+    (pipeline mode), raised as SQLAlchemy raises them from ``execute`` (so a dead database
+    still answers 503), the connection invalidated when the error says it is dead."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        dead = connection.dialect.is_disconnect(
+            cast(Any, exc), cast(Any, connection.connection.driver_connection), None)
+        if dead:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(_PIPELINED_INSERT, None, exc, psycopg.Error,
+                                  hide_parameters=True, connection_invalidated=dead,
+                                  dialect=connection.dialect) from exc
+
+
+def store_under(
+    session: Session, entries: Sequence[Admitted], expected: dict[str, int]
+) -> list[ItemResult] | None:
+    """``store``, in a transaction whose first statement reads the cache counters (Postgres):
+    what ``store`` gives when they are ``expected``; else None, and the caller must roll the
+    transaction back (its rows were inserted). The counters, the INSERT and the BEGIN before
+    them go in one round trip (psycopg's pipeline mode), where reading the counters first took
+    two more: the counters only move when a key, a policy or a served snapshot changes, so
+    inserting before knowing them costs a rollback that rarely happens."""
+    firsts = _firsts(entries)
+    connection = session.connection()
+    driver = cast("psycopg.Connection[Any]", connection.connection.driver_connection)
+    with _driver_errors(connection):
+        with driver.pipeline():
+            counters_read = driver.cursor()
+            counters_read.execute(COUNTERS_SQL)
+            insert = driver.cursor()
+            insert.execute(_PIPELINED_INSERT, (json_dumps([e.row for e in firsts]),))
+        counters = accept_generations(session, counters_read.fetchall())
+        returned = insert.fetchall()
+    if counters != expected:
+        return None
+    inserted, awaited = _returned(returned)
+    return settle(session, entries, inserted, awaited)
+
+
 class OverlappedInsert:
     """Inserts a batch chunk by chunk while the caller makes the next chunk's rows: on Postgres
     each chunk's statement is sent in psycopg's pipeline mode and not waited for, so the
@@ -859,19 +902,9 @@ class OverlappedInsert:
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
-        """psycopg's errors as SQLAlchemy raises them from ``execute``, the connection
-        invalidated when the error says it is dead."""
-        try:
+        assert self._connection is not None
+        with _driver_errors(self._connection):
             yield
-        except psycopg.Error as exc:
-            assert self._connection is not None
-            dead = self._connection.dialect.is_disconnect(
-                cast(Any, exc), cast(Any, self._driver), None)
-            if dead:
-                self._connection.invalidate(exc)
-            raise DBAPIError.instance(_PIPELINED_INSERT, None, exc, psycopg.Error,
-                                      hide_parameters=True, connection_invalidated=dead,
-                                      dialect=self._connection.dialect) from exc
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:

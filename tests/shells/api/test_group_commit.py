@@ -16,9 +16,12 @@ from contextlib import contextmanager
 import httpx
 import psycopg
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from app.auth.service import revoke_key
 from app.db import Database, make_engine, set_database
+from app.models import ApiKey
 from app.settings import Settings, set_settings
 from app.traces.group_commit import writer
 from tests.conftest import LiveServer
@@ -303,3 +306,34 @@ def test_more_concurrent_requests_than_pooled_connections_all_get_their_answer(
         set_database(database)
     assert Counter(statuses) == {201: CROWD}
     assert len([e for e in stored(db_url, tenant) if e.startswith("pool-")]) == CROWD
+
+
+def test_a_group_whose_cached_rows_went_stale_still_writes_the_rows_the_route_admitted(
+    settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
+    make_key: Callable[..., str], database: Database,
+) -> None:
+    """One group, two rows: one admitted from the caches under a key revoked before the group
+    was written, one admitted by the route (a key not cached yet). The counters read with the
+    INSERT have moved, so the whole attempt is rolled back; the route's row is written again on
+    its own, the cached one is handed back and refused by the route."""
+    cold = {"Authorization": f"Bearer {make_key(tenant)}"}
+    doomed_key = make_key(tenant)
+    doomed = {"Authorization": f"Bearer {doomed_key}"}
+    with served(settings) as server:
+        warm = httpx.post(f"{server.url}/v1/traces", json=trace("warm", policy),
+                          headers=doomed, timeout=30)
+        assert warm.status_code == 201, warm.text  # the route's, caching the doomed key
+        with writer_held(db_url, server.url, admin_headers, policy):
+            cached = Posts(server.url, doomed, [trace("from-the-caches", policy)])
+            routed = Posts(server.url, cold, [trace("from-the-route", policy)])
+            wait_for(lambda: writer.waiting == 2)
+            with database.session() as session:
+                prefix = doomed_key.split("_")[1]
+                key_id = session.scalar(select(ApiKey.id).where(ApiKey.prefix == prefix))
+                assert key_id is not None
+                revoke_key(session, key_id)
+        (refused,), (created,) = cached.responses(), routed.responses()
+
+    assert (refused.status_code, created.status_code) == (401, 201), (refused.text, created.text)
+    rows = stored(db_url, tenant)
+    assert "from-the-route" in rows and "from-the-caches" not in rows
