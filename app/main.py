@@ -37,7 +37,7 @@ API_ROUTERS = [traces_router, feedback_router, policies_router, snapshots_router
 class TracelearnAPI(FastAPI):
     """The application, with the cached single-trace path (``CachedSingleTraceIngest``) in
     front of its whole middleware stack, the framework's layers included: it answers the
-    hottest request without the ten layers every other request goes through, and does itself
+    hottest request without the eight layers every other request goes through, and does itself
     what they would do for it (body checks, security headers, request metrics) under the same
     ``settings`` the body limit middleware was built with."""
 

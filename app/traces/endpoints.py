@@ -165,7 +165,7 @@ def delete_trace(
 #
 # ``POST /v1/traces`` with one trace is the service's hottest request. Through FastAPI it costs
 # two threadpool hand-offs (auth, then admission), a counters round trip, dependency solving,
-# the framework's request and response objects and ten middleware layers (ours and the
+# the framework's request and response objects and eight middleware layers (ours and the
 # framework's): ~2 ms of CPU a request on the 2-core host of ``benchmarks/ingest.py``, where a
 # bare ASGI answer in the same process costs ~0.08 ms. Here the request is admitted on the event
 # loop from what the process already holds (the key, the policy, the tenant's redaction mode,

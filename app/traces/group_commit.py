@@ -15,6 +15,9 @@ The life of a single trace on Postgres::
                                                             ``group_commit_max_items``)
                                                             store(): one multi-row INSERT …
                                                             ON CONFLICT … RETURNING; COMMIT
+                                                            (store_under for rows admitted
+                                                            from the caches: the counters and
+                                                            the INSERT in one round trip)
     answered with its own result     <--------------------- every future settled after that
                                                             commit, never before
 
@@ -28,7 +31,9 @@ A row admitted from the process caches alone, without a statement (``admitted_un
 counters those caches were read under, ``app.cache.cached_only``), is written only if the
 counters the writer reads in the same transaction, its first statement, are still those: a
 key revoked or a policy changed since is caught there, and that request is answered
-``None`` — it must be admitted again the ordinary way.
+``None`` — it must be admitted again the ordinary way. The counters are read in one round trip
+with the INSERT (``service.store_under``); when they have moved, the transaction is rolled back
+and the rows admitted the ordinary way are written again on their own.
 """
 
 from __future__ import annotations
