@@ -113,10 +113,7 @@ def generations(session: Session) -> dict[str, int]:
                              or session.info.get(_PER_REQUEST)):
         return dict(held[1])
     rows = first_statement(session, lambda: session.execute(_COUNTERS).tuples().all())
-    counters = dict(rows)
-    session.info[_SESSION_KEY] = (session.get_transaction(), counters)
-    _saw(_database_of(session), counters)
-    return counters
+    return accept_generations(session, rows)
 
 
 COUNTERS_SQL = "SELECT name, generation FROM cache_generations"

@@ -238,8 +238,10 @@ class CachedSingleTraceIngest:
             answer = await self._answer(scope, raw_key, body, settings, database,
                                         self.max_depth)
         except Exception:
-            # Whatever failed here fails again on the route, inside the error handling that
-            # logs it and answers a problem.
+            # Nothing acknowledged: the route tries once more and answers as it would (503 +
+            # Retry-After while the database is gone; anything else fails again inside the
+            # error handling that logs it). A repeat of a row that did commit is a duplicate,
+            # so trying again is safe.
             answer = None
         if answer is None:
             await self.app(scope, replay, send)
@@ -277,13 +279,7 @@ class CachedSingleTraceIngest:
             rate_limiter.check(principal.key_id, settings.rate_limit_per_minute)
         except RateLimited:
             return None
-        try:
-            result = await group_commit.write_cached(database, entry, counters)
-        except Exception:
-            # Nothing acknowledged; the route tries once more and answers as it would (503 +
-            # Retry-After while the database is gone). A repeat of a row that did commit is a
-            # duplicate, so trying again is safe.
-            return None
+        result = await group_commit.write_cached(database, entry, counters)
         return None if result is None else single_trace_answer(result)
 
 

@@ -225,17 +225,15 @@ def _store(group: Sequence[_Waiting]) -> list[ItemResult | None]:
     with group[0].database.session() as session:
         # Nothing is committed before ``store_under`` returns, so a connection found dead on
         # the way (a database restart) is replaced and the whole of it run once more.
-        results = first_statement(session, lambda: service.store_under(
-            session, [w.entry for w in written], newest))
+        results: Sequence[ItemResult | None] | None = first_statement(
+            session, lambda: service.store_under(session, [w.entry for w in written], newest))
         if results is None:
             session.rollback()
     if results is None:
         # The counters moved: no row admitted from the caches is written; those the route
         # admitted (under no counters) are, on their own.
-        unchecked = [w for w in group if w.admitted_under is None]
-        stored = dict(zip(map(id, unchecked), _store_plainly(unchecked) if unchecked else [],
-                          strict=True))
-        return [stored.get(id(w)) for w in group]
+        written = [w for w in group if w.admitted_under is None]
+        results = _store_plainly(written) if written else []
     by_row = {id(w): result for w, result in zip(written, results, strict=True)}
     return [by_row.get(id(w)) for w in group]
 
