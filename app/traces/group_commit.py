@@ -3,53 +3,62 @@ and a commit, instead of one commit (one WAL flush) per request.
 
 The life of a single trace on Postgres::
 
-    request (event loop; the DB parts in the threadpool)    writer (one thread per process)
-    ----------------------------------------------------    -------------------------------
+    request (event loop; the DB parts in the threadpool)    writer (a task on the same loop)
+    ----------------------------------------------------    --------------------------------
     auth + admit: the counters statement, cache reads,
     validation, redaction, the row; read transaction
-    ended (its connection back to the pool)
-    queue the row, await its future  ---------------------> take the first row waiting, then
-                                                            every row that arrives within
+    ended (its connection back to the pool) — or, warm,
+    all of it from the process caches (admit_cached)
+    queue the row, await its future  ---------------------> take the rows waiting, and those
+                                                            that arrive within
                                                             ``group_commit_window_ms`` while
                                                             more are on their way (at most
                                                             ``group_commit_max_items``)
-                                                            store(): one multi-row INSERT …
-                                                            ON CONFLICT … RETURNING; COMMIT
-                                                            (store_under for rows admitted
-                                                            from the caches: the counters and
-                                                            the INSERT in one round trip)
+                                                            service.store_new on the writer's
+                                                            own async connection: BEGIN, the
+                                                            counters, one multi-row INSERT …
+                                                            ON CONFLICT … RETURNING in one
+                                                            round trip; COMMIT
     answered with its own result     <--------------------- every future settled after that
                                                             commit, never before
 
+The writer runs between the requests its loop serves, so a round trip's wait is the loop's
+own: a writer thread (as before) held the GIL for a quarter of the process's time and waited
+for it after every round trip. A group ``store_new`` cannot write alone (an inline outcome, an
+outcome that arrived before its trace, a value the database refuses, counters that moved) is
+rolled back and written the ordinary way, on a session in a thread (``_commit_plainly``:
+``service.store_under`` or ``service.store``), the writer waiting for it.
+
 No trace is acknowledged before the commit that holds it, so a crash loses only unanswered
 requests. A connection lost, or the database gone, fails the whole group with the error the
-direct path raises (503 + Retry-After). Any other database error (a value the database refuses:
-422) is the fault of one trace, so the group is written again one trace to a transaction and
-only that trace's request fails. SQLite keeps the direct path: it has one writer anyway.
+direct path raises (503 + Retry-After); the writer's connection found dead before anything was
+committed (a database restart) is replaced and the group tried once more. Any other database
+error (a value the database refuses: 422) is the fault of one trace, so the group is written
+again one trace to a transaction and only that trace's request fails. SQLite keeps the direct
+path: it has one writer anyway.
 
 A row admitted from the process caches alone, without a statement (``admitted_under``: the
 counters those caches were read under, ``app.cache.cached_only``), is written only if the
 counters the writer reads in the same transaction, its first statement, are still those: a
 key revoked or a policy changed since is caught there, and that request is answered
-``None`` — it must be admitted again the ordinary way. The counters are read in one round trip
-with the INSERT (``service.store_under``); when they have moved, the transaction is rolled back
-and the rows admitted the ordinary way are written again on their own.
+``None`` — it must be admitted again the ordinary way. When they have moved, the transaction
+is rolled back and the rows admitted the ordinary way are written again on their own.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-import threading
-import time
+import collections
+import weakref
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import anyio
-from sqlalchemy.exc import DBAPIError, OperationalError
+import psycopg
+from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
 from app.auth.service import Principal, Scope, authenticate
@@ -67,140 +76,242 @@ class _Waiting:
 
     database: Database
     entry: service.Admitted
-    loop: asyncio.AbstractEventLoop
     future: asyncio.Future[ItemResult | None]
     admitted_under: dict[str, int] | None
 
     def settle(self, result: ItemResult | BaseException | None) -> None:
-        # RuntimeError: its event loop is closed, so nobody is waiting any more.
-        with suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(_settle, self.future, result)
+        if self.future.done():  # the client went away and its request was cancelled
+            return
+        if isinstance(result, BaseException):
+            self.future.set_exception(result)
+        else:
+            self.future.set_result(result)
 
 
-def _settle(future: asyncio.Future[ItemResult | None],
-            result: ItemResult | BaseException | None) -> None:
-    if future.done():  # the client went away and its request was cancelled
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
+WRITER_APPLICATION_NAME = "tracelearn group writer"
+"""How the writer's connections are named to Postgres (``pg_stat_activity.application_name``)."""
+
+# A writer's connection is kept this long after its last group, so steady traffic never
+# waits for a connection (a Postgres backend forked) and an idle process holds none.
+_IDLE_S = 5.0
+
+
+@dataclass
+class _Groups:
+    """One event loop's share of the writer: its queue, the task that drains it, and that
+    task's connection to each database (futures and connections belong to one loop)."""
+
+    queue: collections.deque[_Waiting] = field(default_factory=collections.deque)
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    # Requests preparing a row for the queue: a group is held open (up to the window) only
+    # while one is on its way, so a lone request never waits.
+    arriving: int = 0
+    drain: asyncio.Task[None] | None = None
+    connections: dict[int, psycopg.AsyncConnection[Any]] = field(default_factory=dict)
 
 
 class GroupWriter:
-    """The process's one writer of single traces: a daemon thread fed by a queue."""
+    """The process's writer of single traces: on each event loop, one task that takes the rows
+    queued and writes them a group at a time on its own connection, between the requests the
+    loop serves (so no thread waits for the GIL after each round trip)."""
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Waiting] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        # Requests validating a trace that will join a group: the writer holds a group open
-        # (up to the window) only while one is on its way, so a lone request never waits.
-        self._arriving = 0
-        self._arrivals = threading.Lock()
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Groups] = (
+            weakref.WeakKeyDictionary())
+
+    def _here(self) -> _Groups:
+        loop = asyncio.get_running_loop()
+        groups = self._loops.get(loop)
+        if groups is None:
+            groups = self._loops[loop] = _Groups()
+        return groups
 
     def announce(self) -> None:
         """A request is preparing a row for the queue; ``write`` or ``withdraw`` follows."""
-        self._ensure_running()
-        with self._arrivals:
-            self._arriving += 1
+        self._here().arriving += 1
 
     def withdraw(self) -> None:
         """The announced row will not come (refused, or its request failed)."""
-        with self._arrivals:
-            self._arriving -= 1
+        self._here().arriving -= 1
 
     async def write(self, database: Database, entry: service.Admitted,
                     admitted_under: dict[str, int] | None = None) -> ItemResult | None:
         """``entry``'s result (announced first), once the commit holding its row is done; None
         when it was ``admitted_under`` counters that have moved since (nothing written)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[ItemResult | None] = loop.create_future()
-        with self._arrivals:  # arrives and is queued at once: the writer never sees neither
-            self._arriving -= 1
-            self._queue.put(_Waiting(database, entry, loop, future, admitted_under))
+        groups = self._here()
+        future: asyncio.Future[ItemResult | None] = asyncio.get_running_loop().create_future()
+        groups.arriving -= 1
+        groups.queue.append(_Waiting(database, entry, future, admitted_under))
+        groups.arrived.set()
+        if groups.drain is None:
+            groups.drain = asyncio.get_running_loop().create_task(self._drain(groups))
         return await future
 
     @property
     def waiting(self) -> int:
-        """Rows queued for the next group."""
-        return self._queue.qsize()
+        """Rows queued for the next group, on every loop."""
+        return sum(len(groups.queue) for groups in list(self._loops.values()))
 
-    def _more_coming(self) -> bool:
-        with self._arrivals:
-            return self._arriving > 0 or not self._queue.empty()
-
-    def _ensure_running(self) -> None:
-        if self._thread is not None:
-            return
-        with self._lock:
-            if self._thread is None:
-                thread = threading.Thread(target=self._run, name="trace-group-commit",
-                                          daemon=True)
-                thread.start()
-                self._thread = thread
-
-    def _run(self) -> None:
-        while True:
-            group = self._gather()
-            try:
-                for database_group in _by_database(group):
-                    self._commit(database_group)
-            except BaseException as exc:  # the writer must outlive any one group
-                self._fail(group, exc)
+    async def _drain(self, groups: _Groups) -> None:
+        """Write groups while rows come; after ``_IDLE_S`` without one, close the connections
+        and end (the next row starts another task)."""
+        try:
+            while True:
+                if not groups.queue:
+                    groups.arrived.clear()
+                    try:
+                        await asyncio.wait_for(groups.arrived.wait(), _IDLE_S)
+                    except TimeoutError:
+                        return
+                    continue
+                group = await self._gather(groups)
+                try:
+                    for database_group in _by_database(group):
+                        await self._commit(groups, database_group)
+                except Exception as exc:  # the writer must outlive any one group
+                    _fail(group, exc)
+        finally:
+            # Before any await: a row queued from here on starts a new task.
+            groups.drain = None
+            connections, groups.connections = groups.connections, {}
+            for connection in connections.values():
+                with suppress(psycopg.Error):
+                    await connection.close()
 
     @staticmethod
-    def _fail(group: list[_Waiting], exc: BaseException) -> None:
-        for waiting in group:
-            waiting.settle(exc)
-
-    def _gather(self) -> list[_Waiting]:
-        """The first row waiting (blocking until there is one) and those that join it within the
-        window while more are on their way, up to the group's size."""
-        group = [self._queue.get()]
+    async def _gather(groups: _Groups) -> list[_Waiting]:
+        """The first row waiting and those that join it within the window while more are on
+        their way, up to the group's size."""
         settings = get_settings()
-        deadline = time.monotonic() + settings.group_commit_window_ms / 1000
+        group = [groups.queue.popleft()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.group_commit_window_ms / 1000
         while len(group) < settings.group_commit_max_items:
-            try:
-                group.append(self._queue.get_nowait())
+            if groups.queue:
+                group.append(groups.queue.popleft())
                 continue
-            except queue.Empty:
-                pass
-            if not self._more_coming():
+            remaining = deadline - loop.time()
+            if groups.arriving <= 0 or remaining <= 0:
                 break
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+            groups.arrived.clear()
             try:
-                group.append(self._queue.get(timeout=remaining))
-            except queue.Empty:
+                await asyncio.wait_for(groups.arrived.wait(), remaining)
+            except TimeoutError:
                 break
         return group
 
-    def _commit(self, group: list[_Waiting]) -> None:
+    async def _commit(self, groups: _Groups, group: list[_Waiting]) -> None:
         try:
-            results = _store(group)
-        except OperationalError as exc:
+            results = await self._store_new(groups, group)
+        except StatementError as exc:
             # The database is gone or the connection died: every request fails as it would
             # alone (503 + Retry-After), nothing is acknowledged.
-            self._fail(group, exc)
+            _fail(group, exc)
             return
-        except DBAPIError as exc:
-            if len(group) == 1 or exc.connection_invalidated:
-                self._fail(group, exc)
-                return
-            # Any other database error is one trace's (a value the database refuses): it must
-            # not fail the others in its group, so each is written again on its own.
-            for waiting in group:
-                self._commit([waiting])
-            return
-        except Exception as exc:
-            self._fail(group, exc)
-            return
-        if written := sum(result is not None for result in results):
+        if results is None:
+            # Not a group of new rows only (or the counters moved): the ordinary statements,
+            # in a thread, on a session.
+            outcomes = await anyio.to_thread.run_sync(_commit_plainly, group)
+        else:
+            outcomes = list(results)
+        if written := sum(isinstance(outcome, ItemResult) for outcome in outcomes):
             INGEST_GROUP_SIZE.observe(written)
-        for waiting, result in zip(group, results, strict=True):
-            waiting.settle(result)
+        for waiting, outcome in zip(group, outcomes, strict=True):
+            waiting.settle(outcome)
+
+    async def _store_new(self, groups: _Groups,
+                         group: list[_Waiting]) -> list[ItemResult] | None:
+        """Each row's result when the whole group was new and admitted under the counters still
+        current, committed on the loop's own connection; else None, nothing written."""
+        under = [w.admitted_under for w in group if w.admitted_under is not None]
+        if any(counters != under[0] for counters in under):
+            return None  # admitted under several counters: only the newest can be current
+        database, entries = group[0].database, [w.entry for w in group]
+        expected = under[0] if under else None
+        for attempt in (1, 2):
+            connection = await self._connection(groups, database)
+            try:
+                results = await service.store_new(connection, entries, expected)
+                break
+            except psycopg.OperationalError as exc:
+                # Nothing committed yet: a connection found dead (a database restart) is
+                # replaced and the group tried once more, as ``first_statement`` does.
+                await self._drop(groups, database)
+                if attempt == 2:
+                    raise _translated(exc, database) from exc
+            except psycopg.Error:
+                # A value the database refuses: the ordinary path finds whose it is.
+                await self._rollback(groups, database)
+                return None
+        if results is None:
+            await self._rollback(groups, database)
+            return None
+        try:
+            await connection.commit()
+        except psycopg.Error as exc:
+            await self._drop(groups, database)
+            raise _translated(exc, database) from exc
+        return results
+
+    @staticmethod
+    async def _connection(groups: _Groups, database: Database) -> psycopg.AsyncConnection[Any]:
+        connection = groups.connections.get(id(database))
+        if connection is None or connection.closed:
+            url = database.engine.url.set(drivername="postgresql")
+            try:
+                connection = await psycopg.AsyncConnection.connect(
+                    url.render_as_string(hide_password=False),
+                    application_name=WRITER_APPLICATION_NAME)
+            except psycopg.OperationalError as exc:
+                raise _translated(exc, database) from exc
+            groups.connections[id(database)] = connection
+        return connection
+
+    async def _rollback(self, groups: _Groups, database: Database) -> None:
+        connection = groups.connections.get(id(database))
+        if connection is None:
+            return
+        try:
+            await connection.rollback()
+        except psycopg.Error:
+            await self._drop(groups, database)
+
+    @staticmethod
+    async def _drop(groups: _Groups, database: Database) -> None:
+        connection = groups.connections.pop(id(database), None)
+        if connection is not None:
+            with suppress(psycopg.Error):
+                await connection.close()
+
+
+def _translated(exc: psycopg.Error, database: Database) -> StatementError:
+    """psycopg's error as SQLAlchemy raises it (so a dead database still answers 503)."""
+    return DBAPIError.instance(None, None, exc, psycopg.Error, hide_parameters=True,
+                               connection_invalidated=True, dialect=database.engine.dialect)
+
+
+def _fail(group: list[_Waiting], exc: BaseException) -> None:
+    for waiting in group:
+        waiting.settle(exc)
+
+
+def _commit_plainly(group: list[_Waiting]) -> list[ItemResult | BaseException | None]:
+    """What becomes of each row of ``group`` written with the ordinary statements: its result,
+    None when its counters had moved, or the error its request fails with."""
+    try:
+        return list(_store(group))
+    except OperationalError as exc:
+        # The database is gone or the connection died: every request fails as it would
+        # alone (503 + Retry-After), nothing is acknowledged.
+        return [exc] * len(group)
+    except DBAPIError as exc:
+        if len(group) == 1 or exc.connection_invalidated:
+            return [exc] * len(group)
+        # Any other database error is one trace's (a value the database refuses): it must
+        # not fail the others in its group, so each is written again on its own.
+        return [outcome for waiting in group for outcome in _commit_plainly([waiting])]
+    except Exception as exc:
+        return [exc] * len(group)
 
 
 def _by_database(group: list[_Waiting]) -> list[list[_Waiting]]:

@@ -555,24 +555,24 @@ def _firsts(entries: Iterable[Admitted]) -> list[Admitted]:
     return list(firsts.values())
 
 
-def settle(
-    session: Session, entries: Sequence[Admitted],
-    inserted: dict[tuple[str, str], tuple[int, Split]], awaited: set[tuple[str, str]],
-) -> list[ItemResult]:
-    """What became of each of ``entries`` once the first of each key was inserted where it was
-    new (``inserted``; ``awaited``: those of them whose outcomes arrived first): the others are
-    judged against the stored row, a repeat against its first occurrence; outcomes are written
-    for the traces created."""
-    firsts = {entry.key: entry for entry in _firsts(entries)}
-    existing = _existing(session, [key for key in firsts if key not in inserted])
+def _created(entry: Admitted, row_id: int, split: Split) -> ItemResult:
+    return ItemResult(index=entry.index, external_id=entry.external_id,
+                      status=ItemStatus.created, id=row_id, split=split)
 
+
+def _judged(
+    entries: Sequence[Admitted], firsts: dict[tuple[str, str], Admitted],
+    inserted: dict[tuple[str, str], tuple[int, Split]],
+    existing: dict[tuple[str, str], tuple[int, str, Split]],
+) -> list[ItemResult]:
+    """What became of each of ``entries``: the first of each key (``firsts``) created where it
+    was ``inserted``, else judged against the stored row (``existing``); a repeat judged
+    against its first occurrence."""
     judged: dict[tuple[str, str], ItemResult] = {}
     for key, first in firsts.items():
         ext = first.external_id
         if key in inserted:
-            row_id, split = inserted[key]
-            judged[key] = ItemResult(index=first.index, external_id=ext,
-                                     status=ItemStatus.created, id=row_id, split=split)
+            judged[key] = _created(first, *inserted[key])
             continue
         row_id, chash, split = existing[key]
         if chash == first.content_hash:
@@ -590,6 +590,20 @@ def settle(
                                       status=ItemStatus.duplicate, id=base.id, split=base.split))
         else:
             results.append(_conflict(entry.index, entry.external_id, base.id or 0))
+    return results
+
+
+def settle(
+    session: Session, entries: Sequence[Admitted],
+    inserted: dict[tuple[str, str], tuple[int, Split]], awaited: set[tuple[str, str]],
+) -> list[ItemResult]:
+    """What became of each of ``entries`` once the first of each key was inserted where it was
+    new (``inserted``; ``awaited``: those of them whose outcomes arrived first): the others are
+    judged against the stored row, a repeat against its first occurrence; outcomes are written
+    for the traces created."""
+    firsts = {entry.key: entry for entry in _firsts(entries)}
+    existing = _existing(session, [key for key in firsts if key not in inserted])
+    results = _judged(entries, firsts, inserted, existing)
 
     # A retry never changes a stored outcome: only the traces created here write theirs.
     labels: dict[tuple[str, str], list[Label]] = {}
@@ -741,11 +755,8 @@ def _existing(
 ) -> dict[tuple[str, str], tuple[int, str, Split]]:
     """The stored (id, content hash, split) of each (tenant, external_id): one query per tenant
     and chunk."""
-    by_tenant: dict[str, list[str]] = {}
-    for tenant, ext in keys:
-        by_tenant.setdefault(tenant, []).append(ext)
     found: dict[tuple[str, str], tuple[int, str, Split]] = {}
-    for tenant, external_ids in by_tenant.items():
+    for tenant, external_ids in _by_tenant(keys):
         for chunk in _chunks(external_ids):
             rows = session.execute(
                 select(Trace.external_id, Trace.id, Trace.content_hash, Trace.split).where(
@@ -829,6 +840,53 @@ def store_under(
         return None
     inserted, awaited = _returned(returned)
     return settle(session, entries, inserted, awaited)
+
+
+async def store_new(
+    connection: psycopg.AsyncConnection[Any], entries: Sequence[Admitted],
+    expected: dict[str, int] | None,
+) -> list[ItemResult] | None:
+    """``store`` on an async connection, for the group writer on the event loop where no
+    session can go: a transaction whose first statement reads the cache counters when
+    ``expected`` (``COUNTERS_SQL``; sent with the BEGIN and the INSERT in one round trip,
+    psycopg's pipeline mode). Each entry's result, the transaction left for the caller to
+    commit; None when the counters read are not ``expected`` or the group needs what only
+    ``store`` on a session does (an inline outcome, an outcome that arrived before its trace),
+    and the caller must roll back (its rows were inserted) and store the ordinary way. A row
+    already stored costs one more statement, its lookup. psycopg's errors are raised as they
+    are."""
+    if any(entry.outcome is not None for entry in entries):
+        return None
+    firsts = {entry.key: entry for entry in _firsts(entries)}
+    counters_read = connection.cursor() if expected is not None else None
+    insert = connection.cursor()
+    async with connection.pipeline():
+        if counters_read is not None:
+            await counters_read.execute(COUNTERS_SQL)
+        await insert.execute(_PIPELINED_INSERT,
+                             (json_dumps([entry.row for entry in firsts.values()]),))
+    if counters_read is not None and dict(await counters_read.fetchall()) != expected:
+        return None
+    inserted, awaited = _returned(await insert.fetchall())
+    if awaited:
+        return None
+    existing: dict[tuple[str, str], tuple[int, str, Split]] = {}
+    for tenant, external_ids in _by_tenant(key for key in firsts if key not in inserted):
+        found = await connection.execute(_STORED_SQL, (tenant, external_ids))
+        for ext, row_id, chash, split in await found.fetchall():
+            existing[(tenant, ext)] = (row_id, chash, Split(split))
+    return _judged(entries, firsts, inserted, existing)
+
+
+_STORED_SQL = ("SELECT external_id, id, content_hash, split FROM traces"
+               " WHERE tenant = %s AND external_id = ANY(%s)")
+
+
+def _by_tenant(keys: Iterable[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    by: dict[str, list[str]] = {}
+    for tenant, ext in keys:
+        by.setdefault(tenant, []).append(ext)
+    return list(by.items())
 
 
 class OverlappedInsert:

@@ -12,6 +12,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import httpx
 import psycopg
@@ -23,7 +24,8 @@ from app.auth.service import revoke_key
 from app.db import Database, make_engine, set_database
 from app.models import ApiKey
 from app.settings import Settings, set_settings
-from app.traces.group_commit import writer
+from app.traces import group_commit
+from app.traces.group_commit import WRITER_APPLICATION_NAME, writer
 from tests.conftest import LiveServer
 
 pytestmark = [pytest.mark.parametrize("db_url", ["postgres"], indirect=True),
@@ -34,10 +36,22 @@ PER_CLIENT = 10
 CROWD = 120  # concurrent clients: three times the threadpool (40)
 
 
-def trace(ext: str, policy: str, answer: str = "ANSWER: YES") -> dict[str, object]:
-    return {"external_id": ext, "policy": policy,
-            "messages": [{"role": "user", "content": f"note {ext}"}], "response": answer,
-            "outcome": {"name": "correct", "value": True}}
+def a_trace(ext: str, policy: str, answer: str = "ANSWER: YES",
+            outcome: bool = True) -> dict[str, object]:
+    body: dict[str, object] = {
+        "external_id": ext, "policy": policy,
+        "messages": [{"role": "user", "content": f"note {ext}"}], "response": answer}
+    if outcome:
+        body["outcome"] = {"name": "correct", "value": True}
+    return body
+
+
+@pytest.fixture(params=[True, False], ids=["inline-outcome", "no-outcome"])
+def trace(request: pytest.FixtureRequest) -> Callable[..., dict[str, object]]:
+    """``a_trace``, with an inline outcome or without: a group of traces without one is written
+    on the writer's own connection, on the event loop; one with an outcome is written the
+    ordinary way, on a session in a thread."""
+    return partial(a_trace, outcome=request.param)
 
 
 def served(settings: Settings, **overrides: object) -> LiveServer:
@@ -68,7 +82,7 @@ def writer_held(db_url: str, url: str, headers: dict[str, str], policy: str) -> 
     with psycopg.connect(dsn) as lock:
         lock.execute("LOCK TABLE traces IN EXCLUSIVE MODE")
         blocker = threading.Thread(target=lambda: httpx.post(
-            f"{url}/v1/traces", json=trace(f"blocker-{uuid.uuid4().hex[:6]}", policy),
+            f"{url}/v1/traces", json=a_trace(f"blocker-{uuid.uuid4().hex[:6]}", policy),
             headers=headers, timeout=60))
         blocker.start()
         wait_for(lambda: writer.waiting == 0 and stuck_on_lock(lock))
@@ -130,6 +144,7 @@ def in_parallel(n: int, call: Callable[[int], None]) -> None:
 
 def test_concurrent_single_traces_share_commits_and_every_acknowledged_one_is_stored(
     settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
+    trace: Callable[..., dict[str, object]],
 ) -> None:
     answers: dict[str, tuple[int, int]] = {}
     lock = threading.Lock()
@@ -161,6 +176,7 @@ def test_concurrent_single_traces_share_commits_and_every_acknowledged_one_is_st
 
 def test_the_same_external_id_twice_in_one_group_is_created_once_then_duplicate(
     settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
+    trace: Callable[..., dict[str, object]],
 ) -> None:
     with served(settings) as server:
         with writer_held(db_url, server.url, admin_headers, policy):
@@ -174,6 +190,7 @@ def test_the_same_external_id_twice_in_one_group_is_created_once_then_duplicate(
 
 def test_the_same_external_id_with_other_content_in_one_group_is_a_conflict(
     settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
+    trace: Callable[..., dict[str, object]],
 ) -> None:
     bodies = [trace("contested", policy, "ANSWER: YES"), trace("contested", policy, "ANSWER: NO")]
     with served(settings) as server:
@@ -193,11 +210,11 @@ def test_a_known_trace_sent_again_among_new_ones_is_a_duplicate_and_outcomes_are
 ) -> None:
     exts = ["known", "new-1", "new-2", "new-3"]
     with served(settings) as server:
-        first = httpx.post(f"{server.url}/v1/traces", json=trace("known", policy),
+        first = httpx.post(f"{server.url}/v1/traces", json=a_trace("known", policy),
                            headers=admin_headers, timeout=30)
         assert first.status_code == 201, first.text
         with writer_held(db_url, server.url, admin_headers, policy):
-            posts = Posts(server.url, admin_headers, [trace(e, policy) for e in exts])
+            posts = Posts(server.url, admin_headers, [a_trace(e, policy) for e in exts])
             wait_for(lambda: writer.waiting == 4)
         answers = posts.responses()
 
@@ -218,7 +235,7 @@ def test_a_lone_request_is_not_held_for_the_window(
     with served(settings, group_commit_window_ms=1000.0) as server:
         started = time.monotonic()
         for n in range(3):
-            r = httpx.post(f"{server.url}/v1/traces", json=trace(f"lone-{n}", policy),
+            r = httpx.post(f"{server.url}/v1/traces", json=a_trace(f"lone-{n}", policy),
                            headers=admin_headers, timeout=30)
             assert r.status_code == 201, r.text
         elapsed = time.monotonic() - started
@@ -249,6 +266,7 @@ def refused_by_the_database(db_url: str, tenant: str) -> Iterator[str]:
 def test_a_trace_the_database_refuses_fails_alone_and_its_group_is_stored(
     settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
     refused_by_the_database: str,
+    trace: Callable[..., dict[str, object]],
 ) -> None:
     exts = [refused_by_the_database, "fine-1", "fine-2", "fine-3"]
     with served(settings) as server:
@@ -264,12 +282,15 @@ def test_a_trace_the_database_refuses_fails_alone_and_its_group_is_stored(
 def test_a_request_waiting_for_its_group_holds_no_database_connection(
     settings: Settings, db_url: str, admin_headers: dict[str, str], policy: str,
     database: Database,
+    trace: Callable[..., dict[str, object]],
 ) -> None:
     with served(settings) as server:
         with writer_held(db_url, server.url, admin_headers, policy):
             posts = Posts(server.url, admin_headers, [trace(f"w-{i}", policy) for i in range(6)])
             wait_for(lambda: writer.waiting == 6)
-            # Only the writer's own connection, stuck on the lock, is out of the pool.
+            # Only the blocker's session, stuck on the lock, is out of the pool (its trace
+            # carries an outcome: written on a session; the writer's own connection is not
+            # the pool's).
             in_use = database.engine.pool.checkedout()  # type: ignore[attr-defined]
         answers = posts.responses()
     assert in_use == 1
@@ -295,7 +316,7 @@ def test_more_concurrent_requests_than_pooled_connections_all_get_their_answer(
 
     def client(i: int) -> None:
         with httpx.Client(headers=admin_headers, timeout=60) as http:
-            r = http.post(f"{server.url}/v1/traces", json=trace(f"pool-{i}", policy))
+            r = http.post(f"{server.url}/v1/traces", json=a_trace(f"pool-{i}", policy))
             with lock:
                 statuses.append(r.status_code)
 
@@ -311,6 +332,7 @@ def test_more_concurrent_requests_than_pooled_connections_all_get_their_answer(
 def test_a_group_whose_cached_rows_went_stale_still_writes_the_rows_the_route_admitted(
     settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
     make_key: Callable[..., str], database: Database,
+    trace: Callable[..., dict[str, object]],
 ) -> None:
     """One group, two rows: one admitted from the caches under a key revoked before the group
     was written, one admitted by the route (a key not cached yet). The counters read with the
@@ -337,3 +359,48 @@ def test_a_group_whose_cached_rows_went_stale_still_writes_the_rows_the_route_ad
     assert (refused.status_code, created.status_code) == (401, 201), (refused.text, created.text)
     rows = stored(db_url, tenant)
     assert "from-the-route" in rows and "from-the-caches" not in rows
+
+
+def writer_backends(db_url: str) -> list[int]:
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                            (WRITER_APPLICATION_NAME,)).fetchall()
+    return [pid for (pid,) in rows]
+
+
+def test_the_writers_connection_found_dead_is_replaced_and_no_request_fails(
+    settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
+) -> None:
+    with served(settings) as server:
+        first = httpx.post(f"{server.url}/v1/traces", json=a_trace("first", policy, outcome=False),
+                           headers=admin_headers, timeout=30)
+        assert first.status_code == 201, first.text
+        (pid,) = writer_backends(db_url)
+        dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # A query string sends it past the cached path, straight to the route: a failure in
+        # the writer would be its answer (503), not handed on to be tried again.
+        after = httpx.post(f"{server.url}/v1/traces?via=route",
+                           json=a_trace("after", policy, outcome=False),
+                           headers=admin_headers, timeout=30)
+        assert after.status_code == 201, after.text
+        assert writer_backends(db_url) not in ([], [pid])
+    assert {"first", "after"} <= set(stored(db_url, tenant))
+
+
+def test_an_idle_writer_closes_its_connection(
+    settings: Settings, db_url: str, admin_headers: dict[str, str], policy: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(group_commit, "_IDLE_S", 0.2)
+    with served(settings) as server:
+        r = httpx.post(f"{server.url}/v1/traces", json=a_trace("once", policy, outcome=False),
+                       headers=admin_headers, timeout=30)
+        assert r.status_code == 201, r.text
+        assert len(writer_backends(db_url)) == 1
+        wait_for(lambda: writer_backends(db_url) == [], timeout=10)
+        again = httpx.post(f"{server.url}/v1/traces", json=a_trace("again", policy, outcome=False),
+                           headers=admin_headers, timeout=30)
+        assert again.status_code == 201, again.text

@@ -23,8 +23,9 @@ def trace(ext: str, policy: str) -> dict[str, object]:
 class StatementLog:
     """Every statement sent while it is open, as ``"VERB first-80-chars"``, and which of them
     went in a pipeline (psycopg's pipeline mode: one round trip with the statements around
-    it). On Postgres it is read at psycopg's ``Cursor.execute``, which SQLAlchemy's statements
-    and those sent in pipeline mode directly both go through; on SQLite, from SQLAlchemy."""
+    it). On Postgres it is read at psycopg's ``Cursor.execute`` and ``AsyncCursor.execute``,
+    which SQLAlchemy's statements and those the group writer sends on its own connection go
+    through; on SQLite, from SQLAlchemy."""
 
     def __init__(self, database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
         self.engine = database.engine
@@ -43,13 +44,19 @@ class StatementLog:
         if self.engine.dialect.name != "postgresql":
             event.listen(self.engine, "before_cursor_execute", self._record_event)
             return self
-        execute = psycopg.Cursor.execute
+        execute, execute_async = psycopg.Cursor.execute, psycopg.AsyncCursor.execute
 
         def recorded(cursor: psycopg.Cursor[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
             self._record(str(query), cursor.connection._pipeline is not None)
             return execute(cursor, query, *args, **kwargs)
 
+        async def recorded_async(cursor: psycopg.AsyncCursor[Any], query: Any, *args: Any,
+                                 **kwargs: Any) -> Any:
+            self._record(str(query), cursor.connection._pipeline is not None)
+            return await execute_async(cursor, query, *args, **kwargs)
+
         self.monkeypatch.setattr(psycopg.Cursor, "execute", recorded)
+        self.monkeypatch.setattr(psycopg.AsyncCursor, "execute", recorded_async)
         return self
 
     def __exit__(self, *exc: object) -> None:
