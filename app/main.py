@@ -15,7 +15,7 @@ from app.feedback.endpoints import router as feedback_router
 from app.health.endpoints import router as health_router
 from app.jobs.service import register_sender
 from app.limits import BodyLimitMiddleware, SecurityHeadersMiddleware
-from app.observability import MetricsMiddleware, configure_logging
+from app.observability import MetricsMiddleware, configure_logging, file_routes_under
 from app.policies.endpoints import router as policies_router
 from app.problems import install_error_handlers
 from app.proxy.endpoints import router as proxy_router
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health_router)
     for router in API_ROUTERS:
         app.include_router(router, prefix="/v1")
+        file_routes_under("/v1", router.routes)
     app.include_router(langfuse_router)
     app.include_router(otlp_router)
     install_docs(app)

@@ -8,6 +8,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterable
 from typing import Any
 
 import structlog
@@ -137,9 +138,24 @@ class MetricsMiddleware:
             observe_request(scope, status["code"], start)
 
 
+# Route (by id: routes compare by value and are not hashable) → the prefix its router was
+# included under. FastAPI files the router's own route in ``scope["route"]``, whose path
+# lacks the prefix: the routes under /v1 were all labelled as if served from the root.
+_ROUTE_PREFIXES: dict[int, str] = {}
+
+
+def file_routes_under(prefix: str, routes: Iterable[object]) -> None:
+    """``routes`` were included under ``prefix``: their requests are filed under the full
+    template (``/v1/traces``, not ``/traces``)."""
+    for route in routes:
+        _ROUTE_PREFIXES[id(route)] = prefix
+
+
 def observe_request(scope: Scope, status: int, start: float) -> None:
     """File one HTTP request, begun at ``start`` (``time.perf_counter``), under the template of
     the route that served it (``scope["route"]``, set by the router), else ``unmatched``."""
-    template = getattr(scope.get("route"), "path", None) or "unmatched"
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    template = _ROUTE_PREFIXES.get(id(route), "") + path if path else "unmatched"
     REQUEST_LATENCY.labels(scope["method"], template, str(status)).observe(
         time.perf_counter() - start)

@@ -84,7 +84,7 @@ def test_a_warm_single_trace_is_stored_from_the_caches_and_answered_as_the_route
     assert other.headers["x-content-type-options"] == "nosniff"  # the middleware still wraps
     assert stored(database, tenant) == 2
     metrics = client.get("/metrics").text
-    assert 'route="/traces",status="201"' in metrics  # filed under the route's template
+    assert 'route="/v1/traces",status="201"' in metrics  # filed under the route's template
 
 
 def revoke(session: Session, prefix: str) -> None:

@@ -259,6 +259,8 @@ def test_metrics_count_ingest_results(client, admin_headers, policy_name):
     text = client.get("/metrics").text
     assert 'tracelearn_ingest_traces_total{result="created"}' in text
     assert "tracelearn_http_request_duration_seconds_bucket" in text
+    # Filed under the template it was served from, its router's prefix included.
+    assert 'method="POST",route="/v1/traces",status="201"' in text
 
 
 def test_timestamps_are_rfc3339_utc_with_z_whichever_database_stored_them(
