@@ -209,8 +209,8 @@ class GroupWriter:
             _fail(group, exc)
             return
         if results is None:
-            # Not a group of new rows only (or the counters moved): the ordinary statements,
-            # in a thread, on a session.
+            # An inline outcome, an outcome that came first, a refused value or counters that
+            # moved: the ordinary statements, on a session, in a thread.
             outcomes = await anyio.to_thread.run_sync(_commit_plainly, group)
         else:
             outcomes = list(results)
@@ -221,8 +221,9 @@ class GroupWriter:
 
     async def _store_new(self, groups: _Groups,
                          group: list[_Waiting]) -> list[ItemResult] | None:
-        """Each row's result when the whole group was new and admitted under the counters still
-        current, committed on the loop's own connection; else None, nothing written."""
+        """Each row's result, committed on the loop's own connection, when ``store_new`` could
+        write the group alone under the counters its cached rows were admitted under; else
+        None, nothing written."""
         under = [w.admitted_under for w in group if w.admitted_under is not None]
         if any(counters != under[0] for counters in under):
             return None  # admitted under several counters: only the newest can be current
