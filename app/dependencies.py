@@ -86,6 +86,16 @@ class RateLimiter:
                 )
             self._buckets[key_id] = (tokens - 1.0, now)
 
+    def refund(self, key_id: int, per_minute: int) -> None:
+        """Give back the token ``check`` took for a request that was then answered elsewhere
+        (and checked again there), so one request never costs two."""
+        if per_minute <= 0:
+            return
+        with self._lock:
+            held = self._buckets.get(key_id)
+            if held is not None:
+                self._buckets[key_id] = (min(float(per_minute), held[0] + 1.0), held[1])
+
     def reset(self) -> None:
         with self._lock:
             self._buckets.clear()

@@ -279,8 +279,16 @@ class CachedSingleTraceIngest:
             rate_limiter.check(principal.key_id, settings.rate_limit_per_minute)
         except RateLimited:
             return None
-        result = await group_commit.write_cached(database, entry, counters)
-        return None if result is None else single_trace_answer(result)
+        try:
+            result = await group_commit.write_cached(database, entry, counters)
+        except BaseException:
+            rate_limiter.refund(principal.key_id, settings.rate_limit_per_minute)
+            raise
+        if result is None:
+            # Held back: the route admits it again, and takes its own token.
+            rate_limiter.refund(principal.key_id, settings.rate_limit_per_minute)
+            return None
+        return single_trace_answer(result)
 
 
 def _bearer_key(scope: AsgiScope) -> str | None:

@@ -191,6 +191,25 @@ def test_a_rate_limit_reached_is_answered_by_the_route(
     assert calls.written == ["created", "created"]
 
 
+def test_a_request_held_back_at_the_write_costs_one_token_not_two(
+    client: TestClient, settings: Settings, admin_headers: dict[str, str], policy_name: str,
+    tenant: str, make_key: Callable[..., str], calls: Calls,
+) -> None:
+    set_settings(settings.model_copy(update={"rate_limit_per_minute": 3}))
+    try:
+        codes = [client.post("/v1/traces", json=trace(f"h{i}", policy_name),
+                             headers=admin_headers).status_code for i in range(2)]
+        make_key(tenant)  # a key created: the counters move, the cached keys are stale
+        codes += [client.post("/v1/traces", json=trace(f"h{i}", policy_name),
+                              headers=admin_headers).status_code for i in range(2, 4)]
+    finally:
+        set_settings(settings)
+    # The route's, the caches', then one held back at the write and admitted by the route
+    # (one token, given back by the cached path), then the bucket is empty.
+    assert calls.written == ["created", None]
+    assert codes == [201, 201, 201, 429]
+
+
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 def test_sqlite_keeps_the_route(
     client: TestClient, admin_headers: dict[str, str], policy_name: str, calls: Calls,
