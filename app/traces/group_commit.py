@@ -119,8 +119,8 @@ class GroupWriter:
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Groups] = (
             weakref.WeakKeyDictionary())
 
-    def _here(self) -> _Groups:
-        loop = asyncio.get_running_loop()
+    def _here(self, loop: asyncio.AbstractEventLoop | None = None) -> _Groups:
+        loop = loop or asyncio.get_running_loop()
         groups = self._loops.get(loop)
         if groups is None:
             groups = self._loops[loop] = _Groups()
@@ -138,13 +138,14 @@ class GroupWriter:
                     admitted_under: dict[str, int] | None = None) -> ItemResult | None:
         """``entry``'s result (announced first), once the commit holding its row is done; None
         when it was ``admitted_under`` counters that have moved since (nothing written)."""
-        groups = self._here()
-        future: asyncio.Future[ItemResult | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        groups = self._here(loop)
+        future: asyncio.Future[ItemResult | None] = loop.create_future()
         groups.arriving -= 1
         groups.queue.append(_Waiting(database, entry, future, admitted_under))
         groups.arrived.set()
         if groups.drain is None:
-            groups.drain = asyncio.get_running_loop().create_task(self._drain(groups))
+            groups.drain = loop.create_task(self._drain(groups))
         return await future
 
     @property
@@ -286,9 +287,8 @@ class GroupWriter:
 
 
 def _translated(exc: psycopg.Error, database: Database) -> StatementError:
-    """psycopg's error as SQLAlchemy raises it (so a dead database still answers 503)."""
-    return DBAPIError.instance(None, None, exc, psycopg.Error, hide_parameters=True,
-                               connection_invalidated=True, dialect=database.engine.dialect)
+    """The writer's connection's error, as SQLAlchemy raises it (the connection is dropped)."""
+    return service.driver_error(exc, database.engine.dialect, invalidated=True)
 
 
 def _fail(group: list[_Waiting], exc: BaseException) -> None:

@@ -34,7 +34,8 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.orm import Session
 
 from app.audit import record
@@ -555,11 +556,6 @@ def _firsts(entries: Iterable[Admitted]) -> list[Admitted]:
     return list(firsts.values())
 
 
-def _created(entry: Admitted, row_id: int, split: Split) -> ItemResult:
-    return ItemResult(index=entry.index, external_id=entry.external_id,
-                      status=ItemStatus.created, id=row_id, split=split)
-
-
 def _judged(
     entries: Sequence[Admitted], firsts: dict[tuple[str, str], Admitted],
     inserted: dict[tuple[str, str], tuple[int, Split]],
@@ -572,7 +568,9 @@ def _judged(
     for key, first in firsts.items():
         ext = first.external_id
         if key in inserted:
-            judged[key] = _created(first, *inserted[key])
+            row_id, split = inserted[key]
+            judged[key] = ItemResult(index=first.index, external_id=ext,
+                                     status=ItemStatus.created, id=row_id, split=split)
             continue
         row_id, chash, split = existing[key]
         if chash == first.content_hash:
@@ -799,11 +797,19 @@ _OUTCOME_WAITING = (
 )
 
 
+def driver_error(exc: psycopg.Error, dialect: Dialect, invalidated: bool) -> StatementError:
+    """psycopg's error from a statement sent on a driver connection directly (pipeline mode,
+    the group writer's own connection), as SQLAlchemy raises it from ``execute``: a dead
+    database still answers 503."""
+    return DBAPIError.instance(_PIPELINED_INSERT, None, exc, psycopg.Error,
+                               hide_parameters=True, connection_invalidated=invalidated,
+                               dialect=dialect)
+
+
 @contextmanager
 def _driver_errors(connection: Connection) -> Iterator[None]:
-    """psycopg's errors, from statements sent on ``connection``'s driver connection directly
-    (pipeline mode), raised as SQLAlchemy raises them from ``execute`` (so a dead database
-    still answers 503), the connection invalidated when the error says it is dead."""
+    """psycopg's errors, from statements sent on ``connection``'s driver connection directly,
+    raised as ``driver_error``, the connection invalidated when the error says it is dead."""
     try:
         yield
     except psycopg.Error as exc:
@@ -811,9 +817,7 @@ def _driver_errors(connection: Connection) -> Iterator[None]:
             cast(Any, exc), cast(Any, connection.connection.driver_connection), None)
         if dead:
             connection.invalidate(exc)
-        raise DBAPIError.instance(_PIPELINED_INSERT, None, exc, psycopg.Error,
-                                  hide_parameters=True, connection_invalidated=dead,
-                                  dialect=connection.dialect) from exc
+        raise driver_error(exc, connection.dialect, dead) from exc
 
 
 def store_under(
