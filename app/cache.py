@@ -121,6 +121,12 @@ COUNTERS_SQL = "SELECT name, generation FROM cache_generations"
 (psycopg's pipeline mode) and files them with ``accept_generations``."""
 
 
+COUNTERS_OBJECT_SQL = ("SELECT COALESCE(jsonb_object_agg(name, generation), '{}'::jsonb)"
+                       " FROM cache_generations")
+"""Every counter as one JSON object, for a statement that checks them in its own snapshot
+(the group writer's insert, ``app.traces.service.store_new``)."""
+
+
 def accept_generations(session: Session, rows: Iterable[tuple[str, int]]) -> dict[str, int]:
     """The counters a caller read itself (``COUNTERS_SQL``) as the first statement of
     ``session``'s transaction, filed as ``generations`` files its own read: that transaction's

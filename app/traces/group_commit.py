@@ -15,34 +15,37 @@ The life of a single trace on Postgres::
                                                             more are on their way (at most
                                                             ``group_commit_max_items``)
                                                             service.store_new on the writer's
-                                                            own async connection: BEGIN, the
-                                                            counters, one multi-row INSERT …
-                                                            ON CONFLICT … RETURNING in one
-                                                            round trip; COMMIT
+                                                            own async connection, autocommit:
+                                                            one statement reads the counters,
+                                                            INSERTs the rows (ON CONFLICT …
+                                                            RETURNING) and commits, in one
+                                                            round trip
     answered with its own result     <--------------------- every future settled after that
                                                             commit, never before
 
 The writer runs between the requests its loop serves, so a round trip's wait is the loop's
 own: a writer thread (as before) held the GIL for a quarter of the process's time and waited
-for it after every round trip. A group ``store_new`` cannot write alone (an inline outcome, an
-outcome that arrived before its trace, a value the database refuses, counters that moved) is
-rolled back and written the ordinary way, on a session in a thread (``_commit_plainly``:
-``service.store_under`` or ``service.store``), the writer waiting for it.
+for it after every round trip. A row ``store_new`` cannot write alone (an inline outcome, an
+outcome that arrived before its trace) is left out of its statement and written after it the
+ordinary way, on a session in a thread (``_commit_plainly``: ``service.store_under`` or
+``service.store``), the writer waiting for it; so is the whole group when the statement wrote
+nothing (a value the database refuses, counters that moved).
 
 No trace is acknowledged before the commit that holds it, so a crash loses only unanswered
 requests. A connection lost, or the database gone, fails the whole group with the error the
-direct path raises (503 + Retry-After); the writer's connection found dead before anything was
-committed (a database restart) is replaced and the group tried once more. Any other database
-error (a value the database refuses: 422) is the fault of one trace, so the group is written
-again one trace to a transaction and only that trace's request fails. SQLite keeps the direct
-path: it has one writer anyway.
+direct path raises (503 + Retry-After); the writer's connection found dead (a database
+restart) is replaced and the group tried once more — a row whose commit had in fact gone
+through then answers as a duplicate of itself, as a client's own retry would. Any other
+database error (a value the database refuses: 422) is the fault of one trace, so the group is
+written again one trace to a transaction and only that trace's request fails. SQLite keeps the
+direct path: it has one writer anyway.
 
 A row admitted from the process caches alone, without a statement (``admitted_under``: the
 counters those caches were read under, ``app.cache.cached_only``), is written only if the
-counters the writer reads in the same transaction, its first statement, are still those: a
-key revoked or a policy changed since is caught there, and that request is answered
-``None`` — it must be admitted again the ordinary way. When they have moved, the transaction
-is rolled back and the rows admitted the ordinary way are written again on their own.
+counters the writer's statement reads, in the snapshot it inserts under, are still those: a
+key revoked or a policy changed since is caught there, and that request is answered ``None``
+— it must be admitted again the ordinary way. When they have moved, the statement inserts
+nothing and the rows admitted the ordinary way are written again on their own.
 """
 
 from __future__ import annotations
@@ -206,54 +209,49 @@ class GroupWriter:
             results = await self._store_new(groups, group)
         except StatementError as exc:
             # The database is gone or the connection died: every request fails as it would
-            # alone (503 + Retry-After), nothing is acknowledged.
+            # alone (503 + Retry-After).
             _fail(group, exc)
             return
-        if results is None:
+        outcomes: list[ItemResult | BaseException | None] = list(results)
+        if left := [i for i, result in enumerate(results) if result is None]:
             # An inline outcome, an outcome that came first, a refused value or counters that
             # moved: the ordinary statements, on a session, in a thread.
-            outcomes = await anyio.to_thread.run_sync(_commit_plainly, group)
-        else:
-            outcomes = list(results)
+            plain = await anyio.to_thread.run_sync(_commit_plainly, [group[i] for i in left])
+            for i, outcome in zip(left, plain, strict=True):
+                outcomes[i] = outcome
         if written := sum(isinstance(outcome, ItemResult) for outcome in outcomes):
             INGEST_GROUP_SIZE.observe(written)
         for waiting, outcome in zip(group, outcomes, strict=True):
             waiting.settle(outcome)
 
     async def _store_new(self, groups: _Groups,
-                         group: list[_Waiting]) -> list[ItemResult] | None:
-        """Each row's result, committed on the loop's own connection, when ``store_new`` could
-        write the group alone under the counters its cached rows were admitted under; else
-        None, nothing written."""
+                         group: list[_Waiting]) -> list[ItemResult | None]:
+        """Each row's result, committed on the loop's own connection by ``store_new`` under
+        the counters its cached rows were admitted under; None for each row it left for the
+        ordinary path (every row, when nothing could be written this way)."""
+        left: list[ItemResult | None] = [None] * len(group)
         under = [w.admitted_under for w in group if w.admitted_under is not None]
         if any(counters != under[0] for counters in under):
-            return None  # admitted under several counters: only the newest can be current
+            return left  # admitted under several counters: only the newest can be current
         database, entries = group[0].database, [w.entry for w in group]
         expected = under[0] if under else None
-        for attempt in (1, 2):
+        attempts = 2
+        while True:
             connection = await self._connection(groups, database)
             try:
-                results = await service.store_new(connection, entries, expected)
-                break
+                return await service.store_new(connection, entries, expected)
             except psycopg.OperationalError as exc:
-                # Nothing committed yet: a connection found dead (a database restart) is
-                # replaced and the group tried once more, as ``first_statement`` does.
+                # A connection found dead (a database restart) is replaced and the group tried
+                # once more, as ``first_statement`` does. Had the insert committed before the
+                # connection died, its rows are judged duplicates of themselves.
                 await self._drop(groups, database)
-                if attempt == 2:
+                attempts -= 1
+                if not attempts:
                     raise _translated(exc, database) from exc
             except psycopg.Error:
-                # A value the database refuses: the ordinary path finds whose it is.
-                await self._rollback(groups, database)
-                return None
-        if results is None:
-            await self._rollback(groups, database)
-            return None
-        try:
-            await connection.commit()
-        except psycopg.Error as exc:
-            await self._drop(groups, database)
-            raise _translated(exc, database) from exc
-        return results
+                # A value the database refuses (nothing written: one statement): the ordinary
+                # path finds whose it is.
+                return left
 
     @staticmethod
     async def _connection(groups: _Groups, database: Database) -> psycopg.AsyncConnection[Any]:
@@ -262,21 +260,12 @@ class GroupWriter:
             url = database.engine.url.set(drivername="postgresql")
             try:
                 connection = await psycopg.AsyncConnection.connect(
-                    url.render_as_string(hide_password=False),
+                    url.render_as_string(hide_password=False), autocommit=True,
                     application_name=WRITER_APPLICATION_NAME)
             except psycopg.OperationalError as exc:
                 raise _translated(exc, database) from exc
             groups.connections[id(database)] = connection
         return connection
-
-    async def _rollback(self, groups: _Groups, database: Database) -> None:
-        connection = groups.connections.get(id(database))
-        if connection is None:
-            return
-        try:
-            await connection.rollback()
-        except psycopg.Error:
-            await self._drop(groups, database)
 
     @staticmethod
     async def _drop(groups: _Groups, database: Database) -> None:

@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 
 from app.audit import record
 from app.auth.service import Principal
-from app.cache import COUNTERS_SQL, GenerationCache, accept_generations
+from app.cache import COUNTERS_OBJECT_SQL, COUNTERS_SQL, GenerationCache, accept_generations
 from app.db import execute_json_array, json_array_insert_sql, json_dumps, upsert_insert, utcnow
 from app.errors import InvalidInput, NotFound, PayloadTooLarge, problem_body
 from app.models import (
@@ -849,37 +849,57 @@ def store_under(
 async def store_new(
     connection: psycopg.AsyncConnection[Any], entries: Sequence[Admitted],
     expected: dict[str, int] | None,
-) -> list[ItemResult] | None:
-    """``store`` on an async connection, for the group writer on the event loop where no
-    session can go: a transaction whose first statement reads the cache counters when
-    ``expected`` (``COUNTERS_SQL``; sent with the BEGIN and the INSERT in one round trip,
-    psycopg's pipeline mode). Each entry's result, the transaction left for the caller to
-    commit; None when the counters read are not ``expected`` or the group needs what only
-    ``store`` on a session does (an inline outcome, an outcome that arrived before its trace),
-    and the caller must roll back (its rows were inserted) and store the ordinary way. A row
-    already stored costs one more statement, its lookup. psycopg's errors are raised as they
-    are."""
-    if any(entry.outcome is not None for entry in entries):
-        return None
-    firsts = {entry.key: entry for entry in _firsts(entries)}
-    counters_read = connection.cursor() if expected is not None else None
-    insert = connection.cursor()
-    async with connection.pipeline():
-        if counters_read is not None:
-            await counters_read.execute(COUNTERS_SQL)
-        await insert.execute(_PIPELINED_INSERT,
-                             (json_dumps([entry.row for entry in firsts.values()]),))
-    if counters_read is not None and dict(await counters_read.fetchall()) != expected:
-        return None
-    inserted, awaited = _returned(await insert.fetchall())
-    if awaited:
-        return None
+) -> list[ItemResult | None]:
+    """``store`` on an async connection in autocommit, for the group writer on the event loop
+    where no session can go: one statement (``_GROUP_INSERT``) inserts every new row and
+    commits, in one round trip, and only if the cache counters it reads in its own snapshot
+    are ``expected`` (when given). Each entry's result, None for the entries only ``store`` on
+    a session can write: an inline outcome, an outcome that arrived before its trace (that row
+    is left out of the insert), or every entry when the counters have moved (nothing
+    written). A row already stored costs one more statement, its lookup. psycopg's errors are
+    raised as they are; the statement is all-or-nothing."""
+    held = {entry.key for entry in entries if entry.outcome is not None}
+    firsts = {entry.key: entry for entry in _firsts(entries) if entry.key not in held}
+    inserted: dict[tuple[str, str], tuple[int, Split]] = {}
+    if firsts:
+        cursor = await connection.execute(_GROUP_INSERT, {
+            "rows": json_dumps([entry.row for entry in firsts.values()]),
+            "expected": None if expected is None else json_dumps(expected)})
+        answer = await cursor.fetchone()
+        assert answer is not None  # an aggregate: always one row
+        counters, returned = answer
+        if expected is not None and counters != expected:
+            return [None] * len(entries)
+        inserted = {(tenant, ext): (row_id, Split(split))
+                    for row_id, tenant, ext, split in returned or ()}
     existing: dict[tuple[str, str], tuple[int, str, Split]] = {}
     for tenant, external_ids in _by_tenant(key for key in firsts if key not in inserted):
         found = await connection.execute(_STORED_SQL, (tenant, external_ids))
         for ext, row_id, chash, split in await found.fetchall():
             existing[(tenant, ext)] = (row_id, chash, Split(split))
-    return _judged(entries, firsts, inserted, existing)
+    # Neither inserted nor stored: its outcome is waiting for it (left out of the insert).
+    written = {key: first for key, first in firsts.items()
+               if key in inserted or key in existing}
+    judged = iter(_judged([entry for entry in entries if entry.key in written], written,
+                          inserted, existing))
+    return [next(judged) if entry.key in written else None for entry in entries]
+
+
+_GROUP_INSERT = (
+    f"WITH counters AS ({COUNTERS_OBJECT_SQL}), inserted AS ("
+    f"{json_array_insert_sql(Trace, '%(rows)s')}"
+    " WHERE (CAST(%(expected)s AS jsonb) IS NULL"
+    " OR (SELECT * FROM counters) = CAST(%(expected)s AS jsonb))"
+    " AND NOT EXISTS (SELECT 1 FROM outcomes WHERE outcomes.tenant = r->>'tenant'"
+    " AND outcomes.trace_external_id = r->>'external_id' AND outcomes.trace_id IS NULL)"
+    " ON CONFLICT (tenant, external_id) DO NOTHING RETURNING id, tenant, external_id, split)"
+    " SELECT (SELECT * FROM counters), (SELECT jsonb_agg(jsonb_build_array("
+    "id, tenant, external_id, split)) FROM inserted)"
+)
+"""The group writer's statement: the new rows inserted, committed with it (autocommit), when
+the counters read in the same snapshot are those expected (``%(expected)s``, JSON, or NULL
+for no check) and no outcome is waiting for them; it answers the counters it read and the
+rows inserted as ``[id, tenant, external_id, split]``."""
 
 
 _STORED_SQL = ("SELECT external_id, id, content_hash, split FROM traces"

@@ -229,6 +229,43 @@ def test_a_known_trace_sent_again_among_new_ones_is_a_duplicate_and_outcomes_are
     assert sorted(ext for (ext,) in outcomes if not ext.startswith("blocker")) == sorted(exts)
 
 
+def test_a_group_writes_its_plain_traces_in_one_statement_and_the_rest_on_a_session(
+    settings: Settings, db_url: str, tenant: str, admin_headers: dict[str, str], policy: str,
+) -> None:
+    """The writer's statement inserts the traces it can write alone; one with an inline outcome
+    and one whose outcome came first are left out of it and written the ordinary way, their
+    outcomes attached, in the same group's turn."""
+    exts = ["plain-1", "plain-2", "inline", "awaited"]
+    with served(settings) as server:
+        early = httpx.post(f"{server.url}/v1/feedback", json={"outcomes": [
+            {"trace_external_id": "awaited", "name": "correct", "value": True}]},
+            headers=admin_headers, timeout=30)
+        assert early.json()["results"][0]["status"] == "pending_trace", early.text
+        bodies = [a_trace("plain-1", policy, outcome=False),
+                  a_trace("plain-2", policy, outcome=False),
+                  a_trace("inline", policy), a_trace("awaited", policy, outcome=False)]
+        with writer_held(db_url, server.url, admin_headers, policy):
+            posts = Posts(server.url, admin_headers, bodies)
+            wait_for(lambda: writer.waiting == 4)
+        answers = posts.responses()
+
+    assert [r.status_code for r in answers] == [201] * 4, [r.text for r in answers]
+    rows = stored(db_url, tenant)
+    assert [r.json()["id"] for r in answers] == [rows[e][0] for e in exts]
+    assert rows["plain-1"][1] == rows["plain-2"][1]  # one statement, one commit
+    assert rows["inline"][1] != rows["plain-1"][1] and rows["awaited"][1] != rows["plain-1"][1]
+    dsn = db_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as conn:
+        attached = conn.execute(
+            "SELECT t.external_id FROM outcomes o JOIN traces t ON t.id = o.trace_id"
+            " WHERE o.tenant = %s", (tenant,)).fetchall()
+        waiting = conn.execute("SELECT count(*) FROM outcomes WHERE tenant = %s"
+                               " AND trace_id IS NULL", (tenant,)).fetchone()
+    assert sorted(ext for (ext,) in attached if not ext.startswith("blocker")) == [
+        "awaited", "inline"]
+    assert waiting == (0,)
+
+
 def test_a_lone_request_is_not_held_for_the_window(
     settings: Settings, admin_headers: dict[str, str], policy: str,
 ) -> None:
