@@ -187,8 +187,8 @@ def delete_trace(
 # (``single_trace_answer``).
 #
 # A request handed over after its rate-limit token was taken (its caches moved before the
-# commit, or the database failed) takes a second one on the route: a rare double count, in the
-# caller's disfavour, never a request let through.
+# commit, or the database failed) gives that token back first (``RateLimiter.refund``), and the
+# route takes its own: one request, one token.
 
 CACHED_PATH = "/v1/traces"
 LARGEST_BODY = 64 * 1024
