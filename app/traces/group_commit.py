@@ -55,7 +55,7 @@ import collections
 import weakref
 from collections.abc import Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -64,9 +64,9 @@ import psycopg
 from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
-from app.auth.service import Principal, Scope, authenticate
+from app.auth.service import Principal, Scope, authenticate, hash_key
 from app.cache import NotCached, cached_only, database_key, last_seen
-from app.db import Database, first_statement, get_database
+from app.db import Database, first_statement, get_database, utcnow
 from app.observability import INGEST_GROUP_SIZE
 from app.settings import Settings, get_settings
 from app.traces import service
@@ -400,23 +400,92 @@ def admit_cached(
     from the process caches without a statement (``app.cache.cached_only``); None when
     anything needed is not cached, the key is unknown, revoked or lacks the ``ingest`` scope,
     or the trace is refused: the ordinary path then answers, and says why."""
-    counters = last_seen(database_key(database.engine))
+    where = database_key(database.engine)
+    counters = last_seen(where)
     if counters is None:
         return None
+    context = warm_contexts.get(database, where, raw_key, raw, settings, counters)
+    if context is None:
+        return None
+    principal, admission = context
+    refused, admitted = service.admit_prepared([raw], replace(admission, now=utcnow()))
+    if refused:
+        return None
+    return principal, admitted[0], counters
+
+
+@dataclass(frozen=True)
+class _Contexts:
+    """Contexts read as of one database, settings object and set of counters."""
+
+    database: str
+    settings: Settings
+    counters: dict[str, int]
+    by_request: dict[tuple[str, str | None, str | None], tuple[Principal, service.Admission]]
+
+
+class WarmContexts:
+    """What admitting a warm single trace reads besides the trace — the caller's principal and
+    ``service.prepare``'s answer for the policy and served model it names — kept per key,
+    policy and model as of the counters they were read under. All of it comes from the process
+    caches under those counters (``cached_only``) and changes only when they move, so it is
+    read once per counters instead of once per request (a session, three cache lookups and the
+    key's check cost about as much as admitting the trace itself). Dropped whole when the
+    counters, the database or the settings object change; only principals that may ingest are
+    kept, under the hash of their key (never the key itself), at most ``MAX_ENTRIES``."""
+
+    MAX_ENTRIES = 1024
+
+    def __init__(self) -> None:
+        self._held: _Contexts | None = None  # replaced whole, never changed in place but to add
+
+    def get(self, database: Database, where: str, raw_key: str, raw: dict[str, Any],
+            settings: Settings, counters: dict[str, int],
+            ) -> tuple[Principal, service.Admission] | None:
+        """The principal and the admission context for ``raw`` on ``database`` (``where``:
+        its ``database_key``); None when the key is unknown, revoked or lacks the ``ingest``
+        scope, or something needed is not cached."""
+        policy, model = raw.get("policy"), raw.get("model")
+        if not (isinstance(policy, str | None) and isinstance(model, str | None)):
+            # Not a name: the trace is refused, and there is nothing to keep.
+            return _read_context(database, raw_key, raw, settings, counters)
+        key = (hash_key(raw_key), policy, model)
+        held = self._held  # read once: another loop's thread may replace it meanwhile
+        if (held is not None and held.settings is settings and held.database == where
+                and held.counters == counters):
+            if (found := held.by_request.get(key)) is not None:
+                return found
+        else:
+            held = None
+        context = _read_context(database, raw_key, raw, settings, counters)
+        if context is None:
+            return None
+        if held is None or len(held.by_request) >= self.MAX_ENTRIES:
+            held = self._held = _Contexts(where, settings, dict(counters), {})
+        held.by_request[key] = context
+        return context
+
+    def clear(self) -> None:
+        self._held = None
+
+
+warm_contexts = WarmContexts()
+
+
+def _read_context(database: Database, raw_key: str, raw: dict[str, Any], settings: Settings,
+                  counters: dict[str, int]) -> tuple[Principal, service.Admission] | None:
     session = database.sessionmaker()
     try:
         with cached_only(session, counters):
             principal = authenticate(session, raw_key)
             if principal is None or not principal.holds(Scope.ingest):
                 return None
-            refused, admitted = service.admit(session, principal, [raw], settings)
+            return principal, service.prepare(session, principal, [raw], settings,
+                                              untrainable=None, generated_response=False)
     except NotCached:
         return None
     finally:
         session.close()
-    if refused:
-        return None
-    return principal, admitted[0], counters
 
 
 async def write_cached(

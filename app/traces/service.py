@@ -354,6 +354,11 @@ def admit(
     served names), so on a warm cache it costs no statement beyond ``generations``."""
     admission = prepare(session, principal, raw_items, settings, untrainable=untrainable,
                         generated_response=generated_response)
+    return admit_prepared(raw_items, admission)
+
+
+def admit_prepared(raw_items: list[Any], admission: Admission) -> _AdmittedPart:
+    """``admit`` with what it reads from the session already read (``prepare``)."""
     return _admitted_here(list(enumerate(raw_items)), admission)
 
 

@@ -117,6 +117,48 @@ def test_a_key_changed_after_it_was_cached_is_held_back_at_the_write_and_refused
     assert stored(database, tenant) == 2
 
 
+def test_a_warm_keys_context_is_read_once_per_counters_and_kept_without_the_key(
+    client: TestClient, admin_headers: dict[str, str], policy_name: str, tenant: str,
+    database: Database, make_key: Callable[..., str], calls: Calls,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reads: list[str] = []
+    read = group_commit._read_context
+
+    def read_spy(*args: Any) -> Any:
+        reads.append(args[2]["external_id"])
+        return read(*args)
+
+    monkeypatch.setattr(group_commit, "_read_context", read_spy)
+    group_commit.warm_contexts.clear()
+
+    def post(*exts: str) -> list[int]:
+        return [client.post("/v1/traces", json=trace(ext, policy_name),
+                            headers=admin_headers).status_code for ext in exts]
+
+    assert post("a", "b", "c", "d") == [201] * 4
+    # "a" found the caches cold and went to the route; "b" read the context, "c" and "d"
+    # reused it.
+    assert reads == ["a", "b"] and calls.written == ["created"] * 3
+    make_key(tenant, "read")  # a key created: the counters move
+    assert post("e", "f", "g", "h") == [201] * 4
+    # "e" came from the context of the old counters and was held back at the write (the route
+    # stored it, reading the new counters); "f" read the context again under them, "g" and
+    # "h" reused it, and so do "i" and "j".
+    assert post("i", "j") == [201, 201]
+    assert reads == ["a", "b", "f"]
+    assert calls.written == ["created"] * 3 + [None] + ["created"] * 5
+    assert stored(database, tenant) == 10
+    key = admin_headers["Authorization"].split()[1]
+    held = group_commit.warm_contexts._held
+    assert held is not None and held.by_request
+    assert all(key not in str(request) for request in held.by_request)
+    # A policy that is not a name is not kept (nor a reason to fail): the route refuses it.
+    odd = client.post("/v1/traces", json=trace("k", policy_name) | {"policy": ["x"]},
+                      headers=admin_headers)
+    assert odd.status_code == 422, odd.text
+
+
 def test_what_the_caches_cannot_vouch_for_goes_to_the_route(
     client: TestClient, admin_headers: dict[str, str], policy_name: str,
     make_key: Callable[..., str], tenant: str, calls: Calls,
