@@ -20,9 +20,10 @@ numbers move with it.
    to back and reports the run with the median p99, every run's figures beside it: on this
    shared 2-core host one run's p99 moves by half between runs of the same build, and one
    sample of a tail is a poor figure. Baseline at the same connection counts: ``GET
-   /healthz``, the floor of this stack (uvicorn, middleware, no database). The code path before the caches and the
-   one-statement ingest cannot be run from this tree, so the issue's figures (issue 14, measured
-   the same way on the same machine) are plotted as the reference, not remeasured.
+   /healthz``, the floor of this stack (uvicorn, middleware, no database). The code path
+   before the caches and the one-statement ingest cannot be run from this tree, so the issue's
+   figures (issue 14, measured the same way on the same machine) are plotted as the
+   reference, not remeasured.
 2. **Batches against COPY.** For each batch size, batches of clinical traces (deterministic:
    ``workers.clinical.task.ingest_items(seed=0)``) are POSTed to ``/v1/traces`` one after another.
    After each HTTP batch, the very rows it stored are read back and written again with psycopg
