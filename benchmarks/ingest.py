@@ -73,6 +73,7 @@ from benchmarks._common import (
     machine,
     median,
     print_ratios,
+    python_loop_ms,
     results_dir,
     stop_process,
     wait_healthy,
@@ -728,7 +729,8 @@ def run(cfg: IngestConfig, out_dir: str | Path | None = None) -> dict[str, Any]:
         "benchmark": "ingest",
         "config": asdict(cfg) | {
             "server": f"tracelearn api, {cfg.server_workers} process, Postgres, rate limit off"},
-        "machine": started_on | {"loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
+        "machine": started_on | {"loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+                                 "python_loop_ms_at_end": python_loop_ms()},
         "seconds": round(time.perf_counter() - t0, 1),
         "batches": batches,
         "batch": headline,

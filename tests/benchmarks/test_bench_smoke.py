@@ -69,6 +69,8 @@ def test_ingest_benchmark_reports_wrk_levels_copy_ratios_and_the_profile(tmp_pat
     assert finite(saved["batch_with_outcomes"]["ratio"])
     assert [lv["connections"] for lv in saved["wrk"]] == [1, 2]
     assert [lv["connections"] for lv in saved["healthz_floor"]] == [1, 2]
+    assert saved["machine"]["python_loop_ms_at_start"] > 0
+    assert saved["machine"]["python_loop_ms_at_end"] > 0
     # The reference level ran three times; its figures are the median-p99 run's.
     reference = saved["wrk"][1]
     assert "repeats" not in saved["wrk"][0] and len(reference["repeats"]) == 3
@@ -474,7 +476,8 @@ def test_run_all_reports_every_wrk_level_the_copy_ratio_per_batch_size_and_the_p
                for s, r in ((1, 0.11), (10, 0.12), (100, 0.13), (1000, 0.14))]
     (tmp_path / "ingest.json").write_text(json.dumps({
         "config": {"duration_s": 10, "reference_connections": 50},
-        "machine": {"loadavg_at_start": [1.0], "loadavg_at_end": [2.0]},
+        "machine": {"loadavg_at_start": [1.0], "loadavg_at_end": [2.0],
+                    "python_loop_ms_at_start": 31.5, "python_loop_ms_at_end": 41.6},
         "wrk": wrk, "healthz_floor": [_wrk_level(c, 900.0, 5.0, 0) for c in (1, 10, 50, 200)],
         "batches": batches, "batch": batches[-1], "batch_with_outcomes": None,
         "ratios": {"ingest_http_vs_copy_ratio": 0.14, "ingest_p99_ms_at_50": 400.0,
@@ -494,6 +497,7 @@ def test_run_all_reports_every_wrk_level_the_copy_ratio_per_batch_size_and_the_p
     for s, r in ((1, 0.11), (10, 0.12), (100, 0.13), (1000, 0.14)):
         assert f"| {s} | 6 | {10.0 * s} | {100.0 * s} | {r} | {r / 2}–{2 * r} |" in report
     assert "75.0%  GroupWriter._gather" in report
+    assert "a fixed Python loop took 31.5 ms at start and 41.6 ms at end" in report
     assert ("At 50 connections its row in the table is the run with the median p99 of 3 back "
             "to back: p99 380.0 / 400.0 / 450.0 ms, 170.0 / 160.0 / 150.0 req/s, API CPU "
             "5.9 / 6.25 / 6.7 ms a request.") in report
