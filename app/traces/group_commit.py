@@ -277,7 +277,8 @@ class GroupWriter:
 
 def _translated(exc: psycopg.Error, database: Database) -> StatementError:
     """The writer's connection's error, as SQLAlchemy raises it (the connection is dropped)."""
-    return service.driver_error(exc, database.engine.dialect, invalidated=True)
+    return service.driver_error(exc, database.engine.dialect, invalidated=True,
+                                statement=service.GROUP_INSERT)
 
 
 def _fail(group: list[_Waiting], exc: BaseException) -> None:

@@ -796,17 +796,22 @@ def _served_snapshots(session: Session, names: set[str]) -> dict[tuple[int, str]
 # Whether an outcome is waiting for the row comes back with the insert, so the UPDATE that
 # attaches it runs only when one is (rarely): a new trace costs one statement.
 # Spelled out: SQLAlchemy renders RETURNING columns unqualified and would not correlate.
-_OUTCOME_WAITING = (
-    "EXISTS (SELECT 1 FROM outcomes WHERE outcomes.tenant = traces.tenant"
-    " AND outcomes.trace_external_id = traces.external_id AND outcomes.trace_id IS NULL)"
-)
+def _outcome_waiting_for(tenant: str, external_id: str) -> str:
+    """SQL: whether an outcome that arrived before its trace waits for the trace named by the
+    SQL expressions ``tenant`` and ``external_id``."""
+    return (f"EXISTS (SELECT 1 FROM outcomes WHERE outcomes.tenant = {tenant}"
+            f" AND outcomes.trace_external_id = {external_id} AND outcomes.trace_id IS NULL)")
 
 
-def driver_error(exc: psycopg.Error, dialect: Dialect, invalidated: bool) -> StatementError:
-    """psycopg's error from a statement sent on a driver connection directly (pipeline mode,
+_OUTCOME_WAITING = _outcome_waiting_for("traces.tenant", "traces.external_id")
+
+
+def driver_error(exc: psycopg.Error, dialect: Dialect, invalidated: bool,
+                 statement: str) -> StatementError:
+    """psycopg's error from ``statement``, sent on a driver connection directly (pipeline mode,
     the group writer's own connection), as SQLAlchemy raises it from ``execute``: a dead
     database still answers 503."""
-    return DBAPIError.instance(_PIPELINED_INSERT, None, exc, psycopg.Error,
+    return DBAPIError.instance(statement, None, exc, psycopg.Error,
                                hide_parameters=True, connection_invalidated=invalidated,
                                dialect=dialect)
 
@@ -822,7 +827,7 @@ def _driver_errors(connection: Connection) -> Iterator[None]:
             cast(Any, exc), cast(Any, connection.connection.driver_connection), None)
         if dead:
             connection.invalidate(exc)
-        raise driver_error(exc, connection.dialect, dead) from exc
+        raise driver_error(exc, connection.dialect, dead, _PIPELINED_INSERT) from exc
 
 
 def store_under(
@@ -856,7 +861,7 @@ async def store_new(
     expected: dict[str, int] | None,
 ) -> list[ItemResult | None]:
     """``store`` on an async connection in autocommit, for the group writer on the event loop
-    where no session can go: one statement (``_GROUP_INSERT``) inserts every new row and
+    where no session can go: one statement (``GROUP_INSERT``) inserts every new row and
     commits, in one round trip, and only if the cache counters it reads in its own snapshot
     are ``expected`` (when given). Each entry's result, None for the entries only ``store`` on
     a session can write: an inline outcome, an outcome that arrived before its trace (that row
@@ -867,7 +872,7 @@ async def store_new(
     firsts = {entry.key: entry for entry in _firsts(entries) if entry.key not in held}
     inserted: dict[tuple[str, str], tuple[int, Split]] = {}
     if firsts:
-        cursor = await connection.execute(_GROUP_INSERT, {
+        cursor = await connection.execute(GROUP_INSERT, {
             "rows": json_dumps([entry.row for entry in firsts.values()]),
             "expected": None if expected is None else json_dumps(expected)})
         answer = await cursor.fetchone()
@@ -890,13 +895,13 @@ async def store_new(
     return [next(judged) if entry.key in written else None for entry in entries]
 
 
-_GROUP_INSERT = (
+_WAITING_FOR_ROW = _outcome_waiting_for("r->>'tenant'", "r->>'external_id'")
+GROUP_INSERT = (
     f"WITH counters AS ({COUNTERS_OBJECT_SQL}), inserted AS ("
     f"{json_array_insert_sql(Trace, '%(rows)s')}"
     " WHERE (CAST(%(expected)s AS jsonb) IS NULL"
     " OR (SELECT * FROM counters) = CAST(%(expected)s AS jsonb))"
-    " AND NOT EXISTS (SELECT 1 FROM outcomes WHERE outcomes.tenant = r->>'tenant'"
-    " AND outcomes.trace_external_id = r->>'external_id' AND outcomes.trace_id IS NULL)"
+    f" AND NOT {_WAITING_FOR_ROW}"
     " ON CONFLICT (tenant, external_id) DO NOTHING RETURNING id, tenant, external_id, split)"
     " SELECT (SELECT * FROM counters), (SELECT jsonb_agg(jsonb_build_array("
     "id, tenant, external_id, split)) FROM inserted)"
